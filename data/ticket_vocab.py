@@ -140,7 +140,12 @@ CUES_SHORT = {
                "sometime this week is fine"],
     "low": ["no rush", "whenever", "no hurry", "just curious", "low priority"],
 }
-SHORT_CUE_CATS = {"this is a security breach!!": ("account",)}
+# Category restrictions for short cues (others may be used with any category of their level).
+SHORT_CUE_CATS = {"URGENT - outage for all our users!": ("technical", "account"), "business is down, URGENT": _NR,
+                  "URGENT pls": _NR, "this is a security breach!!": ("account",),
+                  "URGENT, all our staff affected": ("technical", "account", "billing"),
+                  "need it fixed today": ("technical", "account", "billing"),
+                  "cannot work like this, asap": ("technical", "account"), "pls fix this week": _NF}
 
 GREETINGS = ["Hello,", "Hi there,", "Dear Support Team,", "Good morning,", "Hi support,", "Hello team,",
              "Dear Sir or Madam,", "Hi,", "Good afternoon,", "Greetings,", "Hey folks,", "To whom it may concern,",
@@ -152,6 +157,12 @@ OPENERS = ["I hope you are doing well.", "Thanks for reading this.", "I'll keep 
            "First time writing to support.", "Apologies for the long message.", "Sorry to bother you again.",
            "I couldn't find an answer in the help center.", "A friend recommended your products.",
            "Writing on behalf of my family.", "I'm not very technical, so bear with me."]
+STORY = ["I bought it from your online store last spring.", "I mostly use it at home.",
+         "I have read through the FAQ and the community forum.", "My partner also had a look at it.",
+         "I have been meaning to write about this for a while.", "English is not my first language, sorry.",
+         "I'm writing from my work email.", "We are a small office of {n} people.",
+         "It was recommended to me by a colleague.", "I have owned several of your products over the years.",
+         "The rest of my setup is pretty standard.", "I tried the chat bot first but it could not help."]
 CLOSERS = ["Can you help?", "Please advise.", "What are my options?", "Could someone look into this?",
            "Let me know what you need from me.", "Thanks in advance for your help.", "Any help appreciated.",
            "Please get back to me.", "Looking forward to your reply.", "What should I do next?",

