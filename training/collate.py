@@ -29,24 +29,55 @@ def _pack(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
+def shared_prefix(ids: list[list[int]], labels: list[list[int]], min_len: int) -> int:
+    """Length of the token prefix common to all examples that is safe to compute once: it ends at least one token
+    before the first answer token of every example (so every predicted position lies after it). 0 when shorter than
+    min_len or when there is a single example."""
+    if len(ids) < 2:
+        return 0
+    first, n = ids[0], len(ids[0])
+    for x in ids[1:]:
+        n = min(n, len(x))
+        for j in range(n):
+            if x[j] != first[j]:
+                n = j
+                break
+    for y in labels:
+        answer = next((j for j, t in enumerate(y) if t != -100), len(y))
+        n = min(n, answer - 1)
+    return n if n >= min_len else 0
+
+
 class Collator:
-    def __init__(self, pad_id: int, max_len: int, pack: bool = True, mask_dtype=torch.float32):
+    """Collates tokenized examples into a batch for `answer_loss`.
+
+    pack: examples share rows (first-fit decreasing) with a block-diagonal mask and positions restarting per example.
+    share_prefix: the token prefix common to the whole batch (a fixed system prompt or instruction) is returned once as
+    `prefix_ids` and computed once per batch instead of once per example; every example attends to it. Exact: the
+    same keys, values and positions as computing it per example.
+    """
+
+    def __init__(self, pad_id: int, max_len: int, pack: bool = True, share_prefix: bool = False,
+                 min_prefix: int = 8, mask_dtype=torch.float32):
         self.pad_id, self.max_len, self.pack, self.mask_dtype = pad_id, max_len, pack, mask_dtype
+        self.share_prefix, self.min_prefix = share_prefix, min_prefix
 
     def __call__(self, features: list[dict]) -> dict:
         ids = [list(f["input_ids"]) for f in features]
         labels = [[-100] + list(f["labels"][1:]) for f in features]  # a sequence's first token is never predicted
         n_tokens = sum(len(x) for x in ids)
-        if not self.pack:
+        p = shared_prefix(ids, labels, self.min_prefix) if self.share_prefix else 0
+        if not self.pack and not p:
             width = max(len(x) for x in ids)
             pad = [width - len(x) for x in ids]
             return {
-                "input_ids": torch.tensor([x + [self.pad_id] * p for x, p in zip(ids, pad)]),
-                "labels": torch.tensor([y + [-100] * p for y, p in zip(labels, pad)]),
-                "attention_mask": torch.tensor([[1] * len(x) + [0] * p for x, p in zip(ids, pad)]),
+                "input_ids": torch.tensor([x + [self.pad_id] * q for x, q in zip(ids, pad)]),
+                "labels": torch.tensor([y + [-100] * q for y, q in zip(labels, pad)]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * q for x, q in zip(ids, pad)]),
                 "n_tokens": torch.tensor(n_tokens),
             }
-        rows = _pack([len(x) for x in ids], self.max_len)
+        prefix, ids, labels = ids[0][:p], [x[p:] for x in ids], [y[p:] for y in labels]
+        rows = _pack([len(x) for x in ids], self.max_len - p) if self.pack else [[i] for i in range(len(ids))]
         width = max(sum(len(ids[i]) for i in row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_id)
         lab = torch.full((len(rows), width), -100)
@@ -58,17 +89,33 @@ class Collator:
                 n = len(ids[i])
                 input_ids[r, at:at + n] = torch.tensor(ids[i])
                 lab[r, at:at + n] = torch.tensor(labels[i])
-                pos[r, at:at + n] = torch.arange(n)
+                pos[r, at:at + n] = torch.arange(p, p + n)
                 seg[r, at:at + n] = s
                 at += n
         same = seg[:, :, None] == seg[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         allowed = (same & causal) & (seg[:, :, None] >= 0)
         allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no all-masked rows)
+        if p:  # every token also sees the whole shared prefix
+            allowed = torch.cat([torch.ones(len(rows), width, p, dtype=torch.bool), allowed], dim=2)
         mask = torch.zeros(allowed.shape, dtype=self.mask_dtype).masked_fill_(~allowed,
                                                                               torch.finfo(self.mask_dtype).min)
-        return {"input_ids": input_ids, "labels": lab, "position_ids": pos, "attention_mask": mask[:, None],
-                "n_tokens": torch.tensor(n_tokens)}
+        batch = {"input_ids": input_ids, "labels": lab, "position_ids": pos, "attention_mask": mask[:, None],
+                 "n_tokens": torch.tensor(n_tokens)}
+        if p:
+            batch["prefix_ids"] = torch.tensor([prefix])
+        return batch
+
+
+def prefix_cache(decoder, prefix_ids: torch.Tensor, batch_size: int):
+    """Run the shared prefix once and return a DynamicCache holding its keys/values for `batch_size` rows."""
+    from transformers import DynamicCache
+
+    out = decoder(input_ids=prefix_ids, use_cache=True).past_key_values
+    cache = DynamicCache()
+    for i, layer in enumerate(out.layers):
+        cache.update(layer.keys.expand(batch_size, -1, -1, -1), layer.values.expand(batch_size, -1, -1, -1), i)
+    return cache
 
 
 def decoder_and_head(model):
@@ -81,15 +128,20 @@ def answer_loss(model, batch: dict, fast: bool = True) -> tuple[torch.Tensor, in
     """Summed cross-entropy over answer tokens and their count.
 
     fast=True runs the decoder and applies the LM head only where the next token is an answer token. fast=False goes
-    through the model's own forward (needed by methods that change it: prefix / prompt / p-tuning, AdaLoRA).
+    through the model's own forward (needed by methods that change it: prefix / prompt / p-tuning, AdaLoRA) and
+    does not accept a shared prefix.
     """
     labels = batch["labels"]
+    if not fast and "prefix_ids" in batch:
+        raise ValueError("a batch with a shared prefix needs fast=True")
     target = labels[:, 1:]
     keep = target != -100
     n = int(keep.sum())
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if fast:
         decoder, head = decoder_and_head(model)
+        if "prefix_ids" in batch:
+            kwargs["past_key_values"] = prefix_cache(decoder, batch["prefix_ids"], labels.shape[0])
         hidden = decoder(**kwargs, use_cache=False).last_hidden_state[:, :-1]
         logits = head(hidden[keep]).float()
         return F.cross_entropy(logits, target[keep], reduction="sum"), n
