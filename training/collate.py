@@ -29,23 +29,26 @@ def _pack(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def shared_prefix(ids: list[list[int]], labels: list[list[int]], min_len: int) -> int:
-    """Length of the token prefix common to all examples that is safe to compute once: it ends at least one token
-    before the first answer token of every example (so every predicted position lies after it). 0 when shorter than
-    min_len or when there is a single example."""
+def common_prefix(ids: list[list[int]], limits: list[int], min_len: int) -> int:
+    """Length of the token prefix common to all sequences, at most limits[i] for each; 0 when shorter than min_len
+    or when there is a single sequence."""
     if len(ids) < 2:
         return 0
-    first, n = ids[0], len(ids[0])
+    first, n = ids[0], min(limits)
     for x in ids[1:]:
         n = min(n, len(x))
         for j in range(n):
             if x[j] != first[j]:
                 n = j
                 break
-    for y in labels:
-        answer = next((j for j, t in enumerate(y) if t != -100), len(y))
-        n = min(n, answer - 1)
     return n if n >= min_len else 0
+
+
+def shared_prefix(ids: list[list[int]], labels: list[list[int]], min_len: int) -> int:
+    """The common prefix that is safe to compute once: it ends at least one token before the first answer token of
+    every example (so every predicted position lies after it)."""
+    answer = [next((j for j, t in enumerate(y) if t != -100), len(y)) - 1 for y in labels]
+    return common_prefix(ids, answer, min_len)
 
 
 class Collator:

@@ -21,8 +21,9 @@ class ModelCfg(Section):
     """Where built-in models are provisioned (a standard HF folder per model)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for training. float32 on CPU (this CPU has no fast bf16)."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel."""
+    attn_implementation: Literal["sdpa_gqa", "sdpa", "eager"] = "sdpa_gqa"
+    """Attention kernel. sdpa_gqa: torch's scaled_dot_product_attention grouping query heads itself instead of
+    transformers copying every key/value head (same result, faster on CPU); sdpa / eager: transformers' own."""
     trust_remote_code: bool = False
     """Allow model code from the model folder. Off by default: only standard architectures load."""
 
@@ -76,6 +77,9 @@ class MethodCfg(Section):
     """Dropout on the LoRA input."""
     target_modules: Union[str, list[str]] = "all-linear"
     """Modules that get adapters: `all-linear` or a list of names (q_proj, v_proj, ...)."""
+    lora_layers: int = Field(0, ge=0)
+    """LoRA / DoRA / IA3: adapt only the top N decoder layers (0: all). Backpropagation then stops at the lowest
+    adapted layer, so a step costs much less; enough for tasks that change the output format more than knowledge."""
     adalora_init_r: int = Field(12, ge=1)
     """AdaLoRA starting rank before pruning to lora_r."""
     freeze_trainable_layers: int = Field(2, ge=0)
@@ -117,6 +121,9 @@ class TrainCfg(Section):
     packing: bool = True
     """Pack the micro-batch's examples into shared rows with a block-diagonal attention mask (no cross-example
     attention, positions reset per example), so no compute is spent on padding."""
+    share_prefix: bool = True
+    """Compute the token prefix that a micro-batch's examples share (a fixed system prompt and instruction) once per
+    batch instead of once per example; every example attends to it. Exact: same keys, values and positions."""
     eval_steps: int = Field(0, ge=0)
     """Validation loss every N steps (0: at the end only)."""
     early_stopping_patience: int = Field(0, ge=0)
@@ -179,6 +186,8 @@ class TrainConfig(Section):
     def _consistent(self):
         if self.train.early_stopping_patience and not self.train.eval_steps:
             raise ValueError("train.early_stopping_patience needs train.eval_steps > 0")
+        if self.method.lora_layers and self.method.name not in ("lora", "dora", "ia3"):
+            raise ValueError(f"method.lora_layers applies to lora, dora and ia3, not {self.method.name}")
         if self.method.name == "adalora" and self.method.adalora_init_r < self.method.lora_r:
             raise ValueError("method.adalora_init_r must be >= method.lora_r")
         return self

@@ -12,7 +12,7 @@ import re
 import torch
 from tqdm import tqdm
 
-from .collate import Collator, answer_loss
+from .collate import Collator, answer_loss, common_prefix, decoder_and_head, prefix_cache
 from .data import Example, render
 
 
@@ -20,7 +20,7 @@ from .data import Example, render
 def loss_and_perplexity(model, rows: list[Example], pad_id: int, max_len: int, fast: bool, batch_size: int = 16,
                         pack: bool = True) -> dict:
     model.eval()
-    collate = Collator(pad_id, max_len, pack=pack)
+    collate = Collator(pad_id, max_len, pack=pack, share_prefix=fast)
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in rows[i:i + batch_size]])
@@ -32,24 +32,36 @@ def loss_and_perplexity(model, rows: list[Example], pad_id: int, max_len: int, f
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-             desc: str = "generating") -> list[str]:
-    """Greedy generations for chat prompts, batched with left padding, longest prompts first (less padding)."""
+             desc: str = "generating", share_prefix: bool = True, min_prefix: int = 8) -> list[str]:
+    """Greedy generations for chat prompts, batched with left padding, longest prompts first (less padding).
+
+    share_prefix: the token prefix common to a batch's prompts (system prompt, instruction) is run once and its
+    keys/values are handed to `generate` as the cache for every row; the rows' own tokens follow it, left padded.
+    Same positions and attention as the unshared batch (needs a standard causal LM, not a prompt-learning adapter).
+    """
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    texts = [render(tokenizer, p, generation_prompt=True) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out: list[str] = [""] * len(texts)
-    try:
-        for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-            idx = order[s:s + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for i, seq in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
-                out[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
-    finally:
-        tokenizer.padding_side = side
+    peft_cfg = getattr(model, "active_peft_config", None)
+    share_prefix = share_prefix and not getattr(peft_cfg, "is_prompt_learning", False)  # virtual tokens come first
+    ids = [tokenizer(render(tokenizer, p, generation_prompt=True), add_special_tokens=False)["input_ids"]
+           for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    pad = tokenizer.pad_token_id
+    out: list[str] = [""] * len(ids)
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[s:s + batch_size]
+        rows = [ids[i] for i in idx]
+        p = common_prefix(rows, [len(r) - 1 for r in rows], min_prefix) if share_prefix else 0
+        width = max(len(r) for r in rows) - p
+        input_ids = torch.tensor([r[:p] + [pad] * (width - len(r) + p) + r[p:] for r in rows])
+        mask = torch.tensor([[1] * p + [0] * (width - len(r) + p) + [1] * (len(r) - p) for r in rows])
+        kwargs = {}
+        if p:
+            kwargs["past_key_values"] = prefix_cache(decoder_and_head(model)[0], input_ids[:1, :p], len(rows))
+        gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             **kwargs)
+        for i, seq in zip(idx, gen[:, input_ids.shape[1]:]):
+            out[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
     return out
 
 
@@ -109,7 +121,7 @@ def evaluate(model, tokenizer, rows: list[Example], cfg, *, max_len: int, fast: 
     if chat:
         refs = [e.reference() for e in chat]
         preds = generate(model, tokenizer, [e.prompt_messages() for e in chat], cfg.max_new_tokens, cfg.batch_size,
-                         desc=f"eval {label}".strip())
+                         desc=f"eval {label}".strip(), share_prefix=fast)
         metrics["n"] = len(chat)
         metrics.update(json_metrics(preds, refs, cfg.json_fields) if cfg.json_fields else text_metrics(preds, refs))
         predictions = [{"source": e.source, "reference": r, "prediction": p} for e, r, p in zip(chat, refs, preds)]

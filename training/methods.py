@@ -45,13 +45,34 @@ def _freeze(model, m: MethodCfg) -> None:
         raise ConfigError("nothing left to train", field="method.freeze_trainable_layers")
 
 
-def peft_config(m: MethodCfg, total_steps: int):
+def _linear_names(model) -> list[str]:
+    """What peft's `all-linear` means, spelled out: the decoder layers' nn.Linear module names."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.get_decoder().layers.named_modules()
+                   if isinstance(mod, torch.nn.Linear)})
+
+
+def _top_layers(model, m: MethodCfg) -> dict:
+    """peft arguments that restrict the adapters to the top `m.lora_layers` decoder layers."""
+    if not m.lora_layers:
+        return {}
+    n = len(model.get_decoder().layers)
+    if m.lora_layers > n:
+        raise ConfigError(f"the model has {n} decoder layers, fewer than {m.lora_layers}", field="method.lora_layers")
+    targets = _linear_names(model) if m.target_modules == "all-linear" else m.target_modules
+    return {"layers_to_transform": list(range(n - m.lora_layers, n)), "layers_pattern": "layers",
+            "target_modules": targets}
+
+
+def peft_config(m: MethodCfg, total_steps: int, model=None):
     import peft
 
     common = {"task_type": peft.TaskType.CAUSAL_LM}
+    top = _top_layers(model, m) if model is not None else {}
     if m.name in ("lora", "dora"):
-        return peft.LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                               target_modules=m.target_modules, use_dora=m.name == "dora", **common)
+        return peft.LoraConfig(**{"target_modules": m.target_modules, **top}, r=m.lora_r, lora_alpha=m.lora_alpha,
+                               lora_dropout=m.lora_dropout, use_dora=m.name == "dora", **common)
     if m.name == "adalora":
         return peft.AdaLoraConfig(init_r=m.adalora_init_r, target_r=m.lora_r, lora_alpha=m.lora_alpha,
                                   lora_dropout=m.lora_dropout, target_modules=m.target_modules,
@@ -60,7 +81,8 @@ def peft_config(m: MethodCfg, total_steps: int):
         # IA3 scales keys, values and the MLP input of down_proj; it has no rank or dropout.
         targets = ["k_proj", "v_proj", "down_proj"] if m.target_modules == "all-linear" else m.target_modules
         ff = [t for t in targets if t in ("down_proj", "up_proj", "gate_proj", "fc1", "fc2")]
-        return peft.IA3Config(target_modules=targets, feedforward_modules=ff, **common)
+        top = {k: v for k, v in top.items() if k != "target_modules"}
+        return peft.IA3Config(target_modules=targets, feedforward_modules=ff, **top, **common)
     if m.name == "prefix":
         return peft.PrefixTuningConfig(num_virtual_tokens=m.num_virtual_tokens, **common)
     if m.name == "prompt":
@@ -82,7 +104,7 @@ def apply(model, m: MethodCfg, total_steps: int):
     import peft
 
     try:
-        return peft.get_peft_model(model, peft_config(m, total_steps))
+        return peft.get_peft_model(model, peft_config(m, total_steps, model))
     except ValueError as exc:
         raise ConfigError(f"peft rejected the method settings: {exc}", field="method") from None
 

@@ -126,9 +126,38 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, dtype: str = "float32", attn: str = "sdpa", trust_remote_code: bool = False):
+def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                       is_causal=None, **kwargs):
+    """transformers' `sdpa` attention without its key/value copy: with a mask on CPU, transformers repeats each
+    key/value head for every query head of its group (`repeat_kv`), copying the whole KV cache per layer and step;
+    torch's `scaled_dot_product_attention(enable_gqa=True)` groups the heads itself. Same result (1e-7); the
+    attention of a decode step at batch 32 runs ~3x faster on this CPU."""
+    import torch
+
+    if attention_mask is not None and attention_mask.ndim == 4:
+        attention_mask = attention_mask[:, :, :, :key.shape[-2]]
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
+        is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Make `attn_implementation="sdpa_gqa"` known to transformers (attention function + its sdpa-style mask)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_gqa", sdpa_mask)
+
+
+def load_model(path: str, dtype: str = "float32", attn: str = "sdpa_gqa", trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if attn == "sdpa_gqa":
+        register_attention()
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
                                                 trust_remote_code=trust_remote_code, use_safetensors=True)

@@ -149,7 +149,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, prepared, work: Path, *, p
     trainer = AnswerLossTrainer(
         model=model, args=_training_args(cfg, work, len(prepared.train)), fast=fast,
         train_dataset=_features(prepared.train), eval_dataset=_features(prepared.validation) or None,
-        data_collator=Collator(tokenizer.pad_token_id, cfg.data.max_seq_len, pack=pack))
+        data_collator=Collator(tokenizer.pad_token_id, cfg.data.max_seq_len, pack=pack,
+                               share_prefix=fast and cfg.train.share_prefix))
     progress = Progress(trainer)
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dicts on stdout
     trainer.add_callback(progress)
