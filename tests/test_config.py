@@ -153,10 +153,6 @@ def test_cross_field_rules_name_both_fields(tmp_path):
     assert "method.adalora_init_r" in str(err.value) and "method.lora_r" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="training/config.py:179 _consistent() accepts early stopping with a save_steps "
-                   "that is not a multiple of eval_steps (e.g. the default save_steps=25 with eval_steps=10); "
-                   "TrainingArguments then raises a raw ValueError (load_best_model_at_end) in training/sft.py:131, "
-                   "after data preparation, model loading and the before-evaluation, with a traceback")
 def test_early_stopping_with_misaligned_save_steps_is_a_config_error():
     with pytest.raises(ConfigError) as err:
         load(TrainConfig, None, ["train.early_stopping_patience=3", "train.eval_steps=10"])
@@ -185,9 +181,6 @@ def test_bad_override_names_the_command_line(tmp_path, override, field):
     assert str(path) not in msg  # the file is not blamed for the command line's mistake
 
 
-@pytest.mark.xfail(strict=True, reason="llmstack/config.py:96: an override whose *section* is unknown (trian.lr=...) "
-                   "is blamed on the config file: the error's field is 'trian', which neither equals nor starts "
-                   "with the override key 'trian.lr'")
 def test_override_with_misspelled_section_names_the_command_line(tmp_path):
     path = write(tmp_path, "train:\n  lr: 1.0e-3\n")
     with pytest.raises(ConfigError) as err:
@@ -341,9 +334,6 @@ def test_cli_bad_override_exits_2_and_names_command_line(tmp_path):
     assert res.stderr.startswith("error: command line: field 'train.batch_size'"), res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="llmstack/log.py:20 setup() adds warnings.filterwarnings('ignore', "
-                   "category=UserWarning) for non-verbose runs, which also hides training/config.py "
-                   "warn_poor_settings() (it warns with UserWarning): the CLI never shows poor-settings warnings")
 def test_cli_shows_poor_settings_warning(tmp_path):
     # full fine-tuning at lr 1e-3 is warned about; the made-up model name then stops the run before any loading
     path = write_yaml(tmp_path / "full.yaml", {"model": {"name_or_path": "no-such-model"}, "method": {"name": "full"},

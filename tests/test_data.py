@@ -72,10 +72,6 @@ def test_missing_file_and_unsupported_type_are_named(tmp_path):
     assert "rows.txt" in str(err.value) and ".txt" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="empty datasets never reach the 'dataset is empty (no rows)' check "
-                   "(training/data.py:281): `datasets` raises instead of returning 0 rows, so a 0-byte JSONL crashes "
-                   "with IndexError at training/data.py:97 (str(StopIteration()).splitlines()[0]) and blank or "
-                   "header-only files give the internal 'Instruction \"train\" corresponds to no data!'")
 @pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"),
                                         ("header.csv", "instruction,output\n")])
 def test_empty_dataset_file_is_a_clear_error(tmp_path, tokenizer, name, text):
@@ -112,9 +108,6 @@ def test_every_invalid_row_is_reported_with_its_field(tmp_path, tokenizer):
     assert "'bot'" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="training/data.py:94 load_file reads JSONL through datasets' type inference: "
-                   "once one row's output is not a string, the JSON-string outputs of every *valid* row are parsed "
-                   "into dicts, so every row is reported as 'must be a string, got dict'")
 def test_a_wrong_type_names_only_the_bad_row(tmp_path, tokenizer):
     rows = ticket_rows(4)
     rows[1]["output"] = 5

@@ -144,10 +144,6 @@ def _interrupt_after_completion(root: Path, artifact: Path) -> Path:
     return root / ".work" / artifact.name
 
 
-@pytest.mark.xfail(strict=True, reason="training/sft.py:232 resumes from get_last_checkpoint(), the highest-numbered "
-                   "checkpoint folder even when a kill interrupted its saving (the Trainer writes checkpoints in place, "
-                   "trainer_state.json last): `--resume` then dies with FileNotFoundError on trainer_state.json every "
-                   "time instead of resuming from the last complete checkpoint")
 def test_resume_skips_a_checkpoint_whose_saving_was_interrupted(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = resumable_config(tiny_model_dir, tiny_data, "artifacts/train")
@@ -169,8 +165,6 @@ def test_resume_skips_a_checkpoint_whose_saving_was_interrupted(tmp_path, tiny_m
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="llmstack/cli.py:40 and training/sft.py:166: `llmstack train --resume` ignores "
-                   "--config and only looks under artifacts/train, so runs with another output.dir cannot be resumed")
 def test_resume_finds_runs_under_the_configured_output_dir(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
     out = tmp_path / "elsewhere"
     cfg = resumable_config(tiny_model_dir, tiny_data, out)

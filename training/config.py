@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 from pydantic import Field, model_validator
 
 from llmstack.config import Section
+from llmstack.errors import StackWarning
 
 METHODS = ("full", "freeze", "lora", "dora", "adalora", "ia3", "prefix", "prompt", "ptuning")
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
@@ -186,6 +187,10 @@ class TrainConfig(Section):
     def _consistent(self):
         if self.train.early_stopping_patience and not self.train.eval_steps:
             raise ValueError("train.early_stopping_patience needs train.eval_steps > 0")
+        if self.train.early_stopping_patience and self.train.save_steps % self.train.eval_steps:
+            raise ValueError(f"train.early_stopping_patience keeps the best checkpoint, so train.save_steps "
+                             f"({self.train.save_steps}) must be a multiple of train.eval_steps "
+                             f"({self.train.eval_steps})")
         if self.method.lora_layers and self.method.name not in ("lora", "dora", "ia3"):
             raise ValueError(f"method.lora_layers applies to lora, dora and ia3, not {self.method.name}")
         if self.method.name == "adalora" and self.method.adalora_init_r < self.method.lora_r:
@@ -219,5 +224,5 @@ class TrainConfig(Section):
 def warn_poor_settings(cfg: TrainConfig) -> list[str]:
     msgs = cfg.poor_settings()
     for msg in msgs:
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, StackWarning, stacklevel=2)
     return msgs

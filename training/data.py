@@ -2,10 +2,13 @@
 split -> mix. Every dropped row is recorded with its file, line and reason in the data report; nothing is silent.
 
 Formats: instruction (alpaca: instruction / input / output), chat (OpenAI-style `messages`), text (raw text).
-Files: JSONL, JSON, CSV, Parquet, loaded through `datasets`.
+Files: JSONL (read line by line with the json module: values keep their JSON types), JSON, CSV, Parquet (through
+`datasets`).
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import random
 import re
@@ -46,26 +49,16 @@ class Example:
 
 # ---------------------------------------------------------------- loading and validation
 def _locations(path: Path, n_rows: int) -> list[str]:
-    """Human locations for each row: JSONL line numbers; CSV rows map to line row+2 (header on line 1)."""
-    if path.suffix == ".jsonl":
-        lines = [i for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
-        return [f"{path}:{ln}" for ln in lines]
-    if path.suffix == ".csv":
+    """Human locations for each row read by `datasets`: CSV rows map to line row+2 (header on line 1)."""
+    if path.suffix.lower() == ".csv":
         return [f"{path}:{i + 2}" for i in range(n_rows)]
     return [f"{path}:item {i + 1}" for i in range(n_rows)]
 
 
-def _scan_json(path: Path) -> None:
-    """Find the exact line of a JSON syntax error (datasets' own message does not name it)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"malformed JSON: {exc.msg}", file=path, line=exc.lineno) from None
-        return
-    errors: list[StackError] = []
-    for i, line in enumerate(text.splitlines(), 1):
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    """JSONL line by line with the json module (no type inference across rows); every malformed line is named."""
+    rows, locs, errors = [], [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -75,17 +68,47 @@ def _scan_json(path: Path) -> None:
             continue
         if not isinstance(obj, dict):
             errors.append(DataError(f"each line must be a JSON object, got {type(obj).__name__}", file=path, line=i))
+            continue
+        rows.append(obj)
+        locs.append(f"{path}:{i}")
     collect(errors, "malformed lines")
+    return rows, locs
+
+
+def _scan_json(path: Path) -> None:
+    """Find the exact line of a JSON syntax error (datasets' own message does not name it)."""
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return  # no rows: see _no_rows
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON: {exc.msg}", file=path, line=exc.lineno) from None
+
+
+def _no_rows(path: Path, builder: str) -> bool:
+    """Whether the file holds no rows at all: `datasets` raises on such files instead of returning 0 rows."""
+    if builder == "parquet":
+        return path.stat().st_size == 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        return True
+    if builder == "json":
+        return json.loads(text) == []
+    return sum(1 for row in csv.reader(io.StringIO(text)) if row) <= 1  # the header only
 
 
 def load_file(path: str | Path) -> tuple[list[dict], list[str]]:
-    """Rows of a data file as dicts, through `datasets`, and each row's location."""
+    """Rows of a data file as dicts (JSONL with the json module, other types through `datasets`) and each row's
+    location."""
     path = Path(path)
     if not path.is_file():
         raise DataError("dataset file not found", file=path, hint="check data.*[].path in the config")
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"unsupported file type '{path.suffix}'", file=path, hint=f"use one of {', '.join(BUILDERS)}")
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
     if builder == "json":
         _scan_json(path)
     import datasets
@@ -93,9 +116,11 @@ def load_file(path: str | Path) -> tuple[list[dict], list[str]]:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
+        if _no_rows(path, builder):
+            return [], []
         cause = exc.__cause__ or exc
-        raise DataError(f"could not read the file: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}",
-                        file=path) from None
+        first = (str(cause).splitlines() or [""])[0][:300]
+        raise DataError(f"could not read the file: {type(cause).__name__}: {first}", file=path) from None
     rows = ds.to_list()
     return rows, _locations(path, len(rows))
 
@@ -285,7 +310,7 @@ def _load_split(specs, split: str, cfg, drops: Drops, errors: list, sources: lis
             raw = [{inverse.get(k, k): v for k, v in r.items()} for r in raw]
         fmt = spec.format if spec.format != "auto" else None
         try:
-            fmt = fmt or detect_format(set(raw[0]), path)
+            fmt = fmt or detect_format(set().union(*raw), path)  # JSONL rows may each lack some keys
         except StackError as exc:
             errors.append(exc)
             continue

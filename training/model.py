@@ -27,6 +27,8 @@ SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_t
 
 def gguf_path(name: str) -> Path:
     """Locate the GGUF file inside its package without importing it (its __init__ imports `llm`)."""
+    if name not in BUILTIN:
+        raise ConfigError(f"unknown built-in model '{name}' (known: {', '.join(BUILTIN)})", field="model.name_or_path")
     spec_info = BUILTIN[name]
     spec = importlib.util.find_spec(spec_info["package"])
     if spec is None or not spec.origin:

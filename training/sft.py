@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmstack import artifacts
 from llmstack.config import config_hash, dump_yaml, validate
@@ -110,6 +110,24 @@ def _interrupted(root: Path) -> list[Path]:
     return sorted(runs, key=lambda d: d.stat().st_mtime)
 
 
+# what a complete checkpoint holds (any one of each group's files); the Trainer writes trainer_state.json last
+CHECKPOINT_FILES = {"weights": ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"),
+                    "optimizer": ("optimizer.pt",), "trainer state": ("trainer_state.json",)}
+
+
+def _last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing. It writes checkpoints in place (trainer_state.json last),
+    so a kill while saving leaves the highest-numbered folder incomplete: skip it, and say so."""
+    found = [d for d in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if d.is_dir() and d.name.rsplit("-", 1)[1].isdigit()]
+    for ckpt in sorted(found, key=lambda d: int(d.name.rsplit("-", 1)[1]), reverse=True):
+        missing = [what for what, names in CHECKPOINT_FILES.items() if not any((ckpt / n).is_file() for n in names)]
+        if not missing:
+            return str(ckpt)
+        log.warning(f"warning: skipping incomplete checkpoint {ckpt} (its saving was interrupted; missing "
+                    f"{', '.join(missing)})")
+    return None
+
+
 def _load_resume(root: Path, run_id: str | None) -> tuple[TrainConfig, Path]:
     runs = _interrupted(root)
     if not runs:
@@ -163,7 +181,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, prepared, work: Path, *, p
 
 def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str | None = None,
         force: bool = False) -> Path:
-    """Train and write the artifact; return its folder."""
+    """Train and write the artifact; return its folder. resume: continue an interrupted run found under
+    cfg.output.dir (default artifacts/train) with its saved config."""
     root = Path((cfg.output.dir if cfg else "artifacts/train"))
     work = None
     if resume:
@@ -230,7 +249,7 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
     log.info(f"method {method}: {params['trainable']:,} trainable of {params['total']:,} parameters "
              f"({params['trainable_pct']}%), {total} steps, lr {cfg.effective_lr():g}")
     trainer, progress = build_trainer(cfg, model, tokenizer, prepared, work, pack=pack, fast=fast)
-    last = get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
+    last = _last_complete_checkpoint(work / "checkpoints")
     if last:
         log.info(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
