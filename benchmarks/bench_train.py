@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _setup(args):
+def _setup(args, attn: str | None = None):
     import torch
 
     from llmstack.config import load
@@ -36,11 +36,13 @@ def _setup(args):
     torch.set_num_threads(args.threads or os.cpu_count())
     cfg = load(TrainConfig, args.config, [f"train.max_steps={args.steps}", "train.save_steps=100000",
                                           f"method.lora_r={args.lora_r}", f"method.lora_alpha={2 * args.lora_r}",
-                                          f"train.batch_size={args.batch_size}", "train.eval_steps=0"])
+                                          f"train.batch_size={args.batch_size}", "train.eval_steps=0",
+                                          "train.logging_steps=1", "method.lora_layers=0",
+                                          "method.target_modules=all-linear"])
     path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
     tok = load_tokenizer(path)
     prepared = data_mod.prepare(cfg.data, tok, cfg.train.seed)
-    model = load_model(path, cfg.model.dtype, cfg.model.attn_implementation)
+    model = load_model(path, cfg.model.dtype, attn or cfg.model.attn_implementation)
     return cfg, tok, prepared, model
 
 
@@ -61,6 +63,14 @@ class StepTimer:
         return _T()
 
 
+def final_loss(log_history: list[dict], last: int = 5) -> float:
+    """Mean training loss of the last `last` logged steps (logging_steps=1): one step's loss is too noisy."""
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    if not losses:
+        raise SystemExit("the trainer logged no training loss")
+    return round(statistics.mean(losses[-last:]), 4)
+
+
 def child_ours(args) -> dict:
     from training import methods, sft
     from training.evaluate import loss_and_perplexity
@@ -71,8 +81,8 @@ def child_ours(args) -> dict:
         trainer, progress = sft.build_trainer(cfg, model, tok, prepared, Path(work), pack=cfg.train.packing, fast=True)
         trainer.train()
     val = loss_and_perplexity(model, prepared.validation, tok.pad_token_id, cfg.data.max_seq_len, fast=True)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens": trainer.tokens_seen, "step_seconds": progress.step_time, "final_train_loss": losses[-1],
+    return {"tokens": trainer.tokens_seen, "step_seconds": progress.step_time,
+            "final_train_loss": final_loss(trainer.state.log_history),
             "validation_loss": val["loss"]}
 
 
@@ -83,14 +93,14 @@ def child_trl(args) -> dict:
 
     from training.evaluate import loss_and_perplexity
 
-    cfg, tok, prepared, model = _setup(args)
+    cfg, tok, prepared, model = _setup(args, attn="sdpa")  # transformers' stock attention: a plain baseline
     rows = [{"prompt": e.prompt_messages(), "completion": [{"role": "assistant", "content": e.reference()}]}
             for e in prepared.train]
     t = cfg.train
     sft_args = SFTConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=1,
         learning_rate=t.lr, max_steps=args.steps, warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.scheduler,
-        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio}, logging_steps=t.logging_steps, save_strategy="no",
+        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio} if t.scheduler == "cosine_with_min_lr" else {}, logging_steps=t.logging_steps, save_strategy="no",
         report_to=[], use_cpu=True, max_length=cfg.data.max_seq_len, seed=t.seed, data_seed=t.seed,
         dataloader_num_workers=0, disable_tqdm=True)
     lora = peft.LoraConfig(r=cfg.method.lora_r, lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout,
@@ -101,9 +111,8 @@ def child_trl(args) -> dict:
     trainer.add_callback(timer)
     trainer.train()
     val = loss_and_perplexity(trainer.model, prepared.validation, tok.pad_token_id, cfg.data.max_seq_len, fast=True)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"tokens": int(trainer._total_train_tokens), "step_seconds": timer.seconds,
-            "final_train_loss": losses[-1], "validation_loss": val["loss"]}
+            "final_train_loss": final_loss(trainer.state.log_history), "validation_loss": val["loss"]}
 
 
 def run_child(role: str, args) -> dict:
@@ -167,7 +176,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.json").write_text(json.dumps(report, indent=2) + "\n")
     rows = [("tokens/s (real tokens, timed steps)", "tokens_per_s", "{:.1f}"), ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
-            ("final train loss", "final_train_loss", "{:.4f}"), ("validation answer loss", "validation_loss", "{:.4f}"),
+            ("final train loss (mean of last 5 steps)", "final_train_loss", "{:.4f}"), ("validation answer loss", "validation_loss", "{:.4f}"),
             ("tokens trained", "tokens", "{:.0f}")]
     md = [f"Machine: {report['machine']}. {args.steps} steps x {args.batch_size} examples, LoRA r={args.lora_r} "
           f"all-linear, median of {args.repeats} run(s) each, {report['date']}.", "",

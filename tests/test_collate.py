@@ -175,3 +175,88 @@ def test_pack_puts_each_index_once():
     rows = _pack(lengths, 10)
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+
+
+# ---------------------------------------------------------------- shared prefix, sdpa_gqa, top-layer LoRA
+def _grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model, features, tokenizer):
+    """Computing the batch's common prompt prefix once is exact: same loss, same gradients as the plain batch."""
+    plain = Collator(tokenizer.pad_token_id, max_len=1024, pack=True)(features)
+    shared = Collator(tokenizer.pad_token_id, max_len=1024, pack=True, share_prefix=True)(features)
+    assert shared["prefix_ids"].shape[1] >= 8, "ticket rows share the system prompt and instruction"
+    assert shared["input_ids"].numel() < plain["input_ids"].numel()
+    results = []
+    for batch in (plain, shared):
+        tiny_model.zero_grad()
+        with torch.enable_grad():
+            loss, n = answer_loss(tiny_model, batch)
+            loss.backward()
+        results.append((loss.detach(), n, _grads(tiny_model)))
+    tiny_model.zero_grad()
+    (l1, n1, g1), (l2, n2, g2) = results
+    assert n1 == n2
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    assert float((g2 - g1).norm() / g1.norm()) < 1e-5  # float32 summation order differs; a wrong mask gives ~1e-1
+
+
+def test_shared_prefix_stops_before_every_answer():
+    from training.collate import shared_prefix
+
+    ids = [list(range(20)) + [50, 51], list(range(20)) + [60]]
+    labels = [[-100] * 12 + list(range(12, 20)) + [50, 51], [-100] * 20 + [60]]
+    assert shared_prefix(ids, labels, min_len=4) == 11  # the first answer token (12) must still be predicted
+    assert shared_prefix(ids, labels, min_len=12) == 0  # shorter than min_len: not worth it
+    assert shared_prefix(ids[:1], labels[:1], min_len=4) == 0  # a single example: nothing to share
+
+
+def test_generation_with_a_shared_prefix_equals_plain_generation(tiny_model, tokenizer):
+    from training import evaluate as ev
+
+    prompts = [[{"role": "user", "content": f"Triage the ticket. Reply with only JSON. {text}"}]
+               for text in ("router broken", "I was charged twice for my camera last month", "hi", "refund?")]
+    plain = ev.generate(tiny_model, tokenizer, prompts, max_new_tokens=12, batch_size=4, share_prefix=False)
+    shared = ev.generate(tiny_model, tokenizer, prompts, max_new_tokens=12, batch_size=4, share_prefix=True)
+    assert shared == plain
+    assert len(set(plain)) > 1, "the model must produce prompt-dependent text for this to mean anything"
+
+
+def test_sdpa_gqa_attention_equals_transformers_sdpa(tiny_model_dir, tokenizer):
+    """Our attention (torch groups the query heads) gives transformers' sdpa result on a padded batch, with a cache."""
+    from training.model import load_model
+
+    models = [load_model(str(tiny_model_dir), "float32", attn).eval() for attn in ("sdpa", "sdpa_gqa")]
+    assert models[0].config.num_key_value_heads < models[0].config.num_attention_heads  # GQA is exercised
+    enc = tokenizer(["a short one", "a much longer prompt with many more tokens in it"], return_tensors="pt",
+                    padding=True, padding_side="left")
+    with torch.no_grad():
+        logits = [m(**enc).logits for m in models]
+        gens = [m.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                for m in models]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(gens[0], gens[1])
+
+
+def test_lora_layers_puts_adapters_on_the_top_layers_only(tiny_model_dir):
+    from llmstack.errors import ConfigError
+    from training import methods
+    from training.config import MethodCfg
+    from training.model import load_model
+
+    model = methods.apply(load_model(str(tiny_model_dir)), MethodCfg(name="lora", lora_layers=1), 10)
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"1"}  # 2 layers: only the top one
+    assert {n.split(".")[-4] for n, _ in model.named_parameters() if "lora_A" in n} >= {"q_proj", "down_proj"}
+    with pytest.raises(ConfigError, match="2 decoder layers, fewer than 3"):
+        methods.apply(load_model(str(tiny_model_dir)), MethodCfg(name="lora", lora_layers=3), 10)
+
+
+def test_lora_layers_is_refused_for_methods_without_layers():
+    from pydantic import ValidationError
+
+    from training.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="lora_layers applies to lora, dora and ia3, not prefix"):
+        TrainConfig.model_validate({"method": {"name": "prefix", "lora_layers": 2}})

@@ -147,7 +147,7 @@ class EvalCfg(Section):
     after: bool = True
     """Evaluate the fine-tuned model after training."""
     max_samples: int = Field(0, ge=0)
-    """Evaluate at most N test rows (0: all)."""
+    """Evaluate (loss and generations) on the first N test rows only (0: all)."""
     max_new_tokens: int = Field(64, ge=1)
     """Generation length limit."""
     batch_size: int = Field(32, ge=1)

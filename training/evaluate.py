@@ -112,11 +112,10 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict:
 
 def evaluate(model, tokenizer, rows: list[Example], cfg, *, max_len: int, fast: bool, pack: bool = True,
              label: str = "") -> tuple[dict, list[dict]]:
-    """Loss/perplexity on all rows, then the task metric on up to eval.max_samples generations."""
+    """Loss/perplexity and the task metric (greedy generations) on the first eval.max_samples rows (0: all)."""
+    rows = rows[:cfg.max_samples] if cfg.max_samples else rows
     metrics = loss_and_perplexity(model, rows, tokenizer.pad_token_id, max_len, fast, pack=pack)
     chat = [e for e in rows if e.messages is not None]
-    if cfg.max_samples:
-        chat = chat[:cfg.max_samples]
     predictions: list[dict] = []
     if chat:
         refs = [e.reference() for e in chat]
