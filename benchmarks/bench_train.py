@@ -102,7 +102,7 @@ def child_trl(args) -> dict:
         learning_rate=t.lr, max_steps=args.steps, warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.scheduler,
         lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio} if t.scheduler == "cosine_with_min_lr" else {}, logging_steps=t.logging_steps, save_strategy="no",
         report_to=[], use_cpu=True, max_length=cfg.data.max_seq_len, seed=t.seed, data_seed=t.seed,
-        dataloader_num_workers=0, disable_tqdm=True)
+        dataloader_num_workers=0, disable_tqdm=False)
     lora = peft.LoraConfig(r=cfg.method.lora_r, lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout,
                            target_modules=cfg.method.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -119,9 +119,8 @@ def run_child(role: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", role, "--steps", str(args.steps), "--config", args.config,
            "--lora-r", str(args.lora_r), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # stderr (progress) passes through
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"{role} run failed (exit {proc.returncode})")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_seconds"] = round(time.time() - t0, 1)
