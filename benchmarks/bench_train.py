@@ -102,7 +102,10 @@ def child_trl(args) -> dict:
         learning_rate=t.lr, max_steps=args.steps, warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.scheduler,
         lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio} if t.scheduler == "cosine_with_min_lr" else {}, logging_steps=t.logging_steps, save_strategy="no",
         report_to=[], use_cpu=True, max_length=cfg.data.max_seq_len, seed=t.seed, data_seed=t.seed,
-        dataloader_num_workers=0, disable_tqdm=False)
+        dataloader_num_workers=0, disable_tqdm=False,
+        # TRL's SFTConfig turns gradient checkpointing on by default; ours does not checkpoint, so neither does the
+        # baseline (like for like: per-token compute and memory without recomputation).
+        gradient_checkpointing=False)
     lora = peft.LoraConfig(r=cfg.method.lora_r, lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout,
                            target_modules=cfg.method.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(rows), processing_class=tok,
