@@ -75,13 +75,13 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     return rows, locs
 
 
-def _scan_json(path: Path) -> None:
-    """Find the exact line of a JSON syntax error (datasets' own message does not name it)."""
+def _scan_json(path: Path):
+    """The parsed file (None when blank), or the exact line of a JSON syntax error (datasets' message lacks it)."""
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        return  # no rows: see _no_rows
+        return None
     try:
-        json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"malformed JSON: {exc.msg}", file=path, line=exc.lineno) from None
 
@@ -93,8 +93,6 @@ def _no_rows(path: Path, builder: str) -> bool:
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         return True
-    if builder == "json":
-        return json.loads(text) == []
     return sum(1 for row in csv.reader(io.StringIO(text)) if row) <= 1  # the header only
 
 
@@ -109,8 +107,8 @@ def load_file(path: str | Path) -> tuple[list[dict], list[str]]:
         raise DataError(f"unsupported file type '{path.suffix}'", file=path, hint=f"use one of {', '.join(BUILDERS)}")
     if path.suffix.lower() == ".jsonl":
         return _read_jsonl(path)
-    if builder == "json":
-        _scan_json(path)
+    if builder == "json" and _scan_json(path) in (None, []):
+        return [], []  # no rows (the empty-dataset check names the file); datasets would raise instead
     import datasets
 
     try:
