@@ -105,7 +105,10 @@ def child_trl(args) -> dict:
         dataloader_num_workers=0, disable_tqdm=False,
         # TRL's SFTConfig turns gradient checkpointing on by default; ours does not checkpoint, so neither does the
         # baseline (like for like: per-token compute and memory without recomputation).
-        gradient_checkpointing=False)
+        gradient_checkpointing=False,
+        # TRL also defaults to bf16 autocast; this CPU has no bf16 units (torch falls back to its reference gemm, ~50x
+        # slower) and our trainer runs fp32, so the baseline runs fp32 too.
+        bf16=False, fp16=False)
     lora = peft.LoraConfig(r=cfg.method.lora_r, lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout,
                            target_modules=cfg.method.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(rows), processing_class=tok,
