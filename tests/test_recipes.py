@@ -130,6 +130,9 @@ def test_manifest_records_training_measurements(run):
     assert math.isfinite(t["final_train_loss"]) and t["final_train_loss"] > 0
     assert math.isfinite(t["validation_loss"])
     assert t["resumed_from"] is None
+    phases = run.manifest["timings"]
+    assert list(phases) == ["data", "load_and_eval_before", "train", "validation", "merge_and_eval_after", "save"]
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= run.manifest["wall_seconds"] + 1
     trainable = sum(p.numel() for n, p in run.initial.items() if n != PROMPT_KEY)
     assert t["parameters"]["trainable"] == trainable > 0
     assert t["parameters"]["trainable"] <= t["parameters"]["total"]
@@ -314,3 +317,11 @@ def test_existing_run_id_is_refused(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="already exists") as err:
         sft.run(tiny_config(["output.run_id=fixed"], out_dir=out))
     assert err.value.field == "output.run_id"
+
+
+def test_final_validation_can_be_turned_off(tiny_config, tmp_path):
+    """train.final_validation=false skips the end-of-training validation pass: no validation loss is claimed."""
+    cfg = tiny_config(["train.final_validation=false", "eval.after=false"], out_dir=tmp_path / "a")
+    m = json.loads((sft.run(cfg) / "manifest.json").read_text())
+    assert m["training"]["validation_loss"] is None and m["metrics"]["validation_loss"] is None
+    assert m["training"]["steps"] == cfg.train.max_steps

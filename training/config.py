@@ -126,7 +126,9 @@ class TrainCfg(Section):
     """Compute the token prefix that a micro-batch's examples share (a fixed system prompt and instruction) once per
     batch instead of once per example; every example attends to it. Exact: same keys, values and positions."""
     eval_steps: int = Field(0, ge=0)
-    """Validation loss every N steps (0: at the end only)."""
+    """Validation loss every N steps (0: at the end only, if final_validation)."""
+    final_validation: bool = True
+    """Compute the validation loss once more after the last step (the manifest's validation_loss)."""
     early_stopping_patience: int = Field(0, ge=0)
     """Stop after N evaluations without validation-loss improvement and keep the best (0: off; needs eval_steps)."""
     save_steps: int = Field(25, ge=1)
@@ -151,7 +153,7 @@ class EvalCfg(Section):
     max_new_tokens: int = Field(64, ge=1)
     """Generation length limit."""
     batch_size: int = Field(32, ge=1)
-    """Generation batch size (left padded, greedy)."""
+    """Evaluation batch size: greedy generation (left padded) and the loss / perplexity passes."""
     json_fields: list[str] = []
     """If answers are JSON: the fields scored by exact match (per-field accuracy and all-fields exact match).
     Empty: generic text metrics (BLEU, ROUGE-L) on the generations."""

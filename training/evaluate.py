@@ -114,7 +114,8 @@ def evaluate(model, tokenizer, rows: list[Example], cfg, *, max_len: int, fast: 
              label: str = "") -> tuple[dict, list[dict]]:
     """Loss/perplexity and the task metric (greedy generations) on the first eval.max_samples rows (0: all)."""
     rows = rows[:cfg.max_samples] if cfg.max_samples else rows
-    metrics = loss_and_perplexity(model, rows, tokenizer.pad_token_id, max_len, fast, pack=pack)
+    metrics = loss_and_perplexity(model, rows, tokenizer.pad_token_id, max_len, fast, batch_size=cfg.batch_size,
+                                  pack=pack)
     chat = [e for e in rows if e.messages is not None]
     predictions: list[dict] = []
     if chat:

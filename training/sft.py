@@ -148,7 +148,7 @@ def _training_args(cfg: TrainConfig, work: Path, n_train: int) -> TrainingArgume
         best = {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False}
     return TrainingArguments(
         output_dir=str(work / "checkpoints"), per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        per_device_eval_batch_size=max(t.batch_size, cfg.eval.batch_size), gradient_accumulation_steps=t.grad_accum,
         learning_rate=cfg.effective_lr(), num_train_epochs=t.epochs, max_steps=t.max_steps,
         warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.scheduler, lr_scheduler_kwargs=sched_kwargs,
         weight_decay=t.weight_decay, optim=OPTIMIZERS[t.optimizer], max_grad_norm=t.max_grad_norm or 1e9,
@@ -194,6 +194,15 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
     torch.manual_seed(cfg.train.seed)
     t_start = time.time()
     started_at = artifacts.now()
+    timings: dict[str, float] = {}
+    phase_t = [t_start]
+
+    def phase(name: str) -> None:
+        """Record the seconds since the previous phase ended (manifest `timings`, and the log)."""
+        now_t = time.time()
+        timings[name] = round(now_t - phase_t[0], 1)
+        phase_t[0] = now_t
+        log.debug(f"{name}: {timings[name]} s")
 
     # ---- data
     base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
@@ -220,6 +229,7 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
         raise ArtifactError("the data or base model changed since this run started; cannot resume it", file=work,
                             hint="start a new run with `llmstack train`")
     run_id = cfg.output.run_id
+    phase("data")
     log.info(f"run {run_id}: {len(prepared.train)} train / {len(prepared.validation)} validation / "
              f"{len(prepared.test)} test examples; {len(prepared.report['drops'])} rows dropped (see data_report.md)")
 
@@ -240,6 +250,7 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
             before, before_preds = ev.evaluate(model, tokenizer, prepared.test, cfg.eval, max_len=max_len, fast=True,
                                                label="before")
             artifacts.write_json(cached, {"metrics": before, "predictions": before_preds})
+    phase("load_and_eval_before")
 
     # ---- train
     per_epoch = -(-len(prepared.train) // (cfg.train.batch_size * cfg.train.grad_accum))
@@ -253,7 +264,9 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
     if last:
         log.info(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
-    val = trainer.evaluate() if prepared.validation else {}
+    phase("train")
+    val = trainer.evaluate() if prepared.validation and cfg.train.final_validation else {}
+    phase("validation")
     train_stats = {
         "steps": trainer.state.global_step, "tokens": trainer.tokens_seen,
         "tokens_per_s": round(trainer.tokens_seen / max(progress.step_time, 1e-9), 1),
@@ -274,6 +287,7 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
         after, after_preds = ev.evaluate(eval_model, tokenizer, prepared.test, cfg.eval, max_len=max_len,
                                          fast=merged is not None or fast, pack=pack, label="after")
     train_stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    phase("merge_and_eval_after")
 
     # ---- artifact
     with artifacts.atomic_dir(root, run_id) as out:
@@ -307,6 +321,8 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
             "packages": artifacts.package_versions(), "started_at": started_at, "finished_at": artifacts.now(),
             "wall_seconds": round(time.time() - t_start, 1),
         }
+        phase("save")
+        manifest["timings"] = timings
         (out / "README.md").write_text(report.model_card(manifest, table_md))
         artifacts.write_json(out / "metrics.json", manifest["metrics"] | {"training": train_stats})
         artifacts.write_json(out / artifacts.MANIFEST, manifest)
@@ -317,5 +333,7 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
     print(f"\nBefore/after on the held-out test split ({(after or before or {}).get('n', 0)} examples):\n")
     print(table_md)
     print(f"\nartifact: {final}  (latest: {root / 'latest'})")
+    print("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in timings.items())
+          + f"; total {time.time() - t_start:.0f} s")
     return final
 
