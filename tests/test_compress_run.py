@@ -1,0 +1,126 @@
+"""`llmstack compress` end to end on the tiny model, plus the config, input and gate rules."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, write_yaml
+
+
+def compress_config(tiny_model_dir: Path, tiny_data: dict, out: Path, **extra) -> dict:
+    cfg = {
+        "input": str(tiny_model_dir),
+        "data": {"train": [{"path": str(tiny_data["train"])}], "validation": [{"path": str(tiny_data["validation"])}],
+                 "test": [{"path": str(tiny_data["test"])}], "max_seq_len": 384},
+        "eval": {"max_new_tokens": 6, "batch_size": 4, "json_fields": ["category", "product", "urgency"]},
+        "variants": [{"name": "onnx-fp32"}, {"name": "onnx-int8", "quantize": "int8_dynamic"},
+                     {"name": "pt-depth", "prune": "depth", "distill": True, "format": "pytorch"},
+                     {"name": "gpu-nf4", "format": "pytorch", "quantize": "bnb_nf4"}],
+        "prune": {"drop_layers": 1, "calibration_samples": 4},
+        "distill": {"steps": 2, "batch_size": 2},
+        "measure": {"threads": 1, "decode_tokens": 8, "runs": 1, "eval_samples": 2},
+        "output": {"dir": str(out)},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def test_compress_end_to_end(tmp_path, tiny_model_dir, tiny_data):
+    out = tmp_path / "compress"
+    cfg = write_yaml(tmp_path / "c.yaml", compress_config(tiny_model_dir, tiny_data, out))
+    r = run_cli(["compress", "--config", cfg], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = (out / "latest").resolve()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stage"] == "compress" and manifest["parent"]["model_dir"] == str(tiny_model_dir.resolve())
+    # every built variant: model files, its own manifest with measurements and a gate verdict
+    int8 = json.loads((run / "onnx-int8" / "manifest.json").read_text())
+    fp32 = json.loads((run / "onnx-fp32" / "manifest.json").read_text())
+    assert int8["serve"]["backend"] == "onnxruntime" and (run / "onnx-int8" / int8["serve"]["file_name"]).is_file()
+    assert int8["summary"]["size_mb"] < fp32["summary"]["size_mb"]
+    assert fp32["build"]["parity"]["greedy_identical"] == 1.0
+    for m in (int8, fp32):
+        assert m["summary"]["decode_tokens_per_s"] > 0 and m["summary"]["perplexity"] > 1
+        assert set(m["gate"]) >= {"fit", "drop", "score", "reference"}
+    depth = json.loads((run / "pt-depth" / "manifest.json").read_text())
+    assert json.loads((run / "pt-depth" / "config.json").read_text())["num_hidden_layers"] == 1
+    assert depth["summary"]["params_m"] < json.loads((run / "report.json").read_text())["rows"][0]["params_m"]
+    assert depth["build"]["distill"]["steps"] >= 1
+    # no GPU here: the GPU variant is skipped with its reason, not built and not silently dropped
+    assert "skipped" in manifest["variants"]["gpu-nf4"] and not (run / "gpu-nf4").exists()
+    md = (run / "report.md").read_text()
+    for name in ("reference", "onnx-fp32", "onnx-int8", "pt-depth", "gpu-nf4"):
+        assert name in md
+    assert (run / "report.png").stat().st_size > 10_000
+    assert not (run / "_work").exists()
+    rec = manifest["recommended"]
+    assert rec is None or manifest["variants"][rec]["fit"]
+    assert "report.md" in r.stdout or "| variant |" in r.stdout
+
+
+def test_missing_input_is_one_clear_error(tmp_path, tiny_model_dir, tiny_data):
+    cfg = write_yaml(tmp_path / "c.yaml", compress_config(tiny_model_dir, tiny_data, tmp_path / "o",
+                                                          input=str(tmp_path / "nope")))
+    r = run_cli(["compress", "--config", cfg])
+    assert r.returncode == 2
+    assert "nope" in r.stderr and "input not found" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_plain_folder_without_data_section_is_refused(tmp_path, tiny_model_dir, tiny_data):
+    d = compress_config(tiny_model_dir, tiny_data, tmp_path / "o")
+    d.pop("data")
+    r = run_cli(["compress", "--config", write_yaml(tmp_path / "c.yaml", d)])
+    assert r.returncode == 2 and "field 'data'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({"name": "x", "quantize": "int8_dynamic", "format": "pytorch"}, "set format: onnx"),
+    ({"name": "x", "quantize": "gptq"}, "set format: pytorch"),
+    ({"name": "bad name!"}, "not a usable folder name"),
+    ({"name": "x", "prune": "sideways"}, "variants.0.prune"),
+])
+def test_bad_variant_names_the_field(tmp_path, tiny_model_dir, tiny_data, variant, message):
+    cfg = write_yaml(tmp_path / "c.yaml", compress_config(tiny_model_dir, tiny_data, tmp_path / "o",
+                                                          variants=[variant]))
+    r = run_cli(["compress", "--config", cfg])
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "c.yaml" in r.stderr
+
+
+def test_duplicate_variant_names_refused():
+    from llmstack.config import validate
+    from llmstack.errors import StackError
+    from compression.config import CompressConfig
+
+    with pytest.raises(StackError, match="onnx-int8 repeated"):
+        validate(CompressConfig, {"variants": [{"name": "onnx-int8"}, {"name": "onnx-int8"}]})
+
+
+def test_gate_and_recommendation_rules():
+    from compression.config import CompressConfig
+    from compression.run import gate, recommend
+
+    cfg = CompressConfig()
+    ref = {"task": {"exact_match": 0.9}}
+    fields = ["category"]
+    assert gate(ref, {"task": {"exact_match": 0.88}}, cfg, fields)["fit"]        # 2 points: allowed
+    assert not gate(ref, {"task": {"exact_match": 0.87}}, cfg, fields)["fit"]    # 3 points: unfit
+    rows = [{"name": "reference", "fit": True, "size_mb": 500, "decode_tokens_per_s": 20},
+            {"name": "a", "fit": True, "size_mb": 130, "decode_tokens_per_s": 40},
+            {"name": "b", "fit": True, "size_mb": 90, "decode_tokens_per_s": 35},
+            {"name": "c", "fit": False, "size_mb": 50, "decode_tokens_per_s": 90},
+            {"name": "d", "skipped": "needs a GPU"}]
+    assert recommend(rows, "fastest") == "a"
+    assert recommend(rows, "smallest") == "b"
+    assert recommend([rows[0], rows[3]], "fastest") is None
+
+
+def test_compress_help_lists_every_option():
+    r = run_cli(["compress", "--help"])
+    assert r.returncode == 0
+    for key in ("prune.drop_layers", "distill.temperature", "quantize.int4_block_size", "measure.decode_tokens",
+                "gate.max_task_drop", "variants"):
+        assert key in r.stdout, key
