@@ -109,9 +109,15 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     from optimum.exporters.onnx import main_export
 
+    import warnings
+
+    import torch
     try:
-        main_export(model_name_or_path=str(folder), output=out, task=TASK, device="cpu", dtype="fp32",
-                    do_validation=False, local_files_only=True, library_name="transformers", trust_remote_code=False)
+        with warnings.catch_warnings():  # the tracer's advice about Python booleans: noise for standard decoders
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            main_export(model_name_or_path=str(folder), output=out, task=TASK, device="cpu", dtype="fp32",
+                        do_validation=False, local_files_only=True, library_name="transformers",
+                        trust_remote_code=False)
     except CompressError:
         raise
     except Exception as exc:

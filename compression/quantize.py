@@ -134,7 +134,8 @@ def int8_dynamic(onnx_dir, out_dir, preset: str = "auto", per_channel: bool = Tr
                                                       nodes_to_quantize=weight_nodes)
     try:
         quantizer = ORTQuantizer.from_pretrained(src, file_name=graph.name)
-        quantizer.quantize(quantization_config=qconfig, save_dir=out, file_suffix="")
+        with _quiet_root():
+            quantizer.quantize(quantization_config=qconfig, save_dir=out, file_suffix="")
     except CompressError:
         raise
     except Exception as exc:

@@ -15,7 +15,9 @@ from llmstack.config import config_hash, describe, dump_yaml, load, validate
 from llmstack.errors import ConfigError, ManyErrors, StackError
 from training.config import METHODS, TrainConfig, warn_poor_settings
 
-SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs").glob("*.yml"))
+SHIPPED_ALL = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs").glob("*.yml"))
+COMPRESS = [p for p in SHIPPED_ALL if p.stem.startswith("compress")]  # validated in test_compress_config below
+SHIPPED = [p for p in SHIPPED_ALL if p not in COMPRESS]
 
 
 def line_of(text: str, needle: str) -> int:
@@ -52,6 +54,23 @@ def test_shipped_config_loads_and_validates(path, monkeypatch):
             assert (ROOT / spec.path).is_file(), f"{path.name}: data.{split} file {spec.path} does not exist"
     assert cfg.method.name in METHODS
     assert cfg.poor_settings() == [], f"the shipped {path.name} triggers its own poor-settings warnings"
+
+
+@pytest.mark.parametrize("path", COMPRESS, ids=lambda p: p.name)
+def test_shipped_compress_config_loads_and_validates(path):
+    from compression.config import CompressConfig
+
+    cfg = load(CompressConfig, path)
+    raw = yaml.safe_load(path.read_text())
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    assert [v.name for v in cfg.variants] == [v["name"] for v in raw["variants"]]
+
+
+def test_every_shipped_config_is_checked():
+    assert COMPRESS and SHIPPED and set(COMPRESS) | set(SHIPPED) == set(SHIPPED_ALL)
 
 
 # ---------------------------------------------------------------- errors name file, line and field
