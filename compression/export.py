@@ -128,32 +128,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-_ORT_CLASS = None
-
-
-def _ort_class():
-    """ORTModelForCausalLM plus the no-op `eval()` / `train()` of a torch module, so code written for PyTorch models
-    (training.evaluate.generate calls model.eval()) runs on it unchanged."""
-    global _ORT_CLASS
-    if _ORT_CLASS is None:
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        class ORTCausalLM(ORTModelForCausalLM):
-            def eval(self):
-                return self
-
-            def train(self, mode: bool = True):
-                if mode:
-                    raise CompressError("an ONNX Runtime model cannot be trained")
-                return self
-
-        _ORT_CLASS = ORTCausalLM
-    return _ORT_CLASS
-
-
 def load_ort(onnx_dir: str | Path, threads: int = 0, file_name: str | None = None):
-    """ORTModelForCausalLM on the CPU execution provider with `threads` intra-op threads (0: all cores); it also has
-    a no-op eval() so training.evaluate.generate accepts it."""
+    """ORTModelForCausalLM on the CPU execution provider with `threads` intra-op threads (0: all cores)."""
     folder = Path(onnx_dir)
     files = onnx_files(folder)
     if file_name is not None and not (folder / file_name).is_file():
@@ -162,12 +138,13 @@ def load_ort(onnx_dir: str | Path, threads: int = 0, file_name: str | None = Non
     if file_name is None and len(files) > 1:
         file_name = "model.onnx" if (folder / "model.onnx").is_file() else files[0].name
     import onnxruntime as ort
+    from optimum.onnxruntime import ORTModelForCausalLM
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
     try:
-        return _ort_class().from_pretrained(folder, file_name=file_name, session_options=options,
+        return ORTModelForCausalLM.from_pretrained(folder, file_name=file_name, session_options=options,
                                                    provider="CPUExecutionProvider", local_files_only=True)
     except Exception as exc:
         raise CompressError(f"ONNX Runtime cannot load the model ({one_line(exc)})", file=folder) from None

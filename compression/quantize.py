@@ -20,17 +20,9 @@ from pathlib import Path
 from llmstack.errors import CompressError
 
 from .export import SIDE_FILES, copy_side_files, one_line, onnx_files
+from .gpu_quant import Unavailable, gpu_quantize  # noqa: F401  (every quantizer is reachable from here)
 
 PRESETS = ("avx512_vnni", "avx2", "arm64")
-GPU_METHODS = ("gptq", "bnb_int8", "bnb_nf4")
-
-
-class Unavailable(Exception):
-    """A method cannot run on this machine (e.g. no CUDA GPU); `reason` says why, in words."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 # ---------------------------------------------------------------- helpers
@@ -110,6 +102,17 @@ def _quiet_root():
         root.setLevel(level)
 
 
+@contextlib.contextmanager
+def _failing_as(what: str, src: Path):
+    """Any library exception inside becomes one CompressError line naming the step and the source folder."""
+    try:
+        yield
+    except CompressError:
+        raise
+    except Exception as exc:
+        raise CompressError(f"{what} failed ({one_line(exc)})", file=src) from None
+
+
 def _load_graph(graph: Path, weights: bool = True):
     import onnx
 
@@ -132,14 +135,10 @@ def int8_dynamic(onnx_dir, out_dir, preset: str = "auto", per_channel: bool = Tr
     weight_nodes = _weight_nodes(_load_graph(graph, weights=False))
     qconfig = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=per_channel,
                                                       nodes_to_quantize=weight_nodes)
-    try:
+    with _failing_as("int8 dynamic quantization", src):
         quantizer = ORTQuantizer.from_pretrained(src, file_name=graph.name)
         with _quiet_root():
             quantizer.quantize(quantization_config=qconfig, save_dir=out, file_suffix="")
-    except CompressError:
-        raise
-    except Exception as exc:
-        raise CompressError(f"int8 dynamic quantization failed ({one_line(exc)})", file=src) from None
     _copy_side(src, out)
     _expect_graph(out)
     return out
@@ -235,7 +234,7 @@ def int8_static(onnx_dir, out_dir, calib_ids: list[list[int]], preset: str = "au
         untied = Path(tmp) / "model.onnx"
         _save(model, untied)
         del model
-        try:
+        with _failing_as("int8 static quantization", src):
             # QOperator: QLinearMatMul and a Gather on the int8 table (a QDQ Gather would dequantize the whole
             # embedding at every step: ONNX Runtime does not constant-fold DequantizeLinear in QDQ models)
             with _quiet_root():
@@ -248,10 +247,6 @@ def int8_static(onnx_dir, out_dir, calib_ids: list[list[int]], preset: str = "au
                     extra_options={"ActivationSymmetric": qc.activations_symmetric,
                                    "WeightSymmetric": qc.weights_symmetric},
                     use_external_data_format=False)
-        except CompressError:
-            raise
-        except Exception as exc:
-            raise CompressError(f"int8 static quantization failed ({one_line(exc)})", file=src) from None
     _copy_side(src, out)
     _expect_graph(out)
     return out
@@ -380,7 +375,7 @@ def int4(onnx_dir, out_dir, block_size: int = 32, symmetric: bool = True, embedd
     algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
                                         quant_format=QuantFormat.QOperator, op_types_to_quantize=ops,
                                         quant_axes=(("MatMul", 0), ("Gather", 1)))
-    try:
+    with _failing_as("int4 quantization", src):
         quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=symmetric,
                                          accuracy_level=accuracy_level, algo_config=algo,
                                          nodes_to_exclude=sorted(shared_gathers))
@@ -389,70 +384,5 @@ def int4(onnx_dir, out_dir, block_size: int = 32, symmetric: bool = True, embedd
         if tied:
             _share_tied(qmodel, tied, block_size)
         _save(qmodel, out / "model.onnx")
-    except CompressError:
-        raise
-    except Exception as exc:
-        raise CompressError(f"int4 quantization failed ({one_line(exc)})", file=src) from None
     _copy_side(src, out)
-    return out
-
-
-# ---------------------------------------------------------------- GPU
-def _group_size(config: dict) -> int:
-    """The largest GPTQ group size (128, 64, 32) dividing every linear layer's input width."""
-    widths = [config.get("hidden_size"), config.get("intermediate_size")]
-    heads, head_dim = config.get("num_attention_heads"), config.get("head_dim")
-    if heads and head_dim:
-        widths.append(heads * head_dim)
-    widths = [w for w in widths if w]
-    for g in (128, 64, 32):
-        if all(w % g == 0 for w in widths):
-            return g
-    return -1  # one group per output channel
-
-
-def gpu_quantize(model_dir, out_dir, method: str, calib_texts: list[str] | None = None) -> Path:
-    """GPU quantization into a HF folder that vLLM / transformers load: gptq (4-bit, calibrated on calib_texts
-    through optimum + gptqmodel), bnb_int8 or bnb_nf4 (bitsandbytes, saved pre-quantized). Raises Unavailable before
-    importing anything GPU-only when this machine has no CUDA GPU or the backend package is missing."""
-    from .export import check_model_dir
-
-    if method not in GPU_METHODS:
-        raise CompressError(f"unknown GPU quantization method '{method}' ({', '.join(GPU_METHODS)})",
-                            field="quantize")
-    folder, config = check_model_dir(model_dir)
-    if method == "gptq" and not [t for t in (calib_texts or []) if t and t.strip()]:
-        raise CompressError("gptq needs calibration texts", file=folder)
-    import torch
-
-    if not torch.cuda.is_available():
-        raise Unavailable(f"{method} needs a CUDA GPU (bitsandbytes/gptq); this machine has none")
-    from importlib.util import find_spec
-
-    backend = "gptqmodel" if method == "gptq" else "bitsandbytes"
-    if find_spec(backend) is None:
-        raise Unavailable(f"{method} needs the '{backend}' package, which is not installed (pip install {backend})")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GPTQConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if method == "bnb_int8":
-        qconfig = BitsAndBytesConfig(load_in_8bit=True)
-    elif method == "bnb_nf4":
-        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    else:
-        dtype = torch.float16  # the gptq kernels of vLLM and gptqmodel run in float16
-        qconfig = GPTQConfig(bits=4, group_size=_group_size(config), sym=True, desc_act=False,
-                             dataset=[t for t in calib_texts if t and t.strip()], tokenizer=tokenizer)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=qconfig, dtype=dtype,
-                                                     device_map={"": 0})
-        model.save_pretrained(out, safe_serialization=True)
-    except Exception as exc:
-        raise CompressError(f"{method} quantization failed ({one_line(exc)})", file=folder) from None
-    tokenizer.save_pretrained(out)
-    # the tokenizer and generation defaults verbatim; config.json stays the quantized one (quantization_config)
-    copy_side_files(folder, out, [n for n in SIDE_FILES if n != "config.json"])
     return out

@@ -19,10 +19,11 @@ from llmstack.errors import ArtifactError, CompressError, ConfigError
 from llmstack.log import log
 
 from .config import GPU_QUANT, CompressConfig, VariantCfg
+from .export import SIDE_FILES, copy_side_files
+
+TOKENIZER_FILES = [n for n in SIDE_FILES if n not in ("config.json", "generation_config.json")]
 
 BACKEND = {"onnx": "onnxruntime", "pytorch": "transformers"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 
 
 def resolve_input(ref: str) -> tuple[Path, dict | None]:
@@ -46,11 +47,10 @@ def resolve_input(ref: str) -> tuple[Path, dict | None]:
     return path, None
 
 
-def _settings(cfg: CompressConfig):
-    """Data and eval sections: the config's, else the training artifact's."""
+def _settings(cfg: CompressConfig, manifest: dict | None):
+    """Data and eval sections: the config's, else those of the training artifact whose manifest is given."""
     from training.config import TrainConfig
 
-    manifest = resolve_input(cfg.input)[1]
     train_cfg = validate(TrainConfig, manifest["config"], file=Path(cfg.input) / artifacts.MANIFEST) if manifest else None
     data = cfg.data or (train_cfg.data if train_cfg else None)
     ev = cfg.eval or (train_cfg.eval if train_cfg else None)
@@ -58,12 +58,6 @@ def _settings(cfg: CompressConfig):
         raise ConfigError("a plain model folder has no training config to take data and eval settings from",
                           field="data" if data is None else "eval", hint="add data: and eval: sections to the config")
     return data, ev, train_cfg
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and not (dst / name).exists():
-            shutil.copy2(src / name, dst / name)
 
 
 class Builder:
@@ -122,7 +116,7 @@ class Builder:
         folder = self.work / f"student-{v.prune}{'-distilled' if v.distill else ''}"
         model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
-        _copy_tokenizer(self.model_dir, folder)
+        copy_side_files(self.model_dir, folder, TOKENIZER_FILES)  # verbatim: our fixed tokenizer files
         steps["seconds_student"] = round(time.time() - t0, 1)
         self.students[key] = (folder, steps)
         return folder, steps
@@ -137,8 +131,7 @@ class Builder:
         folder = self.work / f"onnx-{v.prune}{'-distilled' if v.distill else ''}"
         t0 = time.time()
         log.info(f"[{v.name}] exporting to ONNX with KV cache (optimum)")
-        export_onnx(pt_folder, folder)
-        _copy_tokenizer(pt_folder, folder)
+        export_onnx(pt_folder, folder)  # copies config and tokenizer files itself, as every quantizer does
         seconds = round(time.time() - t0, 1)
         prompts = [e.prompt_messages() for e in self.prepared.test[:4] if e.messages is not None]
         parity = check_parity(pt_folder, folder, prompts, threads=self.cfg.measure.threads)
@@ -175,7 +168,6 @@ class Builder:
             qz.int8_static(onnx_folder, out, self.calibration(q.calibration_samples), preset, q.per_channel)
         elif v.quantize == "int4":
             qz.int4(onnx_folder, out, q.int4_block_size, q.int4_symmetric, q.int4_embeddings)
-        _copy_tokenizer(onnx_folder, out)
         if v.quantize != "none":
             record["quantize"] = {"method": v.quantize, "preset": preset if v.quantize.startswith("int8") else None,
                                   "seconds": round(time.time() - t1, 1)}
@@ -275,12 +267,13 @@ def run(cfg: CompressConfig) -> Path:
     from training.model import load_tokenizer
 
     from .measure import measure_in_child, spec_rows
+    from .quantize import Unavailable
 
     t_start = time.time()
     started_at = artifacts.now()
     torch.set_num_threads(cfg.measure.threads or os.cpu_count())
     model_dir, parent_manifest = resolve_input(cfg.input)
-    data_cfg, eval_cfg, train_cfg = _settings(cfg)
+    data_cfg, eval_cfg, train_cfg = _settings(cfg, parent_manifest)
     root = Path(cfg.output.dir)
     artifacts.clean_stale(root)
     run_id = cfg.output.run_id or artifacts.new_run_id()
@@ -305,7 +298,6 @@ def run(cfg: CompressConfig) -> Path:
         variants: dict[str, dict] = {}
         for v in cfg.variants:
             vdir = out / v.name
-            from .quantize import Unavailable
             try:
                 record = builder.build(v, vdir)
             except Unavailable as exc:

@@ -1,139 +1,23 @@
-"""Pruning and distillation on tiny random-weight decoders (the real tokenizer's vocabulary).
+"""Pruning on tiny random-weight decoders (the real tokenizer's vocabulary).
 
 Depth: block influence finds a layer that is an exact identity and drops it first, and dropping it leaves the logits
 unchanged. Width: MLP channels and query heads made dead on purpose are exactly the ones removed, so the pruned model
 computes what the original computed. Every pruned model saves, reloads with identical logits and a consistent config,
 generates (with and without the KV cache alike) and has fewer parameters. Sparsity: the requested zeros per row,
-and Wanda weighs input activations where magnitude does not. Distillation lowers the teacher-student KL, stops on
-its time budget and rejects bad input.
+and Wanda weighs input activations where magnitude does not.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 
 import pytest
 import torch
 
-from conftest import ticket_rows, write_jsonl
-from compression.config import DistillCfg
-from compression.distill import distill, kd_loss
-from compression.prune import (block_influence, calibration_ids, count_params, decoder_layers, prune_depth,
-                               prune_width, sparsify)
-from llmstack.config import validate
+from compression.prune import block_influence, calibration_ids, count_params, prune_depth, prune_width, sparsify
 from llmstack.errors import CompressError
 from training.collate import common_prefix
-from training import data as data_mod
-from training.config import DataCfg
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj")
-
-
-# ---------------------------------------------------------------- fixtures and helpers
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory, tokenizer):
-    """Real ticket examples, tokenized with the chat template (answer-only labels)."""
-    path = write_jsonl(tmp_path_factory.mktemp("prune") / "rows.jsonl", ticket_rows(8))
-    cfg = validate(DataCfg, {"train": [{"path": str(path)}], "validation": [], "test": [], "val_ratio": 0})
-    out = data_mod.prepare(cfg, tokenizer, 0).train
-    assert len(out) == 8
-    return out
-
-
-@pytest.fixture(scope="module")
-def calib(rows):
-    return calibration_ids(rows, 6)
-
-
-@pytest.fixture(scope="module")
-def make_model(tiny_model_dir):
-    """Factory: a tiny decoder like the session's tiny model (its vocabulary and sizes) but deeper, Llama or Qwen2
-    (biases on q/k/v, per-layer attention types), with weights re-drawn at `std` so that layers do real work."""
-    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    base = AutoConfig.from_pretrained(tiny_model_dir)
-
-    def make(layers: int = 4, kv: int = 2, arch: str = "llama", std: float = 0.1, seed: int = 0):
-        common = dict(vocab_size=base.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=kv, tie_word_embeddings=True,
-                      max_position_embeddings=1024, bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
-                      pad_token_id=base.pad_token_id)
-        if arch == "llama":
-            model = LlamaForCausalLM(LlamaConfig(**common))
-        else:  # the top half of the layers with sliding-window attention (a window longer than any test sequence)
-            model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=2048,
-                                                 max_window_layers=layers // 2))
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                noise = torch.randn(p.shape, generator=gen)
-                p.copy_(1 + 0.1 * noise if "norm" in name else noise * (std if p.dim() == 2 else 0.1))
-        return model.eval()
-
-    return make
-
-
-def logits(model, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """The model's own full forward, one sequence at a time (no padding, no shortcuts)."""
-    with torch.no_grad():
-        return [model(input_ids=torch.tensor([s])).logits[0] for s in seqs]
-
-
-def assert_same_logits(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = 1e-5):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=0, atol=atol)
-
-
-def reload(model, folder):
-    from transformers import AutoModelForCausalLM
-
-    model.save_pretrained(folder, safe_serialization=True)
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
-
-
-def greedy(model, prompt: list[int], n: int = 6, use_cache: bool = True) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=use_cache)
-    return out[0, len(prompt):].tolist()
-
-
-def assert_consistent(model):
-    """The config describes the modules: layer count and indices, MLP width, heads, head_dim, layer types."""
-    cfg = model.config
-    layers = decoder_layers(model)
-    assert cfg.num_hidden_layers == len(layers)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        assert attn.layer_idx == i
-        assert attn.head_dim == head_dim
-        assert attn.q_proj.weight.shape == (cfg.num_attention_heads * head_dim, cfg.hidden_size)
-        assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (cfg.num_key_value_heads * head_dim,
-                                                                        cfg.hidden_size)
-        assert attn.o_proj.weight.shape == (cfg.hidden_size, cfg.num_attention_heads * head_dim)
-        assert attn.num_key_value_groups == cfg.num_attention_heads // cfg.num_key_value_heads
-        assert mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (cfg.intermediate_size, cfg.hidden_size)
-        assert mlp.down_proj.weight.shape == (cfg.hidden_size, cfg.intermediate_size)
-        if getattr(cfg, "layer_types", None) is not None:
-            assert len(cfg.layer_types) == len(layers)
-            assert layer.attention_type == cfg.layer_types[i]
-
-
-def check_roundtrip(model, folder, seqs, prompt):
-    """Save + reload gives the same logits and generations, and a consistent config; cached generation equals
-    uncached generation (KV cache slots follow the layer indices)."""
-    assert_consistent(model)
-    loaded = reload(model, folder)
-    assert_consistent(loaded)
-    assert type(loaded) is type(model)
-    assert_same_logits(logits(model, seqs), logits(loaded, seqs), atol=1e-6)
-    cached = greedy(loaded, prompt)
-    assert len(cached) == 6
-    assert cached == greedy(loaded, prompt, use_cache=False) == greedy(model, prompt)
-    return loaded
+from compress_fixtures import (LINEARS, assert_same_logits, calib, check_roundtrip, greedy, logits,  # noqa: F401
+                               make_model, reload, rows)
 
 
 # ---------------------------------------------------------------- calibration input
@@ -378,105 +262,3 @@ def test_sparsify_bad_input(make_model, calib):
     with pytest.raises(CompressError, match="no calibration rows"):
         sparsify(model, None, 0.5, "wanda")
     assert sparsify(model, None, 0.25, "magnitude")["achieved"] == pytest.approx(0.25, abs=1e-6)
-
-
-# ---------------------------------------------------------------- distillation
-def kl_on(student, teacher, rows) -> float:
-    """Mean KL(teacher || student) at T=1 over the answer positions, through each model's own full forward."""
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for e in rows:
-            ids = torch.tensor([e.input_ids])
-            keep = torch.tensor(e.labels[1:]) != -100
-            s = torch.log_softmax(student(input_ids=ids).logits[0, :-1][keep], -1)
-            t = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1][keep], -1)
-            total += float((t.exp() * (t - s)).sum())
-            n += int(keep.sum())
-    return total / n
-
-
-@pytest.fixture(scope="module")
-def pair(make_model, calib):
-    """A 4-layer teacher and its student: half the layers, 3/4 of the MLP, half the query heads."""
-    teacher = make_model(layers=4, std=0.1, seed=3)
-    student = copy.deepcopy(teacher)
-    prune_depth(student, 2, calib)
-    prune_width(student, calib, mlp_keep=0.75, heads_keep=0.5)
-    return teacher, student
-
-
-def test_distillation_lowers_the_kl(pair, rows, tokenizer):
-    teacher, student = pair
-    student = copy.deepcopy(student)
-    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    kl_before = kl_on(student, teacher, rows)
-    cfg = DistillCfg(steps=6, batch_size=2, lr=5e-3, max_minutes=5, temperature=2.0, alpha=1.0, seed=0)
-    res = distill(student, teacher, rows, tokenizer.pad_token_id, cfg, 384, progress=False)
-    kl_after = kl_on(student, teacher, rows)
-    assert res["steps"] == 6 and not res["stopped_early"] and len(res["history"]) == 6
-    assert res["history"] == pytest.approx([4 * k for k in res["history_kl"]], rel=1e-4)  # alpha=1: T^2 * KL
-    assert res["loss_last"] < res["loss_first"]
-    assert kl_after < 0.6 * kl_before, (kl_before, kl_after)
-    assert not student.training and not teacher.training
-    for k, v in teacher.state_dict().items():
-        assert torch.equal(v, teacher_state[k]), f"the teacher changed: {k}"
-    assert res["answer_tokens"] > 0 and res["seconds"] >= 0
-
-
-def test_kd_loss_formula():
-    gen = torch.Generator().manual_seed(0)
-    s, t = torch.randn(5, 11, generator=gen) * 3, torch.randn(5, 11, generator=gen) * 3
-    target = torch.randint(11, (5,), generator=gen)
-    loss, kl, ce = kd_loss(s, t, target, alpha=0.3, temperature=2.0)
-    p_t = torch.softmax(t / 2, -1)
-    want_kl = (p_t * (p_t.log() - torch.log_softmax(s / 2, -1))).sum(-1).mean()
-    want_ce = -torch.log_softmax(s, -1)[torch.arange(5), target].mean()
-    torch.testing.assert_close(kl, want_kl)
-    torch.testing.assert_close(ce, want_ce)
-    torch.testing.assert_close(loss, 0.3 * 4 * want_kl + 0.7 * want_ce)
-    assert float(kd_loss(t, t, target, 1.0, 2.0)[0]) == pytest.approx(0, abs=1e-6)
-
-
-def test_distillation_stops_on_its_time_budget(pair, rows, tokenizer):
-    teacher, student = pair
-    student = copy.deepcopy(student)
-    cfg = DistillCfg(steps=50, batch_size=2, max_minutes=1e-6)
-    res = distill(student, teacher, rows, tokenizer.pad_token_id, cfg, 384, progress=False)
-    assert res["steps"] == 1 and res["stopped_early"]
-    assert "max_minutes" in res["stop_reason"]
-    assert res["loss_first"] == res["loss_last"] == res["history"][0]
-    assert not student.training
-
-
-def test_distillation_keeps_sparsity_when_asked(make_model, calib, rows, tokenizer):
-    teacher = make_model(layers=2, seed=5)
-    cfg = DistillCfg(steps=2, batch_size=2, lr=1e-3)
-    zeros = {}
-    for keep in (True, False):
-        student = copy.deepcopy(teacher)
-        sparsify(student, None, 0.5, "magnitude")
-        mask = student.model.layers[0].mlp.up_proj.weight == 0
-        distill(student, teacher, rows, tokenizer.pad_token_id, cfg, 384, progress=False, keep_sparsity=keep)
-        zeros[keep] = (student.model.layers[0].mlp.up_proj.weight[mask] == 0).float().mean()
-    assert zeros[True] == 1.0
-    assert zeros[False] < 0.5
-
-
-def test_distillation_bad_input(make_model, pair, rows, tokenizer):
-    teacher, student = pair
-    cfg = DistillCfg(steps=1, batch_size=2)
-    pad = tokenizer.pad_token_id
-    with pytest.raises(CompressError, match="no training rows"):
-        distill(student, teacher, [], pad, cfg, 384, progress=False)
-    no_answer = dataclasses.replace(rows[0], labels=[-100] * len(rows[0].input_ids))
-    with pytest.raises(CompressError, match="1 of 3 distillation rows have no answer tokens") as exc:
-        distill(student, teacher, [rows[1], no_answer, rows[2]], pad, cfg, 384, progress=False)
-    assert rows[0].source in str(exc.value)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(CompressError, match=r"vocabulary \(1000 tokens\) differs"):
-        distill(other, teacher, rows, pad, cfg, 384, progress=False)
-    with pytest.raises(CompressError, match="same model object"):
-        distill(teacher, teacher, rows, pad, cfg, 384, progress=False)

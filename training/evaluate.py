@@ -38,8 +38,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     share_prefix: the token prefix common to a batch's prompts (system prompt, instruction) is run once and its
     keys/values are handed to `generate` as the cache for every row; the rows' own tokens follow it, left padded.
     Same positions and attention as the unshared batch (needs a standard causal LM, not a prompt-learning adapter).
+    Any model with the transformers `generate` API works (ONNX Runtime's ORTModelForCausalLM too, share_prefix=False).
     """
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     peft_cfg = getattr(model, "active_peft_config", None)
     share_prefix = share_prefix and not getattr(peft_cfg, "is_prompt_learning", False)  # virtual tokens come first
     ids = [tokenizer(render(tokenizer, p, generation_prompt=True), add_special_tokens=False)["input_ids"]
