@@ -95,7 +95,11 @@ class QuantizeCfg(Section):
     per_channel: bool = True
     """int8: one scale per output channel (better accuracy) instead of per tensor."""
     calibration_samples: int = Field(32, ge=1)
-    """int8_static: training rows run through the model to calibrate activation ranges."""
+    """int8_static: training rows run through the model to calibrate activation ranges; SmoothQuant: rows whose
+    activation ranges set the smoothing scales."""
+    smooth_alpha: Optional[float] = Field(0.5, gt=0, lt=1)
+    """int8: SmoothQuant strength (0..1) applied to the PyTorch model before export, moving activation outliers into
+    the per-channel-quantized weights; null: off. Llama-style models only."""
     int4_block_size: int = Field(32, ge=16)
     """int4: weights per quantization block (a power of two)."""
     int4_symmetric: bool = True

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import platform
-import shutil
 import tempfile
 from pathlib import Path
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llmstack import artifacts
 from llmstack.config import config_hash, dump_yaml, validate
-from llmstack.errors import ArtifactError, CompressError, ConfigError
+from llmstack.errors import ArtifactError, ConfigError
 from llmstack.log import log
 
 from .config import GPU_QUANT, CompressConfig, VariantCfg
@@ -81,39 +81,58 @@ class Builder:
         from .prune import calibration_ids
         return calibration_ids(self.prepared.train, n)
 
+    def smoothing(self, v: VariantCfg) -> float | None:
+        """The SmoothQuant alpha variant `v` gets (int8 variants only), None for none."""
+        return self.cfg.quantize.smooth_alpha if v.quantize.startswith("int8") else None
+
+    def key(self, v: VariantCfg) -> tuple:
+        return (v.prune, v.distill, self.smoothing(v))
+
     def student(self, v: VariantCfg) -> tuple[Path, dict]:
-        """The PyTorch model folder after pruning and distillation (the input folder itself when neither)."""
-        key = (v.prune, v.distill)
-        if key == ("none", False):
+        """The PyTorch model folder after pruning, distillation and SmoothQuant (the input folder itself when none)."""
+        return self._student(*self.key(v), name=v.name)
+
+    def _student(self, prune: str, distill: bool, alpha: float | None, name: str) -> tuple[Path, dict]:
+        key = (prune, distill, alpha)
+        if key == ("none", False, None):
             return self.model_dir, {}
         if key in self.students:
             return self.students[key]
         from training.model import load_model
 
         from . import prune as pr
-        steps: dict = {}
         t0 = time.time()
-        model = load_model(str(self.model_dir), "float32", "sdpa_gqa")
-        p = self.cfg.prune
-        if v.prune != "none":
-            calib = self.calibration(p.calibration_samples)
-            log.info(f"[{v.name}] pruning ({v.prune}) on {len(calib)} calibration rows")
-            if v.prune in ("depth", "depth+width"):
-                steps["prune_depth"] = pr.prune_depth(model, p.drop_layers, calib)
-            if v.prune in ("width", "depth+width"):
-                steps["prune_width"] = pr.prune_width(model, calib, p.mlp_keep, p.heads_keep)
-            if v.prune == "sparsity":
-                steps["sparsify"] = pr.sparsify(model, calib, p.sparsity, p.sparsity_method)
-        if v.distill:
-            from .distill import distill
-            teacher = load_model(str(self.model_dir), "float32", "sdpa_gqa")
-            log.info(f"[{v.name}] distilling from the input model ({self.cfg.distill.steps} steps at most, "
-                     f"{self.cfg.distill.max_minutes:g} min at most)")
-            steps["distill"] = distill(model, teacher, self.prepared.train, self.tokenizer.pad_token_id,
-                                       self.cfg.distill, self.data_cfg.max_seq_len,
-                                       keep_sparsity=v.prune == "sparsity")  # zeros stay zeros
-            del teacher
-        folder = self.work / f"student-{v.prune}{'-distilled' if v.distill else ''}"
+        if alpha is not None:  # smoothing comes last: it keeps the function of whatever model it is given
+            base, steps = self._student(prune, distill, None, name)
+            steps = dict(steps)
+            model = load_model(str(base), "float32", "sdpa_gqa")
+            from .smooth import smooth
+            calib = self.calibration(self.cfg.quantize.calibration_samples)
+            log.info(f"[{name}] SmoothQuant (alpha {alpha}) on {len(calib)} calibration rows")
+            steps["smooth"] = smooth(model, calib, alpha)
+        else:
+            steps = {}
+            model = load_model(str(self.model_dir), "float32", "sdpa_gqa")
+            p = self.cfg.prune
+            if prune != "none":
+                calib = self.calibration(p.calibration_samples)
+                log.info(f"[{name}] pruning ({prune}) on {len(calib)} calibration rows")
+                if prune in ("depth", "depth+width"):
+                    steps["prune_depth"] = pr.prune_depth(model, p.drop_layers, calib)
+                if prune in ("width", "depth+width"):
+                    steps["prune_width"] = pr.prune_width(model, calib, p.mlp_keep, p.heads_keep)
+                if prune == "sparsity":
+                    steps["sparsify"] = pr.sparsify(model, calib, p.sparsity, p.sparsity_method)
+            if distill:
+                from .distill import distill as run_distill
+                teacher = load_model(str(self.model_dir), "float32", "sdpa_gqa")
+                log.info(f"[{name}] distilling from the input model ({self.cfg.distill.steps} steps at most, "
+                         f"{self.cfg.distill.max_minutes:g} min at most)")
+                steps["distill"] = run_distill(model, teacher, self.prepared.train, self.tokenizer.pad_token_id,
+                                               self.cfg.distill, self.data_cfg.max_seq_len,
+                                               keep_sparsity=prune == "sparsity")  # zeros stay zeros
+                del teacher
+        folder = self.work / ("student-" + _slug(key))
         model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         copy_side_files(self.model_dir, folder, TOKENIZER_FILES)  # verbatim: our fixed tokenizer files
@@ -123,12 +142,12 @@ class Builder:
 
     def onnx(self, v: VariantCfg, pt_folder: Path) -> tuple[Path, dict]:
         """fp32 ONNX export of a student, gated on parity with its PyTorch model."""
-        key = (v.prune, v.distill)
+        key = self.key(v)
         if key in self.exports:
             return self.exports[key]
         from .export import check_parity, export_onnx
 
-        folder = self.work / f"onnx-{v.prune}{'-distilled' if v.distill else ''}"
+        folder = self.work / ("onnx-" + _slug(key))
         t0 = time.time()
         log.info(f"[{v.name}] exporting to ONNX with KV cache (optimum)")
         export_onnx(pt_folder, folder)  # copies config and tokenizer files itself, as every quantizer does
@@ -173,6 +192,11 @@ class Builder:
                                   "seconds": round(time.time() - t1, 1)}
         record["seconds"] = round(time.time() - t0, 1)
         return record
+
+
+def _slug(key: tuple) -> str:
+    prune, distill, alpha = key
+    return prune + ("-distilled" if distill else "") + (f"-smooth{alpha:g}" if alpha is not None else "")
 
 
 def task_score(measured: dict, json_fields: list[str]) -> float:

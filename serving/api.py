@@ -1,0 +1,284 @@
+"""The OpenAI-compatible HTTP layer (FastAPI): /v1/models, /v1/chat/completions, /v1/completions.
+
+HTTP concerns only: parse and validate, apply the chat template and the limits, hand token ids to a `Generator`
+(the in-process engine, or the vLLM proxy), and turn its events into OpenAI JSON or SSE chunks. `Guard` (a plain ASGI
+middleware) checks the API key and the body size on every route, BentoML's own included.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from typing import AsyncIterator, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from . import openai_schema as oa
+from .engine import Event, Overloaded, Params
+
+log = logging.getLogger(__name__)
+
+
+class Generator(Protocol):
+    ready: bool
+
+    def stream(self, rid: str, prompt_ids: list[int], params: Params, adapter: str) -> AsyncIterator[Event]:
+        """Events for one request; raises Overloaded before the first event when there is no room."""
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting)."""
+
+
+class State:
+    """What the routes need: the generator, the tokenizer, the served names, the limits and the metrics."""
+
+    def __init__(self, cfg, generator: Generator, tokenizer, model_name: str, context: int, metrics=None,
+                 adapters: list[str] | None = None, lineage: dict | None = None):
+        self.cfg, self.gen, self.tok, self.model_name, self.context = cfg, generator, tokenizer, model_name, context
+        self.metrics, self.adapters, self.lineage = metrics, list(adapters or []), lineage or {}
+
+    @property
+    def names(self) -> list[str]:
+        return [self.model_name] + self.adapters
+
+
+# ---------------------------------------------------------------- auth and body size
+class Guard:
+    """Bearer API key on every route but the open ones; bodies over the limit refused with 413 before parsing."""
+
+    def __init__(self, app, api_key: str | None = None, open_routes=(), max_body_bytes: int = 1 << 20):
+        self.app, self.key, self.open, self.max_body = app, api_key, tuple(open_routes), max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.key and path not in self.open:
+            auth = headers.get("authorization", "")
+            if not auth.lower().startswith("bearer "):
+                return await _send_error(send, oa.APIError(
+                    401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
+                    code="missing_api_key", headers={"WWW-Authenticate": "Bearer"}))
+            if not hmac.compare_digest(auth[7:].strip().encode(), self.key.encode()):
+                return await _send_error(send, oa.APIError(401, "invalid API key", type="authentication_error",
+                                                           code="invalid_api_key",
+                                                           headers={"WWW-Authenticate": "Bearer"}))
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await _send_error(send, _too_large(self.max_body))
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            return await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            return await _send_error(send, _too_large(self.max_body))
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> oa.APIError:
+    return oa.APIError(413, f"request body larger than {limit} bytes (limits.max_body_bytes)",
+                       code="body_too_large")
+
+
+async def _send_error(send, err: oa.APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), str(v).encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------- the app
+def build_app(state: State | None = None) -> FastAPI:
+    """The API app; `state` may be attached later (`app.state.llm = ...`), e.g. once the BentoML service loaded
+    the model."""
+    app = FastAPI(title="llmstack OpenAI-compatible API", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
+    app.state.llm = state
+
+    @app.exception_handler(oa.APIError)
+    async def _api_error(_: Request, exc: oa.APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        st = _state(request)
+        return oa.model_list(st.names)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        st = _state(request)
+        req = await _parse(request, oa.ChatRequest)
+        adapter = _adapter(st, req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                    for m in req.messages]
+        try:
+            text = st.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. a template that refuses a role order
+            raise oa.APIError(400, f"messages: the chat template rejected them ({exc})", param="messages") from None
+        ids = st.tok(text, add_special_tokens=False)["input_ids"]
+        return await _generate(request, st, req, ids, adapter, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        st = _state(request)
+        req = await _parse(request, oa.CompletionRequest)
+        adapter = _adapter(st, req.model)
+        ids = st.tok(req.prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise oa.APIError(400, "prompt: empty prompt", param="prompt")
+        return await _generate(request, st, req, ids, adapter, chat=False)
+
+    return app
+
+
+def _state(request: Request) -> State:
+    st = request.app.state.llm
+    if st is None or not st.gen.ready:
+        raise oa.APIError(503, "the model is still loading; retry shortly", type="server_error",
+                          code="not_ready", headers={"Retry-After": "5"})
+    return st
+
+
+async def _parse(request: Request, model):
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise oa.APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise oa.APIError(400, "the JSON body must be an object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise oa.validation_error(exc) from None
+
+
+def _adapter(st: State, model: str) -> str:
+    if model == st.model_name:
+        return ""
+    if model in st.adapters:
+        return model
+    raise oa.APIError(404, f"the model '{model}' does not exist; this server serves: {', '.join(st.names)}",
+                      param="model", code="model_not_found")
+
+
+def _params(st: State, req, n_prompt: int, chat: bool) -> Params:
+    lim = st.cfg.limits
+    field = "messages" if chat else "prompt"
+    if n_prompt > lim.max_prompt_tokens:
+        raise oa.APIError(400, f"{field}: the prompt has {n_prompt} tokens, more than the limit of "
+                          f"{lim.max_prompt_tokens} (limits.max_prompt_tokens)", param=field,
+                          code="context_length_exceeded")
+    room = st.context - n_prompt
+    asked = req.limit
+    pname = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
+    if asked is not None and asked > lim.max_tokens:
+        raise oa.APIError(400, f"{pname}: {asked} is more than this server allows ({lim.max_tokens})", param=pname)
+    if asked is not None and asked > room:
+        raise oa.APIError(400, f"{pname}: the prompt ({n_prompt} tokens) plus {asked} new tokens exceed the "
+                          f"model's context of {st.context}", param=pname, code="context_length_exceeded")
+    if room < 1:
+        raise oa.APIError(400, f"{field}: the prompt fills the model's context of {st.context} tokens",
+                          param=field, code="context_length_exceeded")
+    default = st.cfg.server.default_max_tokens
+    return Params(max_tokens=asked or min(default, room, lim.max_tokens), temperature=req.temperature,
+                  top_p=req.top_p, seed=req.seed, stops=req.stops)
+
+
+async def _generate(request: Request, st: State, req, ids: list[int], adapter: str, chat: bool):
+    params = _params(st, req, len(ids), chat)
+    rid = oa.new_id("chatcmpl" if chat else "cmpl")
+    events = st.gen.stream(rid, ids, params, adapter)
+    try:
+        first = await anext(events)  # Overloaded surfaces here, before any byte is sent
+    except Overloaded as exc:
+        if st.metrics:
+            st.metrics.rejected("rejected", adapter)
+        raise oa.APIError(429, f"server overloaded: {exc}; retry later", type="rate_limit_error",
+                          code="overloaded", headers={"Retry-After": str(st.cfg.limits.retry_after_s)}) from None
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_sse(st, req.model, rid, first, events, len(ids), chat, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await _collect(request, st, req.model, rid, first, events, len(ids), chat)
+
+
+async def _collect(request: Request, st: State, model: str, rid: str, first: Event, events, n_prompt: int,
+                   chat: bool):
+    """Non-streaming: gather the text while watching for the client going away (which cancels the generation)."""
+    parts: list[str] = []
+
+    async def gather() -> Event:
+        ev = first
+        while True:
+            parts.append(ev.text)
+            if ev.finish is not None:
+                return ev
+            ev = await anext(events)
+
+    task = asyncio.ensure_future(gather())
+    try:
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                await events.aclose()
+                return JSONResponse({}, status_code=499)
+        last = task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+    if last.error:
+        raise oa.APIError(500, last.error, type="server_error", code="generation_failed")
+    text = "".join(parts)
+    make = oa.chat_response if chat else oa.completion_response
+    return make(rid, model, text, last.finish, n_prompt, last.completion_tokens)
+
+
+async def _sse(st: State, model: str, rid: str, first: Event, events, n_prompt: int, chat: bool,
+               include_usage: bool):
+    """SSE chunks as OpenAI sends them; a client that disconnects closes this generator, which cancels the request."""
+    def data(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    try:
+        if chat:
+            yield data(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+        ev = first
+        while True:
+            if ev.error:
+                yield data(oa.APIError(500, ev.error, type="server_error", code="generation_failed").body())
+                break
+            if ev.text or ev.finish:
+                if chat:
+                    delta = {"content": ev.text} if ev.text else {}
+                    yield data(oa.chat_chunk(rid, model, delta, ev.finish))
+                else:
+                    yield data(oa.completion_chunk(rid, model, ev.text, ev.finish))
+            if ev.finish is not None:
+                if include_usage:
+                    u = oa.usage(n_prompt, ev.completion_tokens)
+                    chunk = oa.chat_chunk if chat else oa.completion_chunk
+                    yield data(chunk(rid, model, {} if chat else "", usage_=u, choices=False))
+                break
+            ev = await anext(events)
+        yield "data: [DONE]\n\n"
+    finally:
+        await events.aclose()

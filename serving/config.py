@@ -1,0 +1,90 @@
+"""The serving config: one pydantic model, YAML -> model -> code (configs/serve.yaml). Field docstrings are the
+`llmstack serve --help` text."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from llmstack.config import Section
+
+
+class ModelCfg(Section):
+    path: str = "artifacts/compress/latest"
+    """What to serve: a compress run (its recommended variant), one compress variant folder, a training artifact
+    (its merged model) or any HF model folder (safetensors) / ONNX export folder."""
+    name: Optional[str] = None
+    """The model id clients send and /v1/models lists (default: the artifact's variant or folder name)."""
+    backend: Literal["auto", "onnxruntime", "transformers", "vllm"] = "auto"
+    """auto: what the artifact's manifest names (ONNX variants: onnxruntime; HF folders: vllm on a GPU machine,
+    transformers otherwise)."""
+    file_name: Optional[str] = None
+    """ONNX file inside the folder (default: the manifest's, else model.onnx)."""
+    threads: int = Field(0, ge=0)
+    """CPU threads for the model (0: all cores)."""
+
+
+class ServerCfg(Section):
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 in containers)."""
+    port: int = Field(3000, ge=1, le=65535)
+    """HTTP port."""
+    default_max_tokens: int = Field(256, ge=1)
+    """max_tokens of a chat request that sets none."""
+
+
+class LimitsCfg(Section):
+    max_prompt_tokens: int = Field(2048, ge=1)
+    """Longer prompts are refused with 400 naming the limit."""
+    max_tokens: int = Field(1024, ge=1)
+    """The largest max_tokens a request may ask for."""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Larger request bodies are refused with 413."""
+    max_running: int = Field(8, ge=1)
+    """Requests decoded together in one batch (continuous batching slots)."""
+    max_waiting: int = Field(32, ge=0)
+    """Requests queued for a slot; beyond running + waiting, requests get 429 with Retry-After."""
+    retry_after_s: int = Field(1, ge=1)
+    """The Retry-After an overloaded server answers."""
+
+
+class AuthCfg(Section):
+    api_key_env: str = "LLMSTACK_API_KEY"
+    """Environment variable holding the API key; when it is set, every route except open_routes needs
+    'Authorization: Bearer <key>'. Unset: no key needed."""
+    open_routes: list[str] = ["/livez", "/healthz", "/readyz", "/metrics"]
+    """Routes reachable without the key (health probes, the Prometheus scrape)."""
+
+
+class VllmCfg(Section):
+    python: str = ".venv-vllm/bin/python"
+    """Python of the separate vLLM environment (vLLM pins another transformers; see the README)."""
+    port: int = Field(8100, ge=1, le=65535)
+    """Local port of the supervised vLLM OpenAI server."""
+    kv_cache_gib: int = Field(2, ge=1)
+    """VLLM_CPU_KVCACHE_SPACE on CPU (GiB)."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """vLLM's --gpu-memory-utilization on GPU machines."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM's --tensor-parallel-size (GPUs per model)."""
+    startup_timeout_s: int = Field(900, ge=10)
+    """How long to wait for vLLM's server to answer /health."""
+    extra_args: list[str] = []
+    """More vLLM server arguments, passed through."""
+
+
+class AdapterCfg(Section):
+    name: str
+    """The model id that selects this adapter."""
+    path: str
+    """A PEFT LoRA adapter folder (a training artifact's adapter/)."""
+
+
+class ServeConfig(Section):
+    model: ModelCfg = ModelCfg()
+    server: ServerCfg = ServerCfg()
+    limits: LimitsCfg = LimitsCfg()
+    auth: AuthCfg = AuthCfg()
+    vllm: VllmCfg = VllmCfg()
+    adapters: list[AdapterCfg] = []
+    """Multi-LoRA: adapters on the served base, each chosen by the request's model name (vLLM backend)."""

@@ -1,0 +1,380 @@
+"""Continuous batching for in-process backends (ONNX Runtime, transformers).
+
+One engine thread owns the model. Every iteration it admits waiting requests into free batch slots (a prefill each),
+then runs ONE decode step for every running sequence together: concurrent requests share forward passes instead of
+queueing one by one, and a request joins or leaves the batch between any two steps (as vLLM's scheduler does).
+
+The batch's KV cache is a list of numpy arrays (batch, kv_heads, length, head_dim), left-padded: a sequence that
+joins is padded on the left to the batch's length (or the batch to its length), the attention mask hides the
+padding, and position ids count each row's real tokens. Rows that finish are dropped and all-padding columns on the
+left trimmed. Backends only run `forward` on these arrays (see `Backend`).
+
+Requests talk to the thread through a bounded waiting queue (full: `Overloaded`, which the API answers with 429) and
+an asyncio queue of `Event`s per request; a cancelled request (client gone) leaves the batch at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """Every batch slot is busy and the waiting queue is full."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the decoder: input_ids/position_ids (B, T), attention_mask (B, past + T), past None or the cache
+        arrays [k0, v0, k1, v1, ...] each (B, kv_heads, past, head_dim). Returns the LAST position's logits (B, V)
+        as float32 and the new cache arrays (B, kv_heads, past + T, head_dim)."""
+
+
+@dataclass
+class Params:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stops: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """What a request's stream receives: new text (possibly empty), the running token count, and at the end the
+    finish reason ("stop", "length", "abort") or an error message."""
+    text: str
+    completion_tokens: int
+    finish: Optional[str] = None
+    error: Optional[str] = None
+
+
+class Request:
+    def __init__(self, rid: str, prompt_ids: list[int], params: Params, loop: asyncio.AbstractEventLoop,
+                 labels: dict):
+        self.id, self.prompt_ids, self.params, self.loop, self.labels = rid, list(prompt_ids), params, loop, labels
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.arrival = time.perf_counter()
+        self.started: float | None = None  # prefill start (end of queueing)
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.generated: list[int] = []
+        self.sent = 0  # characters of the decoded text already streamed
+        self.logprob_sum = 0.0
+        self.finish: str | None = None
+        self.rng = np.random.default_rng(params.seed)
+        self.adapter: str | None = labels.get("adapter") or None
+
+    def push(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the client's event loop is gone
+            self.cancelled = True
+
+
+class _Batch:
+    """The running sequences with their shared, left-padded KV cache."""
+
+    def __init__(self):
+        self.reqs: list[Request] = []
+        self.past: list[np.ndarray] | None = None
+        self.mask: np.ndarray | None = None  # (B, L) int64, 1 = real token
+        self.next_ids: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def add(self, req: Request, past: list[np.ndarray], next_id: int) -> None:
+        length = past[0].shape[2]
+        mask = np.ones((1, length), dtype=np.int64)
+        if self.past is None:
+            self.past, self.mask = past, mask
+        else:
+            width = max(length, self.mask.shape[1])
+            self.past = [np.concatenate([_pad_left(a, width), _pad_left(b, width)], axis=0)
+                         for a, b in zip(self.past, past)]
+            self.mask = np.concatenate([_pad_left_2d(self.mask, width), _pad_left_2d(mask, width)], axis=0)
+        self.reqs.append(req)
+        self.next_ids.append(next_id)
+
+    def keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.reqs):
+            return
+        if not rows:
+            self.__init__()
+            return
+        idx = np.asarray(rows)
+        self.reqs = [self.reqs[i] for i in rows]
+        self.next_ids = [self.next_ids[i] for i in rows]
+        self.mask = self.mask[idx]
+        lead = int(np.argmax(self.mask.any(axis=0)))  # columns that are padding in every row
+        self.mask = self.mask[:, lead:]
+        self.past = [np.ascontiguousarray(a[idx, :, lead:]) for a in self.past]
+
+
+def _pad_left(a: np.ndarray, width: int) -> np.ndarray:
+    n = width - a.shape[2]
+    if n == 0:
+        return a
+    pad = np.zeros(a.shape[:2] + (n,) + a.shape[3:], dtype=a.dtype)
+    return np.concatenate([pad, a], axis=2)
+
+
+def _pad_left_2d(m: np.ndarray, width: int) -> np.ndarray:
+    n = width - m.shape[1]
+    return m if n == 0 else np.concatenate([np.zeros((m.shape[0], n), dtype=m.dtype), m], axis=1)
+
+
+def sample(logits: np.ndarray, params: Params, rng: np.random.Generator) -> tuple[int, float]:
+    """Next token (greedy at temperature 0, else temperature + nucleus sampling) and its log-probability under the
+    model's unscaled distribution (a confidence signal for monitoring)."""
+    logits = logits.astype(np.float64)
+    top = float(logits.max())
+    logz = top + np.log(np.exp(logits - top).sum())
+    if params.temperature == 0:
+        tok = int(np.argmax(logits))
+    else:
+        z = (logits - top) / params.temperature
+        p = np.exp(z)
+        p /= p.sum()
+        if params.top_p < 1.0:
+            order = np.argsort(-p)
+            cum = np.cumsum(p[order])
+            cut = int(np.searchsorted(cum, params.top_p)) + 1
+            keep = order[:cut]
+            q = p[keep] / p[keep].sum()
+            tok = int(keep[rng.choice(len(keep), p=q)])
+        else:
+            tok = int(rng.choice(len(p), p=p))
+    return tok, float(logits[tok] - logz)
+
+
+class Engine:
+    def __init__(self, backend: Backend, tokenizer, eos_ids: set[int], *, max_running: int = 8,
+                 max_waiting: int = 32, metrics=None):
+        self.backend, self.tok, self.eos = backend, tokenizer, set(eos_ids)
+        self.max_running, self.max_waiting, self.metrics = max_running, max_waiting, metrics
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.batch = _Batch()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.ready = False
+        self.steps = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, warmup: bool = True) -> "Engine":
+        if warmup:  # one short generation so the first user request does not pay for kernel set-up
+            ids = self.tok("warm up", add_special_tokens=False)["input_ids"] or [0]
+            logits, past = self.backend.forward(*_prefill_inputs(ids), None)
+            self.backend.forward(np.array([[int(np.argmax(logits[0]))]]), np.ones((1, len(ids) + 1), np.int64),
+                                 np.array([[len(ids)]]), past)
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.ready = False
+
+    # ------------------------------------------------------------ requests
+    def submit(self, req: Request) -> Request:
+        with self._cv:
+            if len(self.waiting) >= self.max_waiting and len(self.batch) + len(self.waiting) >= self.max_running:
+                raise Overloaded(f"{len(self.batch)} requests running and {len(self.waiting)} waiting "
+                                 f"(limits {self.max_running} / {self.max_waiting})")
+            self.waiting.append(req)
+            self._gauges()
+            self._cv.notify_all()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify_all()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return len(self.batch), len(self.waiting)
+
+    # ------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and not self.batch.reqs:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                admit = []
+                while self.waiting and len(self.batch) + len(admit) < self.max_running:
+                    admit.append(self.waiting.popleft())
+                self._gauges(extra_running=len(admit))
+            for req in admit:
+                self._guard(self._prefill, req)
+            if self.batch.reqs:
+                self._guard(self._decode, None)
+            with self._cv:
+                self._gauges()
+        for req in list(self.batch.reqs) + list(self.waiting):
+            self._finish(req, "abort", error="the server is shutting down")
+
+    def _guard(self, fn, req: Request | None) -> None:
+        """A failing step fails the requests it touched, never the engine."""
+        try:
+            fn(req)
+        except Exception as exc:  # noqa: BLE001 - reported to the affected clients and the log
+            log.exception("engine step failed")
+            victims = [req] if req is not None else list(self.batch.reqs)
+            for r in victims:
+                self._finish(r, "abort", error=f"generation failed: {type(exc).__name__}: {exc}")
+            if req is None:
+                self.batch = _Batch()
+
+    def _prefill(self, req: Request) -> None:
+        if req.cancelled:
+            self._finish(req, "abort")
+            return
+        req.started = time.perf_counter()
+        if self.metrics:
+            self.metrics.queue_time(req)
+        logits, past = self._forward(*_prefill_inputs(req.prompt_ids), None, [req])
+        tok = self._accept(req, logits[0])
+        if req.finish is None:
+            self.batch.add(req, past, tok)
+
+    def _decode(self, _=None) -> None:
+        b = self.batch
+        live = [i for i, r in enumerate(b.reqs) if not r.cancelled]
+        for i, r in enumerate(b.reqs):
+            if r.cancelled:
+                self._finish(r, "abort")
+        b.keep(live)
+        if not b.reqs:
+            return
+        ids = np.array(b.next_ids, dtype=np.int64)[:, None]
+        positions = b.mask.sum(axis=1, keepdims=True).astype(np.int64)
+        mask = np.concatenate([b.mask, np.ones((len(b), 1), np.int64)], axis=1)
+        logits, past = self._forward(ids, mask, positions, b.past, b.reqs)
+        b.past, b.mask = past, mask
+        self.steps += 1
+        keep = []
+        for i, r in enumerate(b.reqs):
+            tok = self._accept(r, logits[i])
+            if r.finish is None:
+                b.next_ids[i] = tok
+                keep.append(i)
+        b.keep(keep)
+
+    def _forward(self, ids, mask, positions, past, reqs: list[Request]):
+        if any(r.adapter for r in reqs):  # multi-LoRA: one adapter per row (backends that load adapters)
+            return self.backend.forward(ids, mask, positions, past, adapters=[r.adapter for r in reqs])
+        return self.backend.forward(ids, mask, positions, past)
+
+    def _accept(self, req: Request, logits: np.ndarray) -> int:
+        """Sample the next token of `req`, stream its text, finish the request when it is done."""
+        tok, lp = sample(logits, req.params, req.rng)
+        now = time.perf_counter()
+        if self.metrics:
+            self.metrics.token(req, now)
+        if req.first_token is None:
+            req.first_token = now
+        req.last_token = now
+        req.logprob_sum += lp
+        if tok in self.eos:
+            self._emit(req, final=True)
+            self._finish(req, "stop")
+            return tok
+        req.generated.append(tok)
+        stopped = self._emit(req, final=False)
+        if stopped:
+            self._finish(req, "stop")
+        elif len(req.generated) >= req.params.max_tokens:
+            self._emit(req, final=True)
+            self._finish(req, "length")
+        return tok
+
+    def _emit(self, req: Request, final: bool) -> bool:
+        """Stream the new text of `req`; True when a stop sequence appeared (text cut before it)."""
+        text = self.tok.decode(req.generated, skip_special_tokens=True)
+        stops = req.params.stops
+        hit = -1
+        if stops:
+            start = max(0, req.sent - max(len(s) for s in stops))
+            found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            hit = min(found) if found else -1
+        if hit >= 0:
+            text, final = text[:hit], True
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+                end = len(text.rstrip("\ufffd"))
+            if stops:  # hold back what could be the start of a stop sequence
+                hold = max(len(s) for s in stops) - 1
+                end = min(end, max(req.sent, len(text) - hold))
+        if end > req.sent:
+            req.push(Event(text[req.sent:end], len(req.generated)))
+            req.sent = end
+        return hit >= 0
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.finish is not None:
+            return
+        req.finish = reason
+        if self.metrics:
+            self.metrics.finished(req, error)
+        req.push(Event("", len(req.generated), finish=reason, error=error))
+
+    def _gauges(self, extra_running: int = 0) -> None:
+        if self.metrics:
+            self.metrics.load(len(self.batch) + extra_running, len(self.waiting))
+
+
+def _prefill_inputs(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = len(ids)
+    return (np.asarray([ids], dtype=np.int64), np.ones((1, n), dtype=np.int64),
+            np.arange(n, dtype=np.int64)[None, :])
+
+
+class EngineGenerator:
+    """The API's `Generator` over an in-process `Engine`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return self.engine.load
+
+    async def stream(self, rid: str, prompt_ids: list[int], params: Params, adapter: str = ""):
+        req = Request(rid, prompt_ids, params, asyncio.get_running_loop(), {"adapter": adapter} if adapter else {})
+        self.engine.submit(req)  # Overloaded propagates to the caller's first anext()
+        try:
+            while True:
+                ev = await req.events.get()
+                yield ev
+                if ev.finish is not None:
+                    return
+        finally:
+            if req.finish is None:
+                self.engine.cancel(req)

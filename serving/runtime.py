@@ -1,0 +1,94 @@
+"""Build the serving state from a config: resolve the artifact, load the tokenizer and the backend, start the engine.
+Used by the BentoML service, the in-process tests and the benchmark alike."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from llmstack.errors import ConfigError
+
+from .api import State
+from .config import ServeConfig
+from .model_ref import ModelRef, gpu_available, resolve
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "LLMSTACK_SERVE_CONFIG"  # a resolved config (JSON) handed from `llmstack serve` to the BentoML worker
+DEFAULT_CONFIG = "configs/serve.yaml"
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> ServeConfig:
+    from llmstack.config import load
+
+    if path is None and os.environ.get(CONFIG_ENV):
+        return ServeConfig.model_validate(json.loads(Path(os.environ[CONFIG_ENV]).read_text()))
+    path = path or DEFAULT_CONFIG
+    if not Path(path).is_file() and not overrides and path == DEFAULT_CONFIG:
+        return ServeConfig()
+    return load(ServeConfig, path, list(overrides))
+
+
+def _eos_ids(folder: Path, tokenizer) -> set[int]:
+    ids = set()
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        e = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(e if isinstance(e, list) else [e] if e is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _context(folder: Path) -> int:
+    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    return int(cfg.get("max_position_embeddings") or 2048)
+
+
+def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
+    from transformers import AutoTokenizer
+
+    from .engine import Engine, EngineGenerator
+    from .metrics import Metrics
+
+    ref = resolve(cfg.model.path, cfg.model.backend, cfg.model.name, cfg.model.file_name)
+    adapters = {a.name: a.path for a in cfg.adapters}
+    if adapters and ref.backend == "onnxruntime":
+        raise ConfigError("LoRA adapters need an HF base model on the transformers or vllm backend; ONNX exports are "
+                          "merged models", field="adapters", hint="serve a merged variant instead, or set "
+                          "model.path to the base model folder and model.backend to transformers/vllm")
+    for a in cfg.adapters:
+        if not (Path(a.path) / "adapter_config.json").is_file():
+            raise ConfigError(f"adapter '{a.name}': no adapter_config.json in {a.path}", field="adapters")
+        if a.name == ref.name:
+            raise ConfigError(f"adapter name '{a.name}' is the served model's name", field="adapters")
+    tok = AutoTokenizer.from_pretrained(str(ref.folder), trust_remote_code=False)
+    info = {"backend_format": ref.backend, "stage": ref.lineage.get("stage") or "", "run_id":
+            ref.lineage.get("run_id") or "", "variant": ref.lineage.get("variant") or ""}
+    metrics = Metrics(ref.name, ref.backend, info=info, registry=registry)
+    lim = cfg.limits
+    if ref.backend == "vllm":
+        from .backends.vllm import VllmGenerator
+        gen = VllmGenerator(cfg, ref.folder, ref.name, adapters, gpu_available(), metrics).start()
+    else:
+        if ref.backend == "onnxruntime":
+            from .backends.onnx import OnnxBackend
+            backend = OnnxBackend(ref.folder, ref.file_name or "model.onnx", cfg.model.threads)
+        else:
+            from .backends.hf import HFBackend
+            backend = HFBackend(ref.folder, cfg.model.threads, adapters=adapters)
+        engine = Engine(backend, tok, _eos_ids(ref.folder, tok), max_running=lim.max_running,
+                        max_waiting=lim.max_waiting, metrics=metrics)
+        gen = EngineGenerator(engine.start())
+    log.info(f"serving {ref.folder} as '{ref.name}' on {ref.backend}")
+    state = State(cfg, gen, tok, ref.name, _context(ref.folder), metrics, list(adapters), ref.lineage)
+    return state, ref
+
+
+def close_state(state: State) -> None:
+    gen = state.gen
+    if hasattr(gen, "engine"):
+        gen.engine.stop()
+    elif hasattr(gen, "stop"):
+        gen.stop()
