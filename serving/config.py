@@ -87,4 +87,5 @@ class ServeConfig(Section):
     auth: AuthCfg = AuthCfg()
     vllm: VllmCfg = VllmCfg()
     adapters: list[AdapterCfg] = []
-    """Multi-LoRA: adapters on the served base, each chosen by the request's model name (vLLM backend)."""
+    """Multi-LoRA: adapters on the served base, each chosen by the request's model name (transformers: peft
+    mixed-adapter batches; vllm: --lora-modules). The base must be the HF model the adapters were trained on."""
