@@ -173,6 +173,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.ready = False
         self.steps = 0
+        self._admitting = 0  # taken from the queue, prefill not finished yet
 
     # ------------------------------------------------------------ lifecycle
     def start(self, warmup: bool = True) -> "Engine":
@@ -197,8 +198,9 @@ class Engine:
     # ------------------------------------------------------------ requests
     def submit(self, req: Request) -> Request:
         with self._cv:
-            if len(self.waiting) >= self.max_waiting and len(self.batch) + len(self.waiting) >= self.max_running:
-                raise Overloaded(f"{len(self.batch)} requests running and {len(self.waiting)} waiting "
+            running = len(self.batch) + self._admitting
+            if running + len(self.waiting) >= self.max_running + self.max_waiting:
+                raise Overloaded(f"{running} requests running and {len(self.waiting)} waiting "
                                  f"(limits {self.max_running} / {self.max_waiting})")
             self.waiting.append(req)
             self._gauges()
@@ -212,7 +214,7 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
-        return len(self.batch), len(self.waiting)
+        return len(self.batch) + self._admitting, len(self.waiting)
 
     # ------------------------------------------------------------ engine thread
     def _loop(self) -> None:
@@ -225,9 +227,12 @@ class Engine:
                 admit = []
                 while self.waiting and len(self.batch) + len(admit) < self.max_running:
                     admit.append(self.waiting.popleft())
-                self._gauges(extra_running=len(admit))
+                self._admitting = len(admit)
+                self._gauges()
             for req in admit:
                 self._guard(self._prefill, req)
+                with self._cv:
+                    self._admitting -= 1
             if self.batch.reqs:
                 self._guard(self._decode, None)
             with self._cv:
@@ -341,9 +346,9 @@ class Engine:
             self.metrics.finished(req, error)
         req.push(Event("", len(req.generated), finish=reason, error=error))
 
-    def _gauges(self, extra_running: int = 0) -> None:
+    def _gauges(self) -> None:
         if self.metrics:
-            self.metrics.load(len(self.batch) + extra_running, len(self.waiting))
+            self.metrics.load(*self.load)
 
 
 def _prefill_inputs(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,127 @@
+"""The real server, started the way users start it (`llmstack serve`, which runs `bentoml serve`), on the tiny ONNX
+model: health routes, the openai client (streaming included), /metrics counters, the API key, and an overload burst
+that gets 429s for the excess and correct answers for the rest — no crash, no hang."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from conftest import PY, ROOT, cli_env
+from serving_fixtures import tiny_onnx_dir  # noqa: F401 - fixture
+
+KEY = "server-test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    env = cli_env(LLMSTACK_API_KEY=KEY)
+    cmd = [PY, "-m", "llmstack", "serve", "--model", str(tiny_onnx_dir), "--port", str(port), "model.threads=1",
+           "limits.max_running=2", "limits.max_waiting=2", "limits.max_tokens=300", "model.name=tiny"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    ready = False
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            ready = httpx.get(base + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            pass
+        if ready:
+            break
+        time.sleep(1)
+    if not ready:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"server did not become ready; log:\n{log.read_text()[-3000:]}")
+    yield base, proc, log
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("server did not stop within 30 s of SIGTERM")
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_health_routes_are_open_and_api_needs_the_key(server):
+    base, _, _ = server
+    for route in ("/livez", "/healthz", "/readyz", "/metrics"):
+        assert httpx.get(base + route).status_code == 200, route
+    r = httpx.get(base + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_openai_client_against_the_real_server_and_metrics_move(server):
+    from openai import OpenAI
+    base, _, _ = server
+    oai = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in oai.models.list().data] == ["tiny"]
+    before = httpx.get(base + "/metrics").text
+    r = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Where is my parcel?"}],
+                                    max_tokens=6, temperature=0)
+    chunks = list(oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    streamed = chunks[-1].usage.completion_tokens
+    after = httpx.get(base + "/metrics").text
+    gen = "llm_generation_tokens_total"
+    assert _metric(after, gen) - _metric(before, gen) == r.usage.completion_tokens + streamed
+    prompt = "llm_prompt_tokens_total"
+    assert _metric(after, prompt) - _metric(before, prompt) == r.usage.prompt_tokens + chunks[-1].usage.prompt_tokens
+    ok = 'llm_requests_total'
+    assert _metric(after, ok, status="success") - _metric(before, ok, status="success") == 2
+    assert _metric(after, "llm_time_to_first_token_seconds_count") - \
+        _metric(before, "llm_time_to_first_token_seconds_count") == 2
+    assert "bentoml_service_request_total" in after  # BentoML's own series stay
+    assert _metric(after, "llm_model_info", model="tiny", backend="onnxruntime") == 1
+
+
+def test_overload_burst_gets_429_for_the_excess_and_answers_for_the_rest(server):
+    base, proc, _ = server
+    n = 10  # limits: 2 running + 2 waiting
+
+    async def one(client, i):
+        body = {"model": "tiny", "prompt": f"ticket {i}", "max_tokens": 300, "temperature": 0}
+        return await client.post(base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(n)))
+
+    results = asyncio.run(burst())
+    codes = sorted(r.status_code for r in results)
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 4 and codes.count(429) >= 1, codes
+    for r in results:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+        else:
+            body = r.json()
+            assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["finish_reason"] in ("length",
+                                                                                                       "stop")
+    assert proc.poll() is None
+    metrics = httpx.get(base + "/metrics").text
+    assert _metric(metrics, "llm_requests_total", status="rejected") == codes.count(429)
+    assert _metric(metrics, "llm_requests_running") == 0 and _metric(metrics, "llm_requests_waiting") == 0
