@@ -17,7 +17,8 @@ from training.config import METHODS, TrainConfig, warn_poor_settings
 
 SHIPPED_ALL = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs").glob("*.yml"))
 COMPRESS = [p for p in SHIPPED_ALL if p.stem.startswith("compress")]  # validated in test_compress_config below
-SHIPPED = [p for p in SHIPPED_ALL if p not in COMPRESS]
+SERVE = [p for p in SHIPPED_ALL if p.stem.startswith("serve")]  # validated in test_shipped_serve_config below
+SHIPPED = [p for p in SHIPPED_ALL if p not in COMPRESS and p not in SERVE]
 
 
 def line_of(text: str, needle: str) -> int:
@@ -69,8 +70,21 @@ def test_shipped_compress_config_loads_and_validates(path):
     assert [v.name for v in cfg.variants] == [v["name"] for v in raw["variants"]]
 
 
+@pytest.mark.parametrize("path", SERVE, ids=lambda p: p.name)
+def test_shipped_serve_config_loads_and_validates(path):
+    from serving.config import ServeConfig
+
+    cfg = load(ServeConfig, path)
+    raw = yaml.safe_load(path.read_text())
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    assert cfg.auth.open_routes and "/v1/chat/completions" not in cfg.auth.open_routes
+
+
 def test_every_shipped_config_is_checked():
-    assert COMPRESS and SHIPPED and set(COMPRESS) | set(SHIPPED) == set(SHIPPED_ALL)
+    assert COMPRESS and SHIPPED and SERVE and set(COMPRESS) | set(SHIPPED) | set(SERVE) == set(SHIPPED_ALL)
 
 
 # ---------------------------------------------------------------- errors name file, line and field

@@ -125,3 +125,23 @@ def test_overload_burst_gets_429_for_the_excess_and_answers_for_the_rest(server)
     metrics = httpx.get(base + "/metrics").text
     assert _metric(metrics, "llm_requests_total", status="rejected") == codes.count(429)
     assert _metric(metrics, "llm_requests_running") == 0 and _metric(metrics, "llm_requests_waiting") == 0
+
+
+def test_a_client_that_disconnects_cancels_its_generation(server):
+    base, proc, _ = server
+    before = _metric(httpx.get(base + "/metrics").text, "llm_requests_total", status="cancelled")
+    body = {"model": "tiny", "prompt": "long story", "max_tokens": 300, "temperature": 0, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+    assert any(x.startswith("data: ") for x in got)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        text = httpx.get(base + "/metrics").text
+        if _metric(text, "llm_requests_total", status="cancelled") == before + 1:
+            break
+        time.sleep(0.2)
+    assert _metric(text, "llm_requests_total", status="cancelled") == before + 1
+    assert _metric(text, "llm_generation_tokens_total") > 0 and _metric(text, "llm_requests_running") == 0
+    assert proc.poll() is None

