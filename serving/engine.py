@@ -48,6 +48,7 @@ class Params:
     top_p: float = 1.0
     seed: Optional[int] = None
     stops: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -302,7 +303,7 @@ class Engine:
             req.first_token = now
         req.last_token = now
         req.logprob_sum += lp
-        if tok in self.eos:
+        if tok in self.eos and not req.params.ignore_eos:
             self._emit(req, final=True)
             self._finish(req, "stop")
             return tok

@@ -49,6 +49,8 @@ class Sampling(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     user: Optional[str] = None
+    ignore_eos: bool = False
+    """vLLM's extension: keep generating past the end-of-sequence token (benchmarks with a fixed output length)."""
     # accepted for compatibility, refused when set to something this server cannot honour
     logprobs: Optional[bool] = None
     tools: Optional[list] = None

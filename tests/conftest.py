@@ -126,6 +126,13 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model exported to ONNX with KV cache (optimum), as a compress variant holds it."""
+    from compression.export import export_onnx
+    return export_onnx(tiny_model_dir, tmp_path_factory.mktemp("tiny-onnx") / "onnx")
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     """Small ticket datasets (real rows from data/tickets): 8 train, 4 validation, 4 test."""
     folder = tmp_path_factory.mktemp("tiny-data")

@@ -3,16 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from serving.config import ServeConfig
 from serving.engine import EngineGenerator, Params
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx_dir(tiny_model_dir, tmp_path_factory):
-    from compression.export import export_onnx
-    return export_onnx(tiny_model_dir, tmp_path_factory.mktemp("serve") / "tiny-onnx")
 
 
 def serve_cfg(path, **sections) -> ServeConfig:

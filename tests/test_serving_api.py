@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from serving_fixtures import make_state, sample_value, tiny_onnx_dir  # noqa: F401 - fixture
+from serving_fixtures import make_state, sample_value
 from serving.api import Guard, build_app
 from serving.runtime import close_state
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from serving_fixtures import tiny_onnx_dir  # noqa: F401 - fixture
 from serving.engine import Engine, EngineGenerator, Overloaded, Params, Request, sample
 
 PROMPTS = ["Hello there", "My order arrived broken and I want a refund, what can I do about it today?",

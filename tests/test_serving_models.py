@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from serving_fixtures import make_state, serve_cfg, tiny_onnx_dir  # noqa: F401 - fixture
+from serving_fixtures import make_state, serve_cfg
 from llmstack.errors import ArtifactError, ConfigError
 from serving.model_ref import resolve
 from serving.runtime import close_state

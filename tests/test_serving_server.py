@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from conftest import PY, ROOT, cli_env
-from serving_fixtures import tiny_onnx_dir  # noqa: F401 - fixture
 
 KEY = "server-test-key"
 

@@ -106,6 +106,8 @@ class VllmGenerator:
             body["seed"] = params.seed
         if params.stops:
             body["stop"] = params.stops
+        if params.ignore_eos:
+            body["ignore_eos"] = True
         self.running += 1
         req.started = time.perf_counter()
         if self.metrics:

