@@ -44,6 +44,9 @@ class LimitsCfg(Section):
     """Requests decoded together in one batch (continuous batching slots)."""
     max_waiting: int = Field(32, ge=0)
     """Requests queued for a slot; beyond running + waiting, requests get 429 with Retry-After."""
+    prefix_cache_mb: int = Field(256, ge=0)
+    """Memory for automatic prefix caching (KV of earlier prompts' 16-token blocks, reused when a new prompt starts
+    the same way, e.g. the same system prompt); 0: off. In-process backends only (vLLM has its own)."""
     retry_after_s: int = Field(1, ge=1)
     """The Retry-After an overloaded server answers."""
 

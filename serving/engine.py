@@ -77,6 +77,7 @@ class Request:
         self.finish: str | None = None
         self.rng = np.random.default_rng(params.seed)
         self.adapter: str | None = labels.get("adapter") or None
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
 
     def push(self, event: Event) -> None:
         try:
@@ -162,10 +163,58 @@ def sample(logits: np.ndarray, params: Params, rng: np.random.Generator) -> tupl
     return tok, float(logits[tok] - logz)
 
 
+class PrefixCache:
+    """Automatic prefix caching (as vLLM's): the KV cache of prompt blocks (`block` tokens each), keyed by a hash
+    chained over the blocks before them, so a new prompt that starts like an earlier one (the same system prompt, a
+    conversation's earlier turns) only prefills what is new. Least recently used blocks go first beyond `max_bytes`.
+    Reuse is exact: a causal model's keys and values for a prefix do not depend on what follows it."""
+
+    def __init__(self, max_bytes: int, block: int = 16):
+        self.max_bytes, self.block = max_bytes, block
+        self.blocks: collections.OrderedDict[int, list[np.ndarray]] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = self.lookups = 0
+
+    def _hashes(self, ids: list[int], n_blocks: int):
+        h = 0
+        for b in range(n_blocks):
+            h = hash((h, tuple(ids[b * self.block:(b + 1) * self.block])))
+            yield b, h
+
+    def lookup(self, ids: list[int]) -> tuple[int, list[np.ndarray] | None]:
+        """(number of leading prompt tokens whose KV is cached, that KV); at least one token is left to run."""
+        self.lookups += 1
+        found = []
+        for _, h in self._hashes(ids, (len(ids) - 1) // self.block):
+            entry = self.blocks.get(h)
+            if entry is None:
+                break
+            self.blocks.move_to_end(h)
+            found.append(entry)
+        if not found:
+            return 0, None
+        self.hits += 1
+        return len(found) * self.block, [np.concatenate([f[j] for f in found], axis=2) for j in range(len(found[0]))]
+
+    def store(self, ids: list[int], past: list[np.ndarray]) -> None:
+        """Keep the complete blocks of a prompt whose KV (batch 1, covering exactly `ids`) was just computed."""
+        for b, h in self._hashes(ids, len(ids) // self.block):
+            if h in self.blocks:
+                self.blocks.move_to_end(h)
+                continue
+            entry = [np.ascontiguousarray(a[:, :, b * self.block:(b + 1) * self.block]) for a in past]
+            self.blocks[h] = entry
+            self.bytes += sum(e.nbytes for e in entry)
+        while self.bytes > self.max_bytes and self.blocks:
+            _, old = self.blocks.popitem(last=False)
+            self.bytes -= sum(e.nbytes for e in old)
+
+
 class Engine:
     def __init__(self, backend: Backend, tokenizer, eos_ids: set[int], *, max_running: int = 8,
-                 max_waiting: int = 32, metrics=None):
+                 max_waiting: int = 32, metrics=None, prefix_cache_mb: int = 0):
         self.backend, self.tok, self.eos = backend, tokenizer, set(eos_ids)
+        self.prefix = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         self.max_running, self.max_waiting, self.metrics = max_running, max_waiting, metrics
         self.waiting: collections.deque[Request] = collections.deque()
         self.batch = _Batch()
@@ -260,7 +309,14 @@ class Engine:
         req.started = time.perf_counter()
         if self.metrics:
             self.metrics.queue_time(req)
-        logits, past = self._forward(*_prefill_inputs(req.prompt_ids), None, [req])
+        ids = req.prompt_ids
+        cached, past = self.prefix.lookup(ids) if self.prefix and not req.adapter else (0, None)
+        n = len(ids)
+        logits, past = self._forward(np.asarray([ids[cached:]], dtype=np.int64), np.ones((1, n), dtype=np.int64),
+                                     np.arange(cached, n, dtype=np.int64)[None, :], past, [req])
+        req.cached_tokens = cached
+        if self.prefix and not req.adapter:  # adapters change the KV: only the base model's is shared
+            self.prefix.store(ids, past)
         tok = self._accept(req, logits[0])
         if req.finish is None:
             self.batch.add(req, past, tok)

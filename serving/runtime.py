@@ -79,7 +79,7 @@ def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
             from .backends.hf import HFBackend
             backend = HFBackend(ref.folder, cfg.model.threads, adapters=adapters)
         engine = Engine(backend, tok, _eos_ids(ref.folder, tok), max_running=lim.max_running,
-                        max_waiting=lim.max_waiting, metrics=metrics)
+                        max_waiting=lim.max_waiting, metrics=metrics, prefix_cache_mb=lim.prefix_cache_mb)
         gen = EngineGenerator(engine.start())
     log.info(f"serving {ref.folder} as '{ref.name}' on {ref.backend}")
     state = State(cfg, gen, tok, ref.name, _context(ref.folder), metrics, list(adapters), ref.lineage)

@@ -19,13 +19,20 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _reference(tiny_model_dir, tokenizer) -> list[list[int]]:
+SYSTEM = "You are a support assistant. Answer with one JSON object holding the category, product and urgency. "
+
+
+def _prompts(shared: bool) -> list[str]:
+    return [SYSTEM + p if shared else p for p in PROMPTS]
+
+
+def _reference(tiny_model_dir, tokenizer, prompts) -> list[list[int]]:
     """transformers' greedy generate, one prompt at a time: an independent implementation to match."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     out = []
     with torch.no_grad():
-        for p in PROMPTS:
+        for p in prompts:
             ids = torch.tensor([_ids(tokenizer, p)])
             g = model.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
             out.append(g[0, ids.shape[1]:].tolist())
@@ -40,12 +47,12 @@ def _backend(kind: str, tiny_model_dir, onnx_dir):
     return HFBackend(tiny_model_dir, threads=1)
 
 
-async def _staggered(engine: Engine, tokenizer) -> list[Request]:
+async def _staggered(engine: Engine, tokenizer, prompts) -> list[Request]:
     """Submit the prompts one after another while earlier ones are mid-generation, so rows join a running batch
     with a different cache length (left padding both ways) and leave it at different times."""
     loop = asyncio.get_running_loop()
     reqs = []
-    for i, p in enumerate(PROMPTS):
+    for i, p in enumerate(prompts):
         r = Request(f"r{i}", _ids(tokenizer, p), Params(max_tokens=NEW - i, temperature=0), loop, {})
         engine.submit(r)
         reqs.append(r)
@@ -57,18 +64,29 @@ async def _staggered(engine: Engine, tokenizer) -> list[Request]:
     return reqs
 
 
-@pytest.mark.parametrize("kind", ["transformers", "onnxruntime"])
-def test_batched_greedy_tokens_equal_transformers_generate(kind, tiny_model_dir, tiny_onnx_dir, tokenizer):
-    engine = Engine(_backend(kind, tiny_model_dir, tiny_onnx_dir), tokenizer, eos_ids=set(), max_running=4).start()
+@pytest.mark.parametrize("kind, shared", [("transformers", False), ("onnxruntime", False), ("transformers", True),
+                                          ("onnxruntime", True)])
+def test_batched_greedy_tokens_equal_transformers_generate(kind, shared, tiny_model_dir, tiny_onnx_dir, tokenizer):
+    """With `shared`, the prompts start with the same system prompt: all but the first reuse its KV from the prefix
+    cache and prefill only their own tokens."""
+    prompts = _prompts(shared)
+    engine = Engine(_backend(kind, tiny_model_dir, tiny_onnx_dir), tokenizer, eos_ids=set(), max_running=4,
+                    prefix_cache_mb=64 if shared else 0).start()
     try:
-        reqs = asyncio.run(_staggered(engine, tokenizer))
+        reqs = asyncio.run(_staggered(engine, tokenizer, prompts))
     finally:
         engine.stop()
-    ref = _reference(tiny_model_dir, tokenizer)
+    ref = _reference(tiny_model_dir, tokenizer, prompts)
     for i, r in enumerate(reqs):
         assert r.finish == "length"
         assert r.generated == ref[i][:NEW - i], f"prompt {i}"
     assert engine.steps < sum(NEW - i for i in range(len(PROMPTS)))  # decode steps were shared
+    cached = [r.cached_tokens for r in reqs]
+    if shared:
+        system = len(_ids(tokenizer, SYSTEM))
+        assert cached[0] == 0 and all(system - 16 < c <= system for c in cached[1:]), cached
+    else:
+        assert cached == [0] * len(reqs)
 
 
 def test_stop_sequence_cuts_text_and_eos_finishes(tiny_model_dir, tokenizer):
@@ -172,3 +190,23 @@ def test_overload_cancel_and_a_failing_request_leave_the_engine_running(tiny_mod
         assert engine.load == (0, 0)
     finally:
         engine.stop()
+
+
+def test_prefix_cache_reuses_whole_blocks_leaves_a_token_and_evicts_oldest():
+    from serving.engine import PrefixCache
+
+    def kv(n, fill):  # one layer's key and value for n tokens, batch 1
+        return [np.full((1, 2, n, 4), fill, np.float32), np.full((1, 2, n, 4), -fill, np.float32)]
+
+    block_bytes = 2 * 2 * 4 * 4 * 4  # k + v for one 4-token block
+    cache = PrefixCache(max_bytes=3 * block_bytes, block=4)
+    a = list(range(10))
+    cache.store(a, kv(10, 1.0))  # 2 complete blocks
+    n, past = cache.lookup(a)
+    assert n == 8 and past[0].shape == (1, 2, 8, 4) and (past[1] == -1.0).all()
+    assert cache.lookup(a[:8])[0] == 4  # one token must stay to be run
+    assert cache.lookup([99] + a[1:])[0] == 0  # a different first block matches nothing after it
+    b = [7, 7, 7, 7, 8, 8, 8, 8, 9]
+    cache.store(b, kv(9, 2.0))  # 2 more blocks: over the budget, the least recently used go
+    assert cache.bytes <= 3 * block_bytes
+    assert cache.lookup(b)[0] == 8
