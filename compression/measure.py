@@ -115,6 +115,9 @@ def measure(spec: dict) -> dict:
     tok = load_tokenizer(spec["folder"])
     rows = spec["rows"]
     out.update(_timings(model, rows[0]["prompt_ids"], spec["decode_tokens"], spec["runs"], tok.pad_token_id))
+    if not spec.get("quality", True):  # the caller already has loss, task score and predictions for this model
+        out["peak_rss_mb"] = round(_peak_mb(), 1)
+        return out
 
     nll, n = answer_nll(model, rows, tok.pad_token_id, spec["batch_size"])
     mean = nll / max(n, 1)
@@ -149,13 +152,14 @@ def spec_rows(examples, n: int, tokenizer) -> list[dict]:
 
 
 def measure_in_child(name: str, kind: str, folder: Path, rows: list[dict], eval_cfg, measure_cfg, work: Path,
-                     file_name: str | None = None) -> dict:
-    """Measure a variant in a fresh Python process; return its measurements plus the size on disk."""
+                     file_name: str | None = None, quality: bool = True) -> dict:
+    """Measure a variant in a fresh Python process; return its measurements plus the size on disk. quality=False:
+    speed and memory only (no perplexity, no generation)."""
     work.mkdir(parents=True, exist_ok=True)
     spec = {"name": name, "kind": kind, "folder": str(folder), "file_name": file_name, "rows": rows,
             "threads": measure_cfg.threads, "decode_tokens": measure_cfg.decode_tokens, "runs": measure_cfg.runs,
             "max_new_tokens": eval_cfg.max_new_tokens, "batch_size": eval_cfg.batch_size,
-            "json_fields": list(eval_cfg.json_fields)}
+            "json_fields": list(eval_cfg.json_fields), "quality": quality}
     spec_file, out_file = work / f"{name}.spec.json", work / f"{name}.measured.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

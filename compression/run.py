@@ -194,6 +194,25 @@ class Builder:
         return record
 
 
+def training_quality(folder: Path, manifest: dict | None, rows: list[dict], same_eval: bool) -> dict | None:
+    """The input model's perplexity, task score and predictions as its training run measured them, when that run
+    evaluated the merged model on exactly these test rows with the same eval settings (the same code, greedy: the same
+    result); None otherwise, and the reference is measured here."""
+    if not same_eval or not manifest or manifest.get("stage") != "train":
+        return None
+    after = (manifest.get("metrics") or {}).get("after") or {}
+    pred_file = folder / "predictions_after.jsonl"
+    if after.get("n") != len(rows) or "loss" not in after or not pred_file.is_file():
+        return None
+    preds = [json.loads(line) for line in pred_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if [p.get("source") for p in preds] != [r["source"] for r in rows]:
+        return None
+    task = {k: v for k, v in after.items() if k not in ("loss", "perplexity", "answer_tokens", "n")}
+    return {"loss": after["loss"], "perplexity": after["perplexity"], "answer_tokens": after.get("answer_tokens"),
+            "task": task, "predictions": [p["prediction"] for p in preds],
+            "quality_from": str(pred_file.parent.resolve())}
+
+
 def _slug(key: tuple) -> str:
     prune, distill, alpha = key
     return prune + ("-distilled" if distill else "") + (f"-smooth{alpha:g}" if alpha is not None else "")
@@ -313,8 +332,12 @@ def run(cfg: CompressConfig) -> Path:
         work = out / "_work"
         work.mkdir()
         builder = Builder(cfg, model_dir, prepared, data_cfg, work)
-        log.info("measuring the input model (PyTorch fp32)")
-        reference = measure_in_child("reference", "pytorch", model_dir, rows, eval_cfg, cfg.measure, work / "measure")
+        known = training_quality(Path(cfg.input), parent_manifest, rows, cfg.eval is None)
+        log.info("measuring the input model (PyTorch fp32)" + (": speed only, its quality is the training run's "
+                                                               "evaluation of the same rows" if known else ""))
+        reference = measure_in_child("reference", "pytorch", model_dir, rows, eval_cfg, cfg.measure, work / "measure",
+                                     quality=known is None)
+        reference.update(known or {})
         reference["params_m"] = _params(model_dir)
         json_fields = list(eval_cfg.json_fields)
         report_rows = [{"name": "reference", "kind": "pytorch", **_summary(reference, reference, json_fields),
@@ -358,6 +381,9 @@ def run(cfg: CompressConfig) -> Path:
         metric = "exact_match" if json_fields else "rougeL"
         best = recommend(report_rows, cfg.gate.recommend)
         md = markdown(report_rows, best, metric)
+        if reference.get("quality_from"):
+            md += (f"The input model's perplexity, task score and predictions are its training run's evaluation of the "
+                   f"same rows ({reference['quality_from']}); its speed and memory were measured here.\n")
         (out / "report.md").write_text(md)
         artifacts.write_json(out / "report.json", {"rows": report_rows, "recommended": best, "metric": metric,
                                                    "reference": {k: v for k, v in reference.items()

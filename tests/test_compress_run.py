@@ -124,3 +124,23 @@ def test_compress_help_lists_every_option():
     for key in ("prune.drop_layers", "distill.temperature", "quantize.int4_block_size", "measure.decode_tokens",
                 "gate.max_task_drop", "variants"):
         assert key in r.stdout, key
+
+
+def test_reference_quality_is_reused_from_training_only_for_the_same_rows(tmp_path):
+    from compression.run import training_quality
+
+    rows = [{"source": f"test.jsonl:{i}"} for i in (1, 2, 3)]
+    after = {"loss": 0.1, "perplexity": 1.105, "answer_tokens": 30, "n": 3, "json_valid": 1.0,
+             "field_accuracy": {"a": 1.0}, "exact_match": 0.67}
+    manifest = {"stage": "train", "metrics": {"after": after}}
+    preds = [{"source": r["source"], "prediction": f"p{i}"} for i, r in enumerate(rows)]
+    (tmp_path / "predictions_after.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    got = training_quality(tmp_path, manifest, rows, same_eval=True)
+    assert got["task"] == {"json_valid": 1.0, "field_accuracy": {"a": 1.0}, "exact_match": 0.67}
+    assert got["perplexity"] == 1.105 and got["predictions"] == ["p0", "p1", "p2"]
+    assert training_quality(tmp_path, manifest, rows, same_eval=False) is None  # compress overrides eval settings
+    assert training_quality(tmp_path, manifest, rows[:2], same_eval=True) is None  # other row count
+    assert training_quality(tmp_path, manifest, [{"source": "x"}] * 3, same_eval=True) is None  # other rows
+    assert training_quality(tmp_path, {"stage": "compress"}, rows, same_eval=True) is None
+    (tmp_path / "predictions_after.jsonl").unlink()
+    assert training_quality(tmp_path, manifest, rows, same_eval=True) is None
