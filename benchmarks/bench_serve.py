@@ -1,7 +1,7 @@
 """Load benchmark of the serving stack: closed-loop streaming clients at several concurrencies.
 
-For each concurrency c, c clients each send streaming chat requests back to back (~128-token prompts, 64 output
-tokens with ignore_eos) until the level's request count is done. Reported per level: output tokens/s over the level's
+For each concurrency c, c clients each send streaming chat requests back to back (the demo's test tickets: prompts
+of ~130-180 tokens sharing a ~60-token instruction; 64 output tokens with ignore_eos) until the level's request count is done. Reported per level: output tokens/s over the level's
 wall time, TTFT p50/p99, TPOT p50 (time per output token after the first), e2e p99, errors (non-200 or short
 answers). Targets, in the same run:
 - ours: `llmstack serve` (BentoML + our continuous-batching engine) on the compress run's recommended variant;
@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -33,12 +32,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_train import machine  # noqa: E402
 
-SYSTEM = ("You are a support assistant. Read the customer's ticket and answer with one JSON object holding the "
-          "category, the product and the urgency.")
-TICKET = ("Hello, I ordered a blender three weeks ago (order 48213) and it arrived with a cracked jar. I contacted "
-          "your team twice by phone and nobody called me back. I need either a replacement jar or a full refund "
-          "before the weekend because it was a birthday present, and I am honestly quite frustrated with how long "
-          "this is taking. Can you tell me what happens next and how long it will take? Ticket {i}.")
+TICKETS = ROOT / "data" / "tickets" / "test.jsonl"
+
+
+def prompts() -> list[list[dict]]:
+    """The demo's real test tickets as the fine-tune saw them (instruction + ticket as one user message): a shared
+    instruction (~60 tokens, what a prefix cache can reuse) and a different ticket each (~130-180 tokens in all)."""
+    out = []
+    for line in TICKETS.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        out.append([{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}])
+    return out
+
+
+PROMPTS = prompts()
 
 
 def _free_port() -> int:
@@ -74,8 +81,7 @@ async def http_level(base: str, model: str, c: int, n: int, out_tokens: int, key
     async def client(http: httpx.AsyncClient):
         while queue:
             i = queue.pop()
-            body = {"model": model, "messages": [{"role": "system", "content": SYSTEM},
-                                                 {"role": "user", "content": TICKET.format(i=i)}],
+            body = {"model": model, "messages": PROMPTS[i % len(PROMPTS)],
                     "max_tokens": out_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}
             t0 = time.perf_counter()
@@ -186,8 +192,8 @@ def run_direct(args, levels) -> dict:
         async def client():
             while queue:
                 i = queue.pop()
-                msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TICKET.format(i=i)}]
-                ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                ids = tok(tok.apply_chat_template(PROMPTS[i % len(PROMPTS)], tokenize=False,
+                                                  add_generation_prompt=True),
                           add_special_tokens=False)["input_ids"]
                 t0 = time.perf_counter()
                 ttft, tokens = None, 0
