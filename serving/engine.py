@@ -141,26 +141,40 @@ def _pad_left_2d(m: np.ndarray, width: int) -> np.ndarray:
 
 def sample(logits: np.ndarray, params: Params, rng: np.random.Generator) -> tuple[int, float]:
     """Next token (greedy at temperature 0, else temperature + nucleus sampling) and its log-probability under the
-    model's unscaled distribution (a confidence signal for monitoring)."""
-    logits = logits.astype(np.float64)
+    model's unscaled distribution (a confidence signal for monitoring). float32 throughout and no full-vocabulary
+    sort: this runs once per row per decode step."""
+    logits = np.asarray(logits, dtype=np.float32)
     top = float(logits.max())
-    logz = top + np.log(np.exp(logits - top).sum())
+    logz = top + float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
     if params.temperature == 0:
         tok = int(np.argmax(logits))
+        return tok, float(logits[tok]) - logz
+    p = np.exp((logits - top) / params.temperature)
+    p /= p.sum(dtype=np.float64)
+    if params.top_p < 1.0:
+        keep = _nucleus(p, params.top_p)
+        q = p[keep] / p[keep].sum(dtype=np.float64)
+        tok = int(keep[rng.choice(len(keep), p=q)])
     else:
-        z = (logits - top) / params.temperature
-        p = np.exp(z)
-        p /= p.sum()
-        if params.top_p < 1.0:
-            order = np.argsort(-p)
-            cum = np.cumsum(p[order])
-            cut = int(np.searchsorted(cum, params.top_p)) + 1
-            keep = order[:cut]
-            q = p[keep] / p[keep].sum()
-            tok = int(keep[rng.choice(len(keep), p=q)])
+        tok = int(rng.choice(len(p), p=p))
+    return tok, float(logits[tok]) - logz
+
+
+def _nucleus(p: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
+    """Indices of the smallest set of most probable tokens whose mass reaches top_p (ties broken by index). Sorts
+    only the `first` most probable candidates unless they do not reach top_p."""
+    n = len(p)
+    k = min(first, n)
+    while True:
+        if k < n:
+            cand = np.argpartition(-p, k - 1)[:k]
+            order = cand[np.lexsort((cand, -p[cand]))]
         else:
-            tok = int(rng.choice(len(p), p=p))
-    return tok, float(logits[tok] - logz)
+            order = np.argsort(-p)
+        cum = np.cumsum(p[order], dtype=np.float64)
+        if cum[-1] >= top_p or k == n:
+            return order[:int(np.searchsorted(cum, top_p)) + 1]
+        k = n if k * 8 > n // 4 else k * 8  # a flat distribution: one full sort beats more partitions
 
 
 class PrefixCache:

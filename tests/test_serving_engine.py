@@ -210,3 +210,16 @@ def test_prefix_cache_reuses_whole_blocks_leaves_a_token_and_evicts_oldest():
     cache.store(b, kv(9, 2.0))  # 2 more blocks: over the budget, the least recently used go
     assert cache.bytes <= 3 * block_bytes
     assert cache.lookup(b)[0] == 8
+
+
+def test_nucleus_matches_a_full_sort():
+    from serving.engine import _nucleus
+    for seed in range(30):
+        g = np.random.default_rng(seed)
+        z = g.normal(size=3000) * g.uniform(0.5, 8)  # flat to peaked distributions
+        q = np.exp(z - z.max())
+        q /= q.sum()
+        top_p = g.uniform(0.1, 0.99)
+        order = np.argsort(-q)
+        ref = order[:np.searchsorted(np.cumsum(q[order]), top_p) + 1]
+        assert sorted(_nucleus(q, top_p, first=16).tolist()) == sorted(ref.tolist()), seed
