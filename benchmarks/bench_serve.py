@@ -134,6 +134,16 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def measure_server(proc: subprocess.Popen, base: str, health: str, args, levels) -> dict:
+    """Wait for a started server, warm it up, run every level against it, stop it."""
+    try:
+        wait_ready(base, proc, health)
+        asyncio.run(http_level(base, "bench", 1, 2, 8, None))  # warm-up
+        return {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None)) for c, n in levels}
+    finally:
+        stop(proc)
+
+
 def run_ours(args, levels) -> dict:
     port = _free_port()
     cmd = [sys.executable, "-m", "llmstack", "serve", "--model", args.model, "--port", str(port),
@@ -142,13 +152,7 @@ def run_ours(args, levels) -> dict:
     env.pop("LLMSTACK_API_KEY", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc, "/readyz")
-        asyncio.run(http_level(base, "bench", 1, 2, 8, None))  # warm-up
-        return {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None)) for c, n in levels}
-    finally:
-        stop(proc)
+    return measure_server(proc, f"http://127.0.0.1:{port}", "/readyz", args, levels)
 
 
 def run_vllm(args, levels) -> dict | str:
@@ -167,13 +171,7 @@ def run_vllm(args, levels) -> dict | str:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc, "/health")  # vLLM compiles its CPU kernels first: minutes
-        asyncio.run(http_level(base, "bench", 1, 2, 8, None))
-        return {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None)) for c, n in levels}
-    finally:
-        stop(proc)
+    return measure_server(proc, f"http://127.0.0.1:{port}", "/health", args, levels)  # vLLM compiles first: minutes
 
 
 # ---------------------------------------------------------------- the engine in-process

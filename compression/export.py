@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from llmstack.errors import CompressError
+from llmstack.errors import CompressError, one_line
 
 TASK = "text-generation-with-past"
 ONNX_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data")
@@ -18,14 +18,6 @@ ONNX_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data")
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "added_tokens.json",
               "tokenizer.model", "vocab.json", "merges.txt")
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one short line: its type and the first non-empty line of its message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def check_model_dir(model_dir: str | Path) -> tuple[Path, dict]:

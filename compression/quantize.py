@@ -16,9 +16,9 @@ import platform
 import tempfile
 from pathlib import Path
 
-from llmstack.errors import CompressError
+from llmstack.errors import CompressError, one_line
 
-from .export import SIDE_FILES, copy_side_files, one_line, onnx_files
+from .export import SIDE_FILES, copy_side_files, onnx_files
 from .gpu_quant import Unavailable, gpu_quantize  # noqa: F401  (every quantizer is reachable from here)
 
 PRESETS = ("avx512_vnni", "avx2", "arm64")

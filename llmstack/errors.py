@@ -3,6 +3,14 @@ so the CLI can print a single line and exit with code 2."""
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type and the first non-empty line of its message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class StackError(Exception):
     def __init__(self, message: str, *, file=None, line: int | None = None, field: str | None = None,
                  hint: str | None = None):

@@ -28,10 +28,6 @@ class Generator(Protocol):
     def stream(self, rid: str, prompt_ids: list[int], params: Params, adapter: str) -> AsyncIterator[Event]:
         """Events for one request; raises Overloaded before the first event when there is no room."""
 
-    @property
-    def load(self) -> tuple[int, int]:
-        """(running, waiting)."""
-
 
 class State:
     """What the routes need: the generator, the tokenizer, the served names, the limits and the metrics."""

@@ -84,11 +84,17 @@ class AdapterCfg(Section):
 
 
 class ServeConfig(Section):
+    """The service: what to serve, where, with which limits, key and vLLM settings."""
     model: ModelCfg = ModelCfg()
+    """The model and its backend."""
     server: ServerCfg = ServerCfg()
+    """Where the service listens, and request defaults."""
     limits: LimitsCfg = LimitsCfg()
+    """Request and capacity limits."""
     auth: AuthCfg = AuthCfg()
+    """The API key."""
     vllm: VllmCfg = VllmCfg()
+    """The supervised vLLM server (backend vllm)."""
     adapters: list[AdapterCfg] = []
     """Multi-LoRA: adapters on the served base, each chosen by the request's model name (transformers: peft
     mixed-adapter batches; vllm: --lora-modules). The base must be the HF model the adapters were trained on."""

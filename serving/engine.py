@@ -4,10 +4,11 @@ One engine thread owns the model. Every iteration it admits waiting requests int
 then runs ONE decode step for every running sequence together: concurrent requests share forward passes instead of
 queueing one by one, and a request joins or leaves the batch between any two steps (as vLLM's scheduler does).
 
-The batch's KV cache is a list of numpy arrays (batch, kv_heads, length, head_dim), left-padded: a sequence that
-joins is padded on the left to the batch's length (or the batch to its length), the attention mask hides the
-padding, and position ids count each row's real tokens. Rows that finish are dropped and all-padding columns on the
-left trimmed. Backends only run `forward` on these arrays (see `Backend`).
+The batch's KV cache (`kvcache.Batch`) is left-padded: a sequence that joins is padded on the left to the batch's
+length (or the batch to its length), the attention mask hides the padding, and position ids count each row's real
+tokens. Rows that finish are dropped and all-padding columns on the left trimmed. A prompt that starts like an
+earlier one takes that start's KV from `kvcache.PrefixCache`. Backends only run `forward` on these arrays (see
+`Backend`); sampling is in `sampling.py`.
 
 Requests talk to the thread through a bounded waiting queue (full: `Overloaded`, which the API answers with 429) and
 an asyncio queue of `Event`s per request; a cancelled request (client gone) leaves the batch at the next step.
@@ -23,6 +24,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import numpy as np
+
+from .kvcache import Batch, PrefixCache
+from .sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -86,144 +90,6 @@ class Request:
             self.cancelled = True
 
 
-class _Batch:
-    """The running sequences with their shared, left-padded KV cache."""
-
-    def __init__(self):
-        self.reqs: list[Request] = []
-        self.past: list[np.ndarray] | None = None
-        self.mask: np.ndarray | None = None  # (B, L) int64, 1 = real token
-        self.next_ids: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.reqs)
-
-    def add(self, req: Request, past: list[np.ndarray], next_id: int) -> None:
-        length = past[0].shape[2]
-        mask = np.ones((1, length), dtype=np.int64)
-        if self.past is None:
-            self.past, self.mask = past, mask
-        else:
-            width = max(length, self.mask.shape[1])
-            self.past = [np.concatenate([_pad_left(a, width), _pad_left(b, width)], axis=0)
-                         for a, b in zip(self.past, past)]
-            self.mask = np.concatenate([_pad_left_2d(self.mask, width), _pad_left_2d(mask, width)], axis=0)
-        self.reqs.append(req)
-        self.next_ids.append(next_id)
-
-    def keep(self, rows: list[int]) -> None:
-        if len(rows) == len(self.reqs):
-            return
-        if not rows:
-            self.__init__()
-            return
-        idx = np.asarray(rows)
-        self.reqs = [self.reqs[i] for i in rows]
-        self.next_ids = [self.next_ids[i] for i in rows]
-        self.mask = self.mask[idx]
-        lead = int(np.argmax(self.mask.any(axis=0)))  # columns that are padding in every row
-        self.mask = self.mask[:, lead:]
-        self.past = [np.ascontiguousarray(a[idx, :, lead:]) for a in self.past]
-
-
-def _pad_left(a: np.ndarray, width: int) -> np.ndarray:
-    n = width - a.shape[2]
-    if n == 0:
-        return a
-    pad = np.zeros(a.shape[:2] + (n,) + a.shape[3:], dtype=a.dtype)
-    return np.concatenate([pad, a], axis=2)
-
-
-def _pad_left_2d(m: np.ndarray, width: int) -> np.ndarray:
-    n = width - m.shape[1]
-    return m if n == 0 else np.concatenate([np.zeros((m.shape[0], n), dtype=m.dtype), m], axis=1)
-
-
-def sample(logits: np.ndarray, params: Params, rng: np.random.Generator) -> tuple[int, float]:
-    """Next token (greedy at temperature 0, else temperature + nucleus sampling) and its log-probability under the
-    model's unscaled distribution (a confidence signal for monitoring). float32 throughout and no full-vocabulary
-    sort: this runs once per row per decode step."""
-    logits = np.asarray(logits, dtype=np.float32)
-    top = float(logits.max())
-    logz = top + float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
-    if params.temperature == 0:
-        tok = int(np.argmax(logits))
-        return tok, float(logits[tok]) - logz
-    p = np.exp((logits - top) / params.temperature)
-    p /= p.sum(dtype=np.float64)
-    if params.top_p < 1.0:
-        keep = _nucleus(p, params.top_p)
-        q = p[keep] / p[keep].sum(dtype=np.float64)
-        tok = int(keep[rng.choice(len(keep), p=q)])
-    else:
-        tok = int(rng.choice(len(p), p=p))
-    return tok, float(logits[tok]) - logz
-
-
-def _nucleus(p: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
-    """Indices of the smallest set of most probable tokens whose mass reaches top_p (ties broken by index). Sorts
-    only the `first` most probable candidates unless they do not reach top_p."""
-    n = len(p)
-    k = min(first, n)
-    while True:
-        if k < n:
-            cand = np.argpartition(-p, k - 1)[:k]
-            order = cand[np.lexsort((cand, -p[cand]))]
-        else:
-            order = np.argsort(-p)
-        cum = np.cumsum(p[order], dtype=np.float64)
-        if cum[-1] >= top_p or k == n:
-            return order[:int(np.searchsorted(cum, top_p)) + 1]
-        k = n if k * 8 > n // 4 else k * 8  # a flat distribution: one full sort beats more partitions
-
-
-class PrefixCache:
-    """Automatic prefix caching (as vLLM's): the KV cache of prompt blocks (`block` tokens each), keyed by a hash
-    chained over the blocks before them, so a new prompt that starts like an earlier one (the same system prompt, a
-    conversation's earlier turns) only prefills what is new. Least recently used blocks go first beyond `max_bytes`.
-    Reuse is exact: a causal model's keys and values for a prefix do not depend on what follows it."""
-
-    def __init__(self, max_bytes: int, block: int = 16):
-        self.max_bytes, self.block = max_bytes, block
-        self.blocks: collections.OrderedDict[int, list[np.ndarray]] = collections.OrderedDict()
-        self.bytes = 0
-        self.hits = self.lookups = 0
-
-    def _hashes(self, ids: list[int], n_blocks: int):
-        h = 0
-        for b in range(n_blocks):
-            h = hash((h, tuple(ids[b * self.block:(b + 1) * self.block])))
-            yield b, h
-
-    def lookup(self, ids: list[int]) -> tuple[int, list[np.ndarray] | None]:
-        """(number of leading prompt tokens whose KV is cached, that KV); at least one token is left to run."""
-        self.lookups += 1
-        found = []
-        for _, h in self._hashes(ids, (len(ids) - 1) // self.block):
-            entry = self.blocks.get(h)
-            if entry is None:
-                break
-            self.blocks.move_to_end(h)
-            found.append(entry)
-        if not found:
-            return 0, None
-        self.hits += 1
-        return len(found) * self.block, [np.concatenate([f[j] for f in found], axis=2) for j in range(len(found[0]))]
-
-    def store(self, ids: list[int], past: list[np.ndarray]) -> None:
-        """Keep the complete blocks of a prompt whose KV (batch 1, covering exactly `ids`) was just computed."""
-        for b, h in self._hashes(ids, len(ids) // self.block):
-            if h in self.blocks:
-                self.blocks.move_to_end(h)
-                continue
-            entry = [np.ascontiguousarray(a[:, :, b * self.block:(b + 1) * self.block]) for a in past]
-            self.blocks[h] = entry
-            self.bytes += sum(e.nbytes for e in entry)
-        while self.bytes > self.max_bytes and self.blocks:
-            _, old = self.blocks.popitem(last=False)
-            self.bytes -= sum(e.nbytes for e in old)
-
-
 class Engine:
     def __init__(self, backend: Backend, tokenizer, eos_ids: set[int], *, max_running: int = 8,
                  max_waiting: int = 32, metrics=None, prefix_cache_mb: int = 0):
@@ -231,7 +97,7 @@ class Engine:
         self.prefix = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         self.max_running, self.max_waiting, self.metrics = max_running, max_waiting, metrics
         self.waiting: collections.deque[Request] = collections.deque()
-        self.batch = _Batch()
+        self.batch = Batch()
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -262,9 +128,9 @@ class Engine:
     # ------------------------------------------------------------ requests
     def submit(self, req: Request) -> Request:
         with self._cv:
-            running = len(self.batch) + self._admitting
-            if running + len(self.waiting) >= self.max_running + self.max_waiting:
-                raise Overloaded(f"{running} requests running and {len(self.waiting)} waiting "
+            running, waiting = self.load
+            if running + waiting >= self.max_running + self.max_waiting:
+                raise Overloaded(f"{running} requests running and {waiting} waiting "
                                  f"(limits {self.max_running} / {self.max_waiting})")
             self.waiting.append(req)
             self._gauges()
@@ -314,7 +180,7 @@ class Engine:
             for r in victims:
                 self._finish(r, "abort", error=f"generation failed: {type(exc).__name__}: {exc}")
             if req is None:
-                self.batch = _Batch()
+                self.batch = Batch()
 
     def _prefill(self, req: Request) -> None:
         if req.cancelled:
@@ -437,10 +303,6 @@ class EngineGenerator:
     @property
     def ready(self) -> bool:
         return self.engine.ready
-
-    @property
-    def load(self) -> tuple[int, int]:
-        return self.engine.load
 
     async def stream(self, rid: str, prompt_ids: list[int], params: Params, adapter: str = ""):
         req = Request(rid, prompt_ids, params, asyncio.get_running_loop(), {"adapter": adapter} if adapter else {})

@@ -163,38 +163,38 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None = None, usage_: dict | None = None,
-               choices: bool = True) -> dict:
-    out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-                           if choices else []}
+def _envelope(rid: str, model: str, obj: str, choice: dict | None, usage_: dict | None) -> dict:
+    out: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
+                           "choices": [{"index": 0, **choice, "logprobs": None}] if choice is not None else []}
     if usage_ is not None:
         out["usage"] = usage_
     return out
+
+
+def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return _envelope(rid, model, "chat.completion",
+                     {"message": {"role": "assistant", "content": text}, "finish_reason": finish},
+                     usage(prompt_tokens, completion_tokens))
 
 
 def completion_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int,
                         completion_tokens: int) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return _envelope(rid, model, "text_completion", {"text": text, "finish_reason": finish},
+                     usage(prompt_tokens, completion_tokens))
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None = None, usage_: dict | None = None,
+               choices: bool = True) -> dict:
+    """A streamed chat chunk; choices=False: the final usage-only chunk (stream_options.include_usage)."""
+    return _envelope(rid, model, "chat.completion.chunk",
+                     {"delta": delta, "finish_reason": finish} if choices else None, usage_)
 
 
 def completion_chunk(rid: str, model: str, text: str, finish: str | None = None, usage_: dict | None = None,
                      choices: bool = True) -> dict:
-    out: dict[str, Any] = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
-                           if choices else []}
-    if usage_ is not None:
-        out["usage"] = usage_
-    return out
+    """A streamed text-completion chunk; choices=False: the final usage-only chunk."""
+    return _envelope(rid, model, "text_completion", {"text": text, "finish_reason": finish} if choices else None,
+                     usage_)
 
 
 def model_list(names: list[str], owner: str = "llmstack") -> dict:

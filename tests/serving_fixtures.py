@@ -1,7 +1,6 @@
-"""Fixtures shared by the serving tests: the tiny model as an ONNX export, engines and API states over it."""
+"""Helpers shared by the serving tests: configs and API states over a model folder, metric samples, and reading a
+generator's stream to the end."""
 from __future__ import annotations
-
-import asyncio
 
 from serving.config import ServeConfig
 from serving.engine import EngineGenerator, Params
@@ -10,7 +9,10 @@ from serving.engine import EngineGenerator, Params
 def serve_cfg(path, **sections) -> ServeConfig:
     data = {"model": {"path": str(path), "threads": 1}}
     for k, v in sections.items():
-        data.setdefault(k, {}).update(v)
+        if isinstance(v, dict):
+            data.setdefault(k, {}).update(v)
+        else:  # a list section (adapters)
+            data[k] = v
     return ServeConfig.model_validate(data)
 
 
@@ -37,7 +39,3 @@ async def collect(gen: EngineGenerator, ids: list[int], params: Params, adapter:
         text += ev.text
         finish, n = ev.finish, ev.completion_tokens
     return text, finish, n
-
-
-def run(coro):
-    return asyncio.run(coro)

@@ -57,16 +57,22 @@ def test_shipped_config_loads_and_validates(path, monkeypatch):
     assert cfg.poor_settings() == [], f"the shipped {path.name} triggers its own poor-settings warnings"
 
 
-@pytest.mark.parametrize("path", COMPRESS, ids=lambda p: p.name)
-def test_shipped_compress_config_loads_and_validates(path):
-    from compression.config import CompressConfig
-
-    cfg = load(CompressConfig, path)
+def _load_as_written(model, path: Path):
+    """Load a shipped config and check every key of its mapping sections holds what the file says."""
+    cfg = load(model, path)
     raw = yaml.safe_load(path.read_text())
     for section, values in raw.items():
         if isinstance(values, dict):
             for key, value in values.items():
                 assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    return cfg, raw
+
+
+@pytest.mark.parametrize("path", COMPRESS, ids=lambda p: p.name)
+def test_shipped_compress_config_loads_and_validates(path):
+    from compression.config import CompressConfig
+
+    cfg, raw = _load_as_written(CompressConfig, path)
     assert [v.name for v in cfg.variants] == [v["name"] for v in raw["variants"]]
 
 
@@ -74,12 +80,7 @@ def test_shipped_compress_config_loads_and_validates(path):
 def test_shipped_serve_config_loads_and_validates(path):
     from serving.config import ServeConfig
 
-    cfg = load(ServeConfig, path)
-    raw = yaml.safe_load(path.read_text())
-    for section, values in raw.items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    cfg, _ = _load_as_written(ServeConfig, path)
     assert cfg.auth.open_routes and "/v1/chat/completions" not in cfg.auth.open_routes
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from serving.engine import Engine, EngineGenerator, Overloaded, Params, Request, sample
+from serving_fixtures import collect
+from serving.engine import Engine, EngineGenerator, Overloaded, Params, Request
+from serving.sampling import sample
 
 PROMPTS = ["Hello there", "My order arrived broken and I want a refund, what can I do about it today?",
            "Where is my parcel?", "Cancel my subscription please, I was charged twice this month for the same plan"]
@@ -96,10 +98,10 @@ def test_stop_sequence_cuts_text_and_eos_finishes(tiny_model_dir, tokenizer):
     full = Engine(backend, tokenizer, eos_ids=set()).start()
     try:
         gen = EngineGenerator(full)
-        text, finish, n = asyncio.run(_collect(gen, ids, Params(max_tokens=10, temperature=0)))
+        text, finish, n = asyncio.run(collect(gen, ids, Params(max_tokens=10, temperature=0)))
         assert finish == "length" and n == 10 and text
         stop = text[3:6]
-        cut, finish2, _ = asyncio.run(_collect(gen, ids, Params(max_tokens=10, temperature=0, stops=[stop])))
+        cut, finish2, _ = asyncio.run(collect(gen, ids, Params(max_tokens=10, temperature=0, stops=[stop])))
         assert finish2 == "stop" and cut == text[:text.find(stop)] and stop not in cut
     finally:
         full.stop()
@@ -108,18 +110,10 @@ def test_stop_sequence_cuts_text_and_eos_finishes(tiny_model_dir, tokenizer):
     first_tok = int(np.argmax(logits[0]))
     eos = Engine(backend, tokenizer, eos_ids={first_tok}).start()  # the first token it will pick is "EOS"
     try:
-        text3, finish3, n3 = asyncio.run(_collect(EngineGenerator(eos), ids, Params(max_tokens=10, temperature=0)))
+        text3, finish3, n3 = asyncio.run(collect(EngineGenerator(eos), ids, Params(max_tokens=10, temperature=0)))
     finally:
         eos.stop()
     assert (text3, finish3, n3) == ("", "stop", 0)
-
-
-async def _collect(gen, ids, params):
-    text, finish, n = "", None, 0
-    async for ev in gen.stream("t", ids, params):
-        text += ev.text
-        finish, n = ev.finish, ev.completion_tokens
-    return text, finish, n
 
 
 def test_seeded_sampling_is_reproducible_and_top_p_narrows():
@@ -193,7 +187,7 @@ def test_overload_cancel_and_a_failing_request_leave_the_engine_running(tiny_mod
 
 
 def test_prefix_cache_reuses_whole_blocks_leaves_a_token_and_evicts_oldest():
-    from serving.engine import PrefixCache
+    from serving.kvcache import PrefixCache
 
     def kv(n, fill):  # one layer's key and value for n tokens, batch 1
         return [np.full((1, 2, n, 4), fill, np.float32), np.full((1, 2, n, 4), -fill, np.float32)]
@@ -213,7 +207,7 @@ def test_prefix_cache_reuses_whole_blocks_leaves_a_token_and_evicts_oldest():
 
 
 def test_nucleus_matches_a_full_sort():
-    from serving.engine import _nucleus
+    from serving.sampling import _nucleus
     for seed in range(30):
         g = np.random.default_rng(seed)
         z = g.normal(size=3000) * g.uniform(0.5, 8)  # flat to peaked distributions

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from serving_fixtures import make_state, serve_cfg
+from serving_fixtures import collect, make_state, serve_cfg
 from llmstack.errors import ArtifactError, ConfigError
 from serving.model_ref import resolve
 from serving.runtime import close_state
@@ -87,21 +87,13 @@ def test_multi_lora_requests_pick_their_adapter_in_one_batch(tiny_model_dir, tmp
     a = _adapter(tiny_model_dir, tmp_path / "a", 1)
     b = _adapter(tiny_model_dir, tmp_path / "b", 2)
     state = make_state(tiny_model_dir, "transformers", model={"name": "base"})
-    from serving.config import AdapterCfg
-    cfg = serve_cfg(tiny_model_dir, model={"name": "base", "backend": "transformers"})
-    cfg.adapters = [AdapterCfg(name="ad-a", path=str(a)), AdapterCfg(name="ad-b", path=str(b))]
-    from prometheus_client import CollectorRegistry
-
-    from serving.runtime import build_state
-    multi, _ = build_state(cfg, registry=CollectorRegistry())
+    multi = make_state(tiny_model_dir, "transformers", model={"name": "base"},
+                       adapters=[{"name": "ad-a", "path": str(a)}, {"name": "ad-b", "path": str(b)}])
     ids = tokenizer("Where is my parcel?", add_special_tokens=False)["input_ids"]
     from serving.engine import Params
 
     async def gen(st, adapter):
-        text = ""
-        async for ev in st.gen.stream("x", ids, Params(max_tokens=8, temperature=0), adapter):
-            text += ev.text
-        return text
+        return (await collect(st.gen, ids, Params(max_tokens=8, temperature=0), adapter))[0]
 
     async def together():  # three requests decoded in the same batch, one per adapter and one on the base
         return await asyncio.gather(gen(multi, ""), gen(multi, "ad-a"), gen(multi, "ad-b"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmstack.errors import ArtifactError
+from llmstack.errors import ArtifactError, one_line
 
 
 class HFBackend:
@@ -23,7 +23,7 @@ class HFBackend:
             self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype),
                                                               use_safetensors=True, trust_remote_code=False)
         except Exception as exc:
-            raise ArtifactError(f"transformers cannot load the model: {str(exc).splitlines()[0][:300]}",
+            raise ArtifactError(f"transformers cannot load the model: {one_line(exc)}",
                                 file=folder) from None
         self.adapters = dict(adapters or {})
         if self.adapters:
@@ -34,7 +34,7 @@ class HFBackend:
                 for n in names[1:]:
                     self.model.load_adapter(self.adapters[n], adapter_name=n)
             except Exception as exc:
-                raise ArtifactError(f"cannot load LoRA adapter: {str(exc).splitlines()[0][:300]}",
+                raise ArtifactError(f"cannot load LoRA adapter: {one_line(exc)}",
                                     field="adapters") from None
         self.model.eval()
         self.torch = torch

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmstack.errors import ArtifactError
+from llmstack.errors import ArtifactError, one_line
 
 
 class OnnxBackend:
@@ -27,7 +27,7 @@ class OnnxBackend:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ArtifactError(f"ONNX Runtime cannot load {file_name}: {str(exc).splitlines()[0][:300]}",
+            raise ArtifactError(f"ONNX Runtime cannot load {file_name}: {one_line(exc)}",
                                 file=folder) from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_order)

@@ -90,10 +90,6 @@ class VllmGenerator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
-    @property
-    def load(self) -> tuple[int, int]:
-        return self.running, 0
-
     async def stream(self, rid: str, prompt_ids: list[int], params: Params, adapter: str = ""):
         lim = self.cfg.limits
         if self.running >= lim.max_running + lim.max_waiting:
