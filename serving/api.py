@@ -13,7 +13,7 @@ import logging
 from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from . import openai_schema as oa
@@ -111,6 +111,17 @@ def build_app(state: State | None = None) -> FastAPI:
     @app.exception_handler(oa.APIError)
     async def _api_error(_: Request, exc: oa.APIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard_page():
+        from .dashboard import page
+        return HTMLResponse(page())
+
+    @app.get("/drift")
+    async def drift(request: Request):
+        st = request.app.state.llm
+        monitor = getattr(st, "monitor", None)
+        return monitor.snapshot() if monitor is not None else {"enabled": False}
 
     @app.get("/v1/models")
     async def models(request: Request):

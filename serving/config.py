@@ -55,8 +55,9 @@ class AuthCfg(Section):
     api_key_env: str = "LLMSTACK_API_KEY"
     """Environment variable holding the API key; when it is set, every route except open_routes needs
     'Authorization: Bearer <key>'. Unset: no key needed."""
-    open_routes: list[str] = ["/livez", "/healthz", "/readyz", "/metrics"]
-    """Routes reachable without the key (health probes, the Prometheus scrape)."""
+    open_routes: list[str] = ["/livez", "/healthz", "/readyz", "/metrics", "/drift", "/dashboard"]
+    """Routes reachable without the key (health probes, the Prometheus scrape, the drift JSON and the dashboard
+    page: aggregates only, never prompts)."""
 
 
 class VllmCfg(Section):
