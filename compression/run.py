@@ -26,6 +26,9 @@ TOKENIZER_FILES = [n for n in SIDE_FILES if n not in ("config.json", "generation
 BACKEND = {"onnx": "onnxruntime", "pytorch": "transformers"}
 
 
+DRIFT_REFERENCE = "drift_reference.json"  # written by training (monitoring.drift.FILE)
+
+
 def resolve_input(ref: str) -> tuple[Path, dict | None]:
     """The model folder to compress and the training manifest it came from (None for a plain HF folder)."""
     path = Path(ref)
@@ -378,6 +381,9 @@ def run(cfg: CompressConfig) -> Path:
                      f"{summary['decode_tokens_per_s']:.1f} tok/s ({summary['x_decode']:.2f}x), task "
                      f"{summary['task_score']:.3f} -> {'fit' if g['fit'] else 'UNFIT'}")
         shutil.rmtree(work)
+        drift_ref = Path(cfg.input) / DRIFT_REFERENCE  # carried to serving: the variants' live drift baseline
+        if drift_ref.is_file():
+            shutil.copy2(drift_ref, out / DRIFT_REFERENCE)
         metric = "exact_match" if json_fields else "rougeL"
         best = recommend(report_rows, cfg.gate.recommend)
         md = markdown(report_rows, best, metric)
@@ -394,6 +400,7 @@ def run(cfg: CompressConfig) -> Path:
             "stage": "compress", "run_id": run_id, "parent": parent, "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg, {"output.run_id"}), "variants": variants, "recommended": best,
             "recommended_serve": ({"path": best, "backend": BACKEND[_fmt(cfg, best)]} if best else None),
+            "drift_reference": DRIFT_REFERENCE if (out / DRIFT_REFERENCE).is_file() else None,
             "packages": artifacts.package_versions(("torch", "transformers", "optimum", "optimum-onnx", "onnxruntime",
                                                      "onnx", "llmstack")),
             "started_at": started_at, "finished_at": artifacts.now(), "wall_seconds": round(time.time() - t_start, 1),

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,8 @@ class State:
                  adapters: list[str] | None = None, lineage: dict | None = None):
         self.cfg, self.gen, self.tok, self.model_name, self.context = cfg, generator, tokenizer, model_name, context
         self.metrics, self.adapters, self.lineage = metrics, list(adapters or []), lineage or {}
+        self.monitor = None  # monitoring.live.Monitor: drift and the request log, fed after each request
+        self.backend = ""
 
     @property
     def names(self) -> list[str]:
@@ -140,7 +143,9 @@ def build_app(state: State | None = None) -> FastAPI:
         except Exception as exc:  # noqa: BLE001 - e.g. a template that refuses a role order
             raise oa.APIError(400, f"messages: the chat template rejected them ({exc})", param="messages") from None
         ids = st.tok(text, add_special_tokens=False)["input_ids"]
-        return await _generate(request, st, req, ids, adapter, chat=True)
+        trace = _Trace(st, req.model, adapter, "chat", json.dumps(messages, ensure_ascii=False),
+                       "\n".join(str(m["content"] or "") for m in messages), ids)
+        return await _generate(request, st, req, ids, adapter, chat=True, trace=trace)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -150,7 +155,8 @@ def build_app(state: State | None = None) -> FastAPI:
         ids = st.tok(req.prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise oa.APIError(400, "prompt: empty prompt", param="prompt")
-        return await _generate(request, st, req, ids, adapter, chat=False)
+        trace = _Trace(st, req.model, adapter, "completion", req.prompt, req.prompt, ids)
+        return await _generate(request, st, req, ids, adapter, chat=False, trace=trace)
 
     return app
 
@@ -209,9 +215,44 @@ def _params(st: State, req, n_prompt: int, chat: bool) -> Params:
                   top_p=req.top_p, seed=req.seed, stops=req.stops, ignore_eos=req.ignore_eos)
 
 
-async def _generate(request: Request, st: State, req, ids: list[int], adapter: str, chat: bool):
+class _Trace:
+    """One request as the monitor sees it: collected while the answer streams, handed over once at the end."""
+
+    def __init__(self, st: State, model: str, adapter: str, endpoint: str, prompt: str, text: str, ids: list[int]):
+        self.st, self.model, self.adapter, self.endpoint = st, model, adapter, endpoint
+        self.prompt, self.text, self.ids = prompt, text, ids
+        self.rid = ""
+        self.t0, self.ts, self.first = time.perf_counter(), time.time(), None
+        self.parts: list[str] = []
+        self.sent = False
+
+    def event(self, ev: Event) -> None:
+        if self.first is None and (ev.text or ev.finish):
+            self.first = time.perf_counter()
+        if ev.text:
+            self.parts.append(ev.text)
+
+    def done(self, last: Event | None, status: str) -> None:
+        if self.sent or self.st.monitor is None:
+            return
+        self.sent = True
+        end = time.perf_counter()
+        self.st.monitor.observe({
+            "id": self.rid, "ts": self.ts, "endpoint": self.endpoint, "model": self.model, "adapter": self.adapter,
+            "backend": self.st.backend, "prompt": self.prompt, "text": self.text, "prompt_ids": self.ids,
+            "output": "".join(self.parts), "completion_tokens": last.completion_tokens if last else 0,
+            "finish": last.finish if last else "abort", "logprob_sum": last.logprob_sum if last else None,
+            "status": status, "ttft_s": (self.first - self.t0) if self.first else None, "e2e_s": end - self.t0})
+
+
+def _status(ev: Event) -> str:
+    return "error" if ev.error else ("cancelled" if ev.finish == "abort" else "success")
+
+
+async def _generate(request: Request, st: State, req, ids: list[int], adapter: str, chat: bool, trace: _Trace):
     params = _params(st, req, len(ids), chat)
     rid = oa.new_id("chatcmpl" if chat else "cmpl")
+    trace.rid = rid
     events = st.gen.stream(rid, ids, params, adapter)
     try:
         first = await anext(events)  # Overloaded surfaces here, before any byte is sent
@@ -222,13 +263,13 @@ async def _generate(request: Request, st: State, req, ids: list[int], adapter: s
                           code="overloaded", headers={"Retry-After": str(st.cfg.limits.retry_after_s)}) from None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse(st, req.model, rid, first, events, len(ids), chat, include_usage),
+        return StreamingResponse(_sse(st, req.model, rid, first, events, len(ids), chat, include_usage, trace),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return await _collect(request, st, req.model, rid, first, events, len(ids), chat)
+    return await _collect(request, st, req.model, rid, first, events, len(ids), chat, trace)
 
 
 async def _collect(request: Request, st: State, model: str, rid: str, first: Event, events, n_prompt: int,
-                   chat: bool):
+                   chat: bool, trace: _Trace):
     """Non-streaming: gather the text while watching for the client going away (which cancels the generation)."""
     parts: list[str] = []
 
@@ -236,6 +277,7 @@ async def _collect(request: Request, st: State, model: str, rid: str, first: Eve
         ev = first
         while True:
             parts.append(ev.text)
+            trace.event(ev)
             if ev.finish is not None:
                 return ev
             ev = await anext(events)
@@ -247,11 +289,13 @@ async def _collect(request: Request, st: State, model: str, rid: str, first: Eve
             if not done and await request.is_disconnected():
                 task.cancel()
                 await events.aclose()
+                trace.done(None, "cancelled")
                 return JSONResponse({}, status_code=499)
         last = task.result()
     finally:
         if not task.done():
             task.cancel()
+    trace.done(last, _status(last))
     if last.error:
         raise oa.APIError(500, last.error, type="server_error", code="generation_failed")
     text = "".join(parts)
@@ -260,7 +304,7 @@ async def _collect(request: Request, st: State, model: str, rid: str, first: Eve
 
 
 async def _sse(st: State, model: str, rid: str, first: Event, events, n_prompt: int, chat: bool,
-               include_usage: bool):
+               include_usage: bool, trace: _Trace):
     """SSE chunks as OpenAI sends them; a client that disconnects closes this generator, which cancels the request."""
     def data(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -270,7 +314,9 @@ async def _sse(st: State, model: str, rid: str, first: Event, events, n_prompt: 
             yield data(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
         ev = first
         while True:
+            trace.event(ev)
             if ev.error:
+                trace.done(ev, "error")
                 yield data(oa.APIError(500, ev.error, type="server_error", code="generation_failed").body())
                 break
             if ev.text or ev.finish:
@@ -280,6 +326,7 @@ async def _sse(st: State, model: str, rid: str, first: Event, events, n_prompt: 
                 else:
                     yield data(oa.completion_chunk(rid, model, ev.text, ev.finish))
             if ev.finish is not None:
+                trace.done(ev, _status(ev))
                 if include_usage:
                     u = oa.usage(n_prompt, ev.completion_tokens)
                     chunk = oa.chat_chunk if chat else oa.completion_chunk
@@ -288,4 +335,5 @@ async def _sse(st: State, model: str, rid: str, first: Event, events, n_prompt: 
             ev = await anext(events)
         yield "data: [DONE]\n\n"
     finally:
+        trace.done(None, "cancelled")  # no-op when the request finished
         await events.aclose()

@@ -58,11 +58,13 @@ class Params:
 @dataclass
 class Event:
     """What a request's stream receives: new text (possibly empty), the running token count, and at the end the
-    finish reason ("stop", "length", "abort") or an error message."""
+    finish reason ("stop", "length", "abort") or an error message; the last event carries the sum of the generated
+    tokens' log-probabilities when the backend knows it (drift monitoring)."""
     text: str
     completion_tokens: int
     finish: Optional[str] = None
     error: Optional[str] = None
+    logprob_sum: Optional[float] = None
 
 
 class Request:
@@ -281,7 +283,7 @@ class Engine:
         req.finish = reason
         if self.metrics:
             self.metrics.finished(req, error)
-        req.push(Event("", len(req.generated), finish=reason, error=error))
+        req.push(Event("", len(req.generated), finish=reason, error=error, logprob_sum=req.logprob_sum))
 
     def _gauges(self) -> None:
         if self.metrics:

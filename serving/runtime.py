@@ -9,6 +9,8 @@ from pathlib import Path
 
 from llmstack.errors import ConfigError
 
+from monitoring.live import build as build_monitor
+
 from .api import State
 from .config import ServeConfig
 from .model_ref import ModelRef, gpu_available, resolve
@@ -84,10 +86,14 @@ def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
         gen = EngineGenerator(engine.start())
     log.info(f"serving {ref.folder} as '{ref.name}' on {ref.backend}")
     state = State(cfg, gen, tok, ref.name, _context(ref.folder), metrics, list(adapters), ref.lineage)
+    state.backend = ref.backend
+    state.monitor = build_monitor(cfg.monitoring, ref.folder, registry=registry)
     return state, ref
 
 
 def close_state(state: State) -> None:
+    if state.monitor is not None:
+        state.monitor.close()
     gen = state.gen
     if hasattr(gen, "engine"):
         gen.engine.stop()

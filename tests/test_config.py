@@ -58,13 +58,21 @@ def test_shipped_config_loads_and_validates(path, monkeypatch):
 
 
 def _load_as_written(model, path: Path):
-    """Load a shipped config and check every key of its mapping sections holds what the file says."""
+    """Load a shipped config and check every key of its mapping sections (nested ones too) holds what the file
+    says."""
     cfg = load(model, path)
     raw = yaml.safe_load(path.read_text())
+
+    def check(obj, values: dict, where: str):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                check(getattr(obj, key), value, f"{where}.{key}")
+            else:
+                assert getattr(obj, key) == value, f"{where}.{key}"
+
     for section, values in raw.items():
         if isinstance(values, dict):
-            for key, value in values.items():
-                assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+            check(getattr(cfg, section), values, section)
     return cfg, raw
 
 

@@ -159,6 +159,20 @@ class EvalCfg(Section):
     Empty: generic text metrics (BLEU, ROUGE-L) on the generations."""
 
 
+class DriftRefCfg(Section):
+    enabled: bool = True
+    """Store a drift reference profile in the artifact (drift_reference.json), which serving compares live traffic
+    with: prompt length, novel-token rate and embedding distance from the training prompts; output length,
+    confidence (mean token log-probability) and finish reason from the model's answers."""
+    max_prompts: int = Field(1000, ge=4)
+    """Training prompts profiled (half fit the vocabulary and centroid, half become reference rows)."""
+    outputs_from: Literal["eval", "validation"] = "eval"
+    """Where the reference answers come from: eval reuses the after-training evaluation's greedy generations (test
+    split, no extra cost); validation generates on the validation split (one more generation pass)."""
+    max_outputs: int = Field(200, ge=0)
+    """Answers profiled (validation: the first N validation rows)."""
+
+
 class OutputCfg(Section):
     dir: str = "artifacts/train"
     """Root folder of training artifacts (`<dir>/<run-id>/`, `<dir>/latest`)."""
@@ -182,6 +196,8 @@ class TrainConfig(Section):
     """Optimisation."""
     eval: EvalCfg = EvalCfg()
     """Before/after evaluation on the test split."""
+    drift: DriftRefCfg = DriftRefCfg()
+    """The drift reference profile for live monitoring."""
     output: OutputCfg = OutputCfg()
     """Where the artifact goes."""
 

@@ -11,6 +11,7 @@ import re
 
 import torch
 from tqdm import tqdm
+from transformers import LogitsProcessorList
 
 from .collate import Collator, answer_loss, common_prefix, decoder_and_head, prefix_cache
 from .data import Example, render
@@ -32,13 +33,16 @@ def loss_and_perplexity(model, rows: list[Example], pad_id: int, max_len: int, f
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-             desc: str = "generating", share_prefix: bool = True, min_prefix: int = 8) -> list[str]:
+             desc: str = "generating", share_prefix: bool = True, min_prefix: int = 8,
+             stats: list | None = None) -> list[str]:
     """Greedy generations for chat prompts, batched with left padding, longest prompts first (less padding).
 
     share_prefix: the token prefix common to a batch's prompts (system prompt, instruction) is run once and its
     keys/values are handed to `generate` as the cache for every row; the rows' own tokens follow it, left padded.
     Same positions and attention as the unshared batch (needs a standard causal LM, not a prompt-learning adapter).
     Any model with the transformers `generate` API works (ONNX Runtime's ORTModelForCausalLM too, share_prefix=False).
+    stats: a list to fill with one dict per prompt: n_tokens (generated, EOS excluded), logprob_sum (the greedy
+    tokens' log-probabilities, EOS included) and finish ("stop" at EOS, else "length"), as the service counts them.
     """
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -49,6 +53,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     pad = tokenizer.pad_token_id
     out: list[str] = [""] * len(ids)
+    if stats is not None:
+        stats[:] = [None] * len(ids)
     for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[s:s + batch_size]
         rows = [ids[i] for i in idx]
@@ -59,12 +65,34 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
         kwargs = {}
         if p:
             kwargs["past_key_values"] = prefix_cache(decoder_and_head(model)[0], input_ids[:1, :p], len(rows))
+        steps: list[torch.Tensor] = []
+        if stats is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([_GreedyLogprobs(steps)])
         gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                              **kwargs)
-        for i, seq in zip(idx, gen[:, input_ids.shape[1]:]):
+        new = gen[:, input_ids.shape[1]:]
+        for j, (i, seq) in enumerate(zip(idx, new)):
             out[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+            if stats is not None:
+                toks = seq.tolist()
+                eos = toks.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in toks else None
+                n = eos if eos is not None else len(toks)
+                upto = n + (1 if eos is not None else 0)
+                stats[i] = {"n_tokens": n, "logprob_sum": round(float(sum(steps[t][j] for t in range(upto))), 5),
+                            "finish": "stop" if eos is not None else "length"}
     return out
+
+
+class _GreedyLogprobs:
+    """A logits processor that changes nothing and records each step's greedy token log-probability per row."""
+
+    def __init__(self, steps: list):
+        self.steps = steps
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values.tolist())
+        return scores
 
 
 def parse_json(text: str):
@@ -122,11 +150,13 @@ def evaluate(model, tokenizer, rows: list[Example], cfg, *, max_len: int, fast: 
     predictions: list[dict] = []
     if chat:
         refs = [e.reference() for e in chat]
+        stats: list[dict] = []
         preds = generate(model, tokenizer, [e.prompt_messages() for e in chat], cfg.max_new_tokens, cfg.batch_size,
-                         desc=f"eval {label}".strip(), share_prefix=fast)
+                         desc=f"eval {label}".strip(), share_prefix=fast, stats=stats)
         metrics["n"] = len(chat)
         metrics.update(json_metrics(preds, refs, cfg.json_fields) if cfg.json_fields else text_metrics(preds, refs))
-        predictions = [{"source": e.source, "reference": r, "prediction": p} for e, r, p in zip(chat, refs, preds)]
+        predictions = [{"source": e.source, "reference": r, "prediction": p} | st
+                       for e, r, p, st in zip(chat, refs, preds, stats)]
     return metrics, predictions
 
 

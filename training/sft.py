@@ -158,6 +158,30 @@ def _training_args(cfg: TrainConfig, work: Path, n_train: int) -> TrainingArgume
         prediction_loss_only=True, dataloader_num_workers=0, save_safetensors=True, **evals, **best)
 
 
+def _drift_reference(cfg: TrainConfig, tokenizer, prepared, after_preds: list[dict], model):
+    """The drift profile: training prompts, and the model's answers (the after-evaluation's, or the validation
+    split's)."""
+    from monitoring import drift
+
+    d = cfg.drift
+    prompts = [drift.chat_prompt(tokenizer, e.prompt_messages()) for e in prepared.train
+               if e.messages is not None][:d.max_prompts]
+    if len(prompts) < 4:
+        log.info("no drift reference: fewer than 4 chat prompts in the training data")
+        return None
+    if d.outputs_from == "validation":
+        rows = [e for e in prepared.validation if e.messages is not None][:d.max_outputs]
+        outputs: list[dict] = []
+        ev.generate(model, tokenizer, [e.prompt_messages() for e in rows], cfg.eval.max_new_tokens,
+                    cfg.eval.batch_size, desc="drift reference", stats=outputs)
+        source = f"validation split, {len(outputs)} greedy answers"
+    else:
+        outputs = [p for p in after_preds if "n_tokens" in p][:d.max_outputs]
+        source = f"after-training evaluation (test split), {len(outputs)} greedy answers"
+    return drift.build_reference(prompts, outputs, {"created_at": artifacts.now(), "prompts_from":
+                                                    f"train split, {len(prompts)} prompts", "outputs_from": source})
+
+
 def _features(rows) -> list[dict]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
 
@@ -288,6 +312,10 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
                                          fast=merged is not None or fast, pack=pack, label="after")
     train_stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     phase("merge_and_eval_after")
+    drift_ref = _drift_reference(cfg, tokenizer, prepared, after_preds,
+                                 merged if merged is not None else model) if cfg.drift.enabled else None
+    if drift_ref is not None:
+        phase("drift_reference")
 
     # ---- artifact
     with artifacts.atomic_dir(root, run_id) as out:
@@ -308,6 +336,9 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
         for name, preds in (("before", before_preds), ("after", after_preds)):
             if preds:
                 (out / f"predictions_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+        if drift_ref is not None:
+            drift_ref.save(out)
+            outputs["drift_reference"] = "drift_reference.json: the profile serving compares live traffic with"
         table_md = ev.table(before, after)
         manifest = {
             "stage": "train", "run_id": run_id, "fingerprint": fingerprint, "parent": None,
@@ -318,6 +349,7 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
             "config_hash": config_hash(cfg, {"output.run_id"}),
             "metrics": {"before": before, "after": after, "validation_loss": val.get("eval_loss")},
             "metrics_table": table_md, "training": train_stats, "outputs": outputs,
+            "drift_reference": drift_ref.meta if drift_ref is not None else None,
             "packages": artifacts.package_versions(), "started_at": started_at, "finished_at": artifacts.now(),
             "wall_seconds": round(time.time() - t_start, 1),
         }

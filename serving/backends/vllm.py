@@ -99,7 +99,8 @@ class VllmGenerator:
         req = Request(rid, prompt_ids, params, asyncio.get_running_loop(), {"adapter": adapter} if adapter else {})
         body = {"model": adapter or self.name, "prompt": prompt_ids, "max_tokens": params.max_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "stream": True,
-                "stream_options": {"include_usage": True}, "skip_special_tokens": True}
+                "stream_options": {"include_usage": True}, "skip_special_tokens": True,
+                "logprobs": 0}  # the sampled tokens' log-probabilities, for drift monitoring
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stops:
@@ -110,7 +111,7 @@ class VllmGenerator:
         req.started = time.perf_counter()
         if self.metrics:
             self.metrics.queue_time(req)  # vLLM queues internally; this records the prompt tokens
-        count, finish, error = 0, None, None
+        count, finish, error, lp_sum = 0, None, None, 0.0
         try:
             async with self.client.stream("POST", self.base + "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
@@ -133,6 +134,8 @@ class VllmGenerator:
                             req.first_token = req.first_token or now
                             req.last_token = now
                             finish = choice.get("finish_reason") or finish
+                            lp_sum += sum(x for x in (choice.get("logprobs") or {}).get("token_logprobs") or []
+                                          if x is not None)
                             if choice.get("text"):
                                 count += 1
                                 yield Event(choice["text"], count)
@@ -142,7 +145,7 @@ class VllmGenerator:
             req.finish = "abort" if error else finish
             if self.metrics:
                 self.metrics.finished(req, error)
-            yield Event("", count, finish=req.finish, error=error)
+            yield Event("", count, finish=req.finish, error=error, logprob_sum=lp_sum)
         finally:
             self.running -= 1
             if req.finish is None:  # the client went away: closing the stream made vLLM abort the request
