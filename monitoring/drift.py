@@ -12,8 +12,10 @@ Features (one row per request):
 - output_logprob_mean: mean log-probability of the generated tokens under the model (confidence)
 - finish_reason: stop / length / ... (categorical)
 
-The vocabulary and the centroid come from half of the reference prompts and the reference rows from the other half,
-so a reference row is scored exactly like a live one (a prompt never counts towards its own vocabulary).
+The vocabulary and the centroid come from the training prompts; the reference rows are held-out prompts (the
+validation split) scored against them exactly like live ones, so a reference row never counts towards its own
+vocabulary, and the reference describes unseen traffic (the demo data's held-out splits use phrasings training never
+saw, which a reference made of training rows would flag as drift).
 
 Tests, as Evidently chooses them by default (evidently.legacy.calculations.stattests.registry.get_default_stattest):
 reference <= 1000 rows: numeric with > 5 distinct values: two-sample Kolmogorov-Smirnov; otherwise chi-squared
@@ -140,16 +142,17 @@ class Reference:
         return cls(Basis.from_json(d["basis"]), {f: d["features"][f]["values"] for f in FEATURES}, meta)
 
 
-def build_reference(prompts: list[tuple[str, list[int]]], outputs: list[dict], meta: dict | None = None) -> Reference:
-    """prompts: (user text, prompt token ids) of the reference prompts (training data); outputs: the model's answers
-    on held-out prompts as dicts with n_tokens, logprob_sum, finish. The prompts are split in two halves (even / odd
-    positions): the first fits the vocabulary and centroid, the second gives the reference rows."""
-    if len(prompts) < 4:
-        raise ValueError(f"a drift reference needs at least 4 prompts, got {len(prompts)}")
-    fit, rows = prompts[0::2], prompts[1::2]
-    basis = Basis.fit([t for t, _ in fit], [i for _, i in fit])
+def build_reference(fit_prompts: list[tuple[str, list[int]]], prompts: list[tuple[str, list[int]]],
+                    outputs: list[dict], meta: dict | None = None) -> Reference:
+    """fit_prompts: (user text, prompt token ids) the vocabulary and the centroid are fitted on (the training
+    prompts); prompts: the reference rows (held-out prompts, scored against that basis exactly like live ones);
+    outputs: the model's answers on held-out prompts as dicts with n_tokens, logprob_sum, finish."""
+    if not fit_prompts or len(prompts) < 2:
+        raise ValueError(f"a drift reference needs training prompts and at least 2 reference prompts, got "
+                         f"{len(fit_prompts)} and {len(prompts)}")
+    basis = Basis.fit([t for t, _ in fit_prompts], [i for _, i in fit_prompts])
     values: dict[str, list] = {f: [] for f in FEATURES}
-    for text, ids in rows:
+    for text, ids in prompts:
         for k, v in prompt_features(text, ids, basis).items():
             values[k].append(v)
     for o in outputs:
@@ -172,19 +175,18 @@ def find_reference(folder: str | Path) -> Path | None:
 
     seen: set[Path] = set()
     todo = [Path(folder).resolve()]
-    while todo:
+    while todo and len(seen) < 16:
         f = todo.pop(0)
-        if f in seen:
-            continue
-        seen.add(f)
-        if (f / FILE).is_file():
-            return f / FILE
-        if (f / MANIFEST).is_file():
-            parent = (read_manifest(f).get("parent") or {}).get("path")
-            if parent:
-                todo.append(Path(parent))
-        if f.parent != f and len(seen) < 8:
-            todo.append(f.parent)
+        for g in (f, f.parent):  # the folder itself, then the one holding it (a compress run, a training artifact)
+            if g in seen:
+                continue
+            seen.add(g)
+            if (g / FILE).is_file():
+                return g / FILE
+            if (g / MANIFEST).is_file():
+                parent = (read_manifest(g).get("parent") or {}).get("path")
+                if parent:
+                    todo.append(Path(parent).resolve())
     return None
 
 

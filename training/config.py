@@ -162,10 +162,11 @@ class EvalCfg(Section):
 class DriftRefCfg(Section):
     enabled: bool = True
     """Store a drift reference profile in the artifact (drift_reference.json), which serving compares live traffic
-    with: prompt length, novel-token rate and embedding distance from the training prompts; output length,
-    confidence (mean token log-probability) and finish reason from the model's answers."""
-    max_prompts: int = Field(1000, ge=4)
-    """Training prompts profiled (half fit the vocabulary and centroid, half become reference rows)."""
+    with: the vocabulary and embedding centroid of the training prompts; prompt length, novel-token rate and
+    embedding distance of the validation prompts; output length, confidence (mean token log-probability) and finish
+    reason of the model's answers."""
+    max_prompts: int = Field(1000, ge=1)
+    """Training prompts the vocabulary and the embedding centroid are fitted on."""
     outputs_from: Literal["eval", "validation"] = "eval"
     """Where the reference answers come from: eval reuses the after-training evaluation's greedy generations (test
     split, no extra cost); validation generates on the validation split (one more generation pass)."""

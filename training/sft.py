@@ -164,22 +164,24 @@ def _drift_reference(cfg: TrainConfig, tokenizer, prepared, after_preds: list[di
     from monitoring import drift
 
     d = cfg.drift
-    prompts = [drift.chat_prompt(tokenizer, e.prompt_messages()) for e in prepared.train
-               if e.messages is not None][:d.max_prompts]
-    if len(prompts) < 4:
-        log.info("no drift reference: fewer than 4 chat prompts in the training data")
+    fit = [drift.chat_prompt(tokenizer, e.prompt_messages()) for e in prepared.train
+           if e.messages is not None][:d.max_prompts]
+    held = [e for e in prepared.validation if e.messages is not None]
+    prompts = [drift.chat_prompt(tokenizer, e.prompt_messages()) for e in held]
+    if not fit or len(prompts) < 2:
+        log.info("no drift reference: it needs chat prompts in the train split and at least 2 in the validation split")
         return None
     if d.outputs_from == "validation":
-        rows = [e for e in prepared.validation if e.messages is not None][:d.max_outputs]
         outputs: list[dict] = []
-        ev.generate(model, tokenizer, [e.prompt_messages() for e in rows], cfg.eval.max_new_tokens,
+        ev.generate(model, tokenizer, [e.prompt_messages() for e in held[:d.max_outputs]], cfg.eval.max_new_tokens,
                     cfg.eval.batch_size, desc="drift reference", stats=outputs)
         source = f"validation split, {len(outputs)} greedy answers"
     else:
         outputs = [p for p in after_preds if "n_tokens" in p][:d.max_outputs]
-        source = f"after-training evaluation (test split), {len(outputs)} greedy answers"
-    return drift.build_reference(prompts, outputs, {"created_at": artifacts.now(), "prompts_from":
-                                                    f"train split, {len(prompts)} prompts", "outputs_from": source})
+        source = f"the after-training evaluation's greedy answers (test split, first {len(outputs)} rows)"
+    return drift.build_reference(fit, prompts, outputs, {
+        "created_at": artifacts.now(), "basis_from": f"train split, {len(fit)} prompts",
+        "prompts_from": f"validation split, {len(prompts)} prompts", "outputs_from": source})
 
 
 def _features(rows) -> list[dict]:
