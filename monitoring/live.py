@@ -49,6 +49,7 @@ class Monitor:
         self.g_rows.set(0)
         self.result: dict | None = None
         self.computed_at: float | None = None
+        self.last_row: float | None = None
         self.dropped = 0
         self._new = 0
         self._lock = threading.Lock()
@@ -107,6 +108,8 @@ class Monitor:
                 self._new += 1
             rows.append(rec)
         self.g_rows.set(len(self.window))
+        if batch:
+            self.last_row = time.time()
         if self.log is not None and rows:
             self.log.write([{"id": r["id"], "ts": r.get("ts", time.time()), "endpoint": r.get("endpoint"),
                              "model": r.get("model"), "adapter": r.get("adapter") or "", "backend": r.get("backend"),
@@ -134,6 +137,8 @@ class Monitor:
             self.g_detected.labels(feature=e["name"]).set(int(e["drift"]))
         self.g_dataset.set(int(res["dataset_drift"]))
         self.result, self.computed_at = res, time.time()
+        if self.last_row and self.computed_at < self.last_row:  # same clock tick: keep "computed after" true
+            self.computed_at = self.last_row
         return res
 
     def flush(self, timeout: float = 30) -> None:
@@ -150,6 +155,7 @@ class Monitor:
                           "interval_s": d.interval_s},
                "computed_at": (datetime.fromtimestamp(self.computed_at, timezone.utc).isoformat(timespec="seconds")
                                if self.computed_at else None),
+               "computed_at_unix": self.computed_at, "last_request_unix": self.last_row,
                "dropped": self.dropped,
                "request_log": str(self.log.path) if self.log else None}
         res = self.result or {"features": [], "drift_share": None, "share_threshold": d.share,

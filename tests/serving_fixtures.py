@@ -39,3 +39,60 @@ async def collect(gen: EngineGenerator, ids: list[int], params: Params, adapter:
         text += ev.text
         finish, n = ev.finish, ev.completion_tokens
     return text, finish, n
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, overrides=(), log_path=None, timeout: float = 180, **env):
+    """`llmstack serve` on the tiny model the way users start it, in its own process group; returns (process, base
+    URL, log path) once /readyz answers 200, or fails the test with the log's tail."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    import httpx
+    import pytest
+
+    from conftest import PY, ROOT, cli_env
+
+    port = free_port()
+    log_path = log_path or tempfile.mkstemp(prefix="serve-", suffix=".log")[1]
+    cmd = [PY, "-m", "llmstack", "serve", "--model", str(model_dir), "--port", str(port), "model.threads=1",
+           "model.name=tiny", *overrides]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(**env), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return proc, base, log_path
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    with open(log_path) as f:
+        pytest.fail(f"server did not become ready; log:\n{f.read()[-3000:]}")
+
+
+def stop_server(proc, timeout: float = 30) -> bool:
+    """SIGTERM the server's process group; True when it stopped in time (else it is killed)."""
+    import os
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return False

@@ -156,3 +156,41 @@ def test_bad_redaction_hook_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="builtin, none or module:function"):
         RequestLog(tmp_path / "r.sqlite", redact="scrub")
     assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_drift_report_command_writes_html_matching_the_live_verdict(monitored, reference_file, tmp_path):
+    from conftest import run_cli
+    from monitoring import drift, requestlog
+
+    st, c, log = monitored
+    _send(c, st.model_name, _chat_rows(DRIFT / "domain.jsonl", 35))
+    st.monitor.flush()
+    out = tmp_path / "report.html"
+    r = run_cli(["drift", "report", "--log", str(log), "--reference", str(reference_file), "--out", str(out),
+                 "--last", "35"])
+    assert r.returncode == 0, r.stderr
+    expected = drift.compare(drift.Reference.load(reference_file),
+                             [x["features"] for x in requestlog.read(log) if x["status"] == "success"][-35:])
+    assert ("DATASET DRIFT" in r.stdout) == expected["dataset_drift"] and expected["dataset_drift"]
+    page = out.read_text()
+    assert all(f in page for f in drift.FEATURES) and page.count("data:image/png;base64,") >= 5
+    bad = run_cli(["drift", "report", "--log", str(tmp_path / "missing.sqlite"), "--reference",
+                   str(reference_file)])
+    assert bad.returncode == 2 and "no request log here" in bad.stderr and "missing.sqlite" in bad.stderr
+
+
+def test_drift_demo_flips_on_the_real_server(tiny_onnx_dir, reference_file):
+    from conftest import run_cli
+    from serving_fixtures import start_server, stop_server
+
+    proc, base, _ = start_server(tiny_onnx_dir, [f"monitoring.drift.reference={reference_file}",
+                                              "monitoring.drift.window=40", "monitoring.drift.interval_s=0.5"])
+    try:
+        r = run_cli(["drift", "demo", "--url", base, "--sets", "in_distribution,language", "--max-tokens", "4"],
+                    timeout=300)
+    finally:
+        stop_server(proc)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = {ln.split(":")[0].strip(): ln for ln in r.stdout.splitlines() if ":" in ln and "share" in ln}
+    assert " ok " in lines["in_distribution"] and "DRIFT" in lines["language"], r.stdout
+    assert "prompt_novel_token_rate" in lines["language"]

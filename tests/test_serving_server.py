@@ -4,56 +4,23 @@ that gets 429s for the excess and correct answers for the rest — no crash, no 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from conftest import PY, ROOT, cli_env
+from serving_fixtures import start_server, stop_server
 
 KEY = "server-test-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_onnx_dir, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    env = cli_env(LLMSTACK_API_KEY=KEY)
-    cmd = [PY, "-m", "llmstack", "serve", "--model", str(tiny_onnx_dir), "--port", str(port), "model.threads=1",
-           "limits.max_running=2", "limits.max_waiting=2", "limits.max_tokens=300", "model.name=tiny"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    ready = False
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            ready = httpx.get(base + "/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            pass
-        if ready:
-            break
-        time.sleep(1)
-    if not ready:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"server did not become ready; log:\n{log.read_text()[-3000:]}")
+    proc, base, _ = start_server(tiny_onnx_dir, ["limits.max_running=2", "limits.max_waiting=2",
+                                                 "limits.max_tokens=300"], log_path=log, LLMSTACK_API_KEY=KEY)
     yield base, proc, log
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    if not stop_server(proc):
         pytest.fail("server did not stop within 30 s of SIGTERM")
 
 
