@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train compress serve monitor bench-serve vllm-env test test-fast bench-train data clean help
+.PHONY: setup system-deps train compress serve monitor drift-demo bench-serve vllm-env test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -56,6 +56,9 @@ serve: setup  ## OpenAI-compatible BentoML service on 127.0.0.1:3000 (trains and
 	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
 	test -e artifacts/compress/latest/manifest.json || $(CLI) compress --config configs/compress.yaml
 	$(CLI) serve --config configs/serve.yaml $(ARGS)
+
+drift-demo: setup  ## against a running `make serve`: in-distribution, then shifted traffic; drift verdicts flip (terminal, /dashboard); ARGS='--n 60'
+	$(CLI) drift demo $(ARGS)
 
 monitor: setup system-deps  ## local Prometheus (rules loaded) scraping the service on 127.0.0.1:3000; UI on 127.0.0.1:9090; ARGS='--target 127.0.0.1:8080 --port 9091'
 	$(PY) deploy/prometheus/monitor.py $(ARGS)

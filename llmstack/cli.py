@@ -156,6 +156,12 @@ def cmd_drift_report(args) -> int:
     return 0
 
 
+def cmd_drift_reference(args) -> int:
+    from training.sft import drift_reference_for
+    print(f"drift reference: {drift_reference_for(args.artifact, args.outputs_from)}")
+    return 0
+
+
 def cmd_drift_demo(args) -> int:
     from monitoring import demo
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -266,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--share", type=float, default=0.5,
                      help="dataset drift when at least this share of features drift (default: %(default)s)")
     rep.set_defaults(func=cmd_drift_report)
+    rf = dsub.add_parser("reference", help="(re)build the drift reference of an existing training artifact",
+                         description="Training writes drift_reference.json itself; this builds it for an artifact "
+                         "made before that (or with other settings), from its config, data and merged model.")
+    rf.add_argument("artifact", nargs="?", default="artifacts/train/latest",
+                    help="training artifact folder (default: artifacts/train/latest)")
+    rf.add_argument("--outputs-from", choices=["eval", "validation"],
+                    help="the answers profiled: eval (predictions_after.jsonl, if it has token statistics) or "
+                    "validation (generate on the validation split); default: eval when possible")
+    rf.set_defaults(func=cmd_drift_reference)
     dm = dsub.add_parser("demo", help="send in-distribution, then shifted traffic to a running service and show "
                          "the drift verdicts flip",
                          description="Phases: in_distribution (held-out tickets), language (German tickets), "

@@ -184,6 +184,37 @@ def _drift_reference(cfg: TrainConfig, tokenizer, prepared, after_preds: list[di
         "prompts_from": f"validation split, {len(prompts)} prompts", "outputs_from": source})
 
 
+def drift_reference_for(artifact: str | Path, outputs_from: str | None = None) -> Path:
+    """Write (or rewrite) drift_reference.json into an existing training artifact, e.g. one trained before drift
+    references existed. The answers come from its predictions_after.jsonl when they carry token statistics, else
+    from generating on the validation split with its merged model."""
+    from llmstack.config import validate as validate_cfg
+
+    folder = Path(artifact).resolve()
+    m = artifacts.read_manifest(folder)
+    if m.get("stage") != "train":
+        raise ArtifactError(f"a '{m.get('stage')}' artifact; drift references are made from training artifacts",
+                            file=folder, hint="pass the compress run's parent, artifacts/train/<run>")
+    cfg = validate_cfg(TrainConfig, m["config"], file=folder / artifacts.MANIFEST)
+    model_dir = folder / "merged"
+    if not (model_dir / "config.json").is_file():
+        raise ArtifactError("no merged model in this training artifact", file=folder)
+    tokenizer = load_tokenizer(str(model_dir))
+    prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed)
+    preds_file = folder / "predictions_after.jsonl"
+    preds = [json.loads(x) for x in preds_file.read_text().splitlines()] if preds_file.is_file() else []
+    cfg.drift.outputs_from = outputs_from or ("eval" if preds and "n_tokens" in preds[0] else "validation")
+    model = load_model(str(model_dir)) if cfg.drift.outputs_from == "validation" else None
+    ref = _drift_reference(cfg, tokenizer, prepared, preds, model)
+    if ref is None:
+        raise ArtifactError("the training data has too few chat prompts for a drift reference", file=folder)
+    tmp = folder / "_drift_tmp"
+    tmp.mkdir(exist_ok=True)
+    ref.save(tmp).replace(folder / "drift_reference.json")
+    tmp.rmdir()
+    return folder / "drift_reference.json"
+
+
 def _features(rows) -> list[dict]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
 
