@@ -1,7 +1,10 @@
 """The built-in dashboard (/dashboard) in a real headless Chromium: against the real server on the tiny ONNX model
-(the numbers it shows agree with /metrics; a live screenshot with traffic flowing), and against a stub server with
-known histograms and each /drift state, behind a path prefix. Plus the page itself in-process: offline (no external
-resources) and open without the API key."""
+with live drift monitoring (the numbers it shows agree with /metrics and /drift; a live screenshot with traffic
+flowing, for the README), and against a stub server with known histograms and each /drift state, behind a path
+prefix. Plus the page itself in-process: offline (no external resources) and open without the API key.
+
+Chromium runs two ways: `--dump-dom` after a virtual-time budget (timers and fetches run without real waiting) for
+the assertions, and the DevTools protocol over a pipe for real time (rates need real seconds) and the screenshot."""
 from __future__ import annotations
 
 import base64
@@ -12,7 +15,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import threading
@@ -23,12 +25,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import PY, ROOT, cli_env
+from conftest import ROOT, read_jsonl
 
 KEY = "dashboard-test-key"
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
          "--hide-scrollbars", "--mute-audio"]
 SCREENSHOT = ROOT / "benchmarks" / "results" / "dashboard.png"
+TICKETS, SHIFTS = ROOT / "data" / "tickets", ROOT / "data" / "drift"
 
 
 def _chromium() -> str:
@@ -36,12 +39,6 @@ def _chromium() -> str:
         if shutil.which(name):
             return shutil.which(name)
     pytest.skip("no chromium binary on PATH (chromium / chromium-browser)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dump_dom(url: str, tmp: Path, budget_ms: int = 8000) -> str:
@@ -339,33 +336,50 @@ def test_stub_window_quantiles_and_rates_use_the_delta(stub, tmp_path):
     assert points(dom)["itl"] == 0
 
 
-# ---------------------------------------------------------------- the real server
+# ---------------------------------------------------------------- the real server, drift monitoring on
+def _chats(path: Path, n: int | None = None) -> list[list[dict]]:
+    rows = read_jsonl(path)[:n]
+    return [r["messages"] if "messages" in r else [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}]
+            for r in rows]
+
+
 @pytest.fixture(scope="module")
-def server(tiny_onnx_dir, tmp_path_factory):
+def reference(tiny_onnx_dir, tokenizer, tmp_path_factory) -> Path:
+    """A drift reference for the tiny model (as training makes one): its own answers to 60 validation tickets,
+    measured in-process through the service's monitor; the train split fits the basis."""
+    from fastapi.testclient import TestClient
+
+    from monitoring import drift
+    from serving.api import build_app
+    from serving.runtime import close_state
+    from serving_fixtures import make_state
+
+    st = make_state(tiny_onnx_dir, monitoring={"drift": {"window": 500}})
+    val = _chats(TICKETS / "validation.jsonl", 60)
+    with TestClient(build_app(st)) as c:
+        for msgs in val:
+            assert c.post("/v1/chat/completions", json={"model": st.model_name, "messages": msgs, "max_tokens": 8,
+                                                         "temperature": 0}).status_code == 200
+    st.monitor.flush()
+    outputs = [{"n_tokens": r["output_tokens"], "finish": r["finish_reason"],
+                "logprob_sum": None if r["output_logprob_mean"] is None else
+                r["output_logprob_mean"] * r["output_tokens"]} for r in st.monitor.window]
+    close_state(st)
+    fit = [drift.chat_prompt(tokenizer, m) for m in _chats(TICKETS / "train.jsonl")]
+    return drift.build_reference(fit, [drift.chat_prompt(tokenizer, m) for m in val], outputs).save(
+        tmp_path_factory.mktemp("drift-ref"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx_dir, reference, tmp_path_factory):
+    from serving_fixtures import start_server, stop_server
     _chromium()  # skip before starting anything
-    port = _free_port()
-    log = tmp_path_factory.mktemp("dash-server") / "serve.log"
-    cmd = [PY, "-m", "llmstack", "serve", "--model", str(tiny_onnx_dir), "--port", str(port), "model.threads=1",
-           "model.name=tiny"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(LLMSTACK_API_KEY=KEY), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline, ready = time.time() + 180, False
-    while time.time() < deadline and proc.poll() is None and not ready:
-        try:
-            ready = httpx.get(base + "/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            time.sleep(1)
-    if not ready:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"server did not become ready; log:\n{log.read_text()[-3000:]}")
+    proc, base, _ = start_server(tiny_onnx_dir, [f"monitoring.drift.reference={reference}",
+                                                 "monitoring.drift.window=40", "monitoring.drift.min_rows=30",
+                                                 "monitoring.drift.interval_s=1"],
+                                 log_path=tmp_path_factory.mktemp("dash-server") / "serve.log", LLMSTACK_API_KEY=KEY)
     yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_server(proc)
 
 
 def _complete(client: httpx.Client, base: str, prompt: str, max_tokens: int) -> dict:
@@ -405,31 +419,37 @@ def test_real_server_dashboard_agrees_with_metrics(server, tmp_path):
 
 
 def test_real_server_live_screenshot(server, tmp_path):
-    """Real time (DevTools protocol), with traffic flowing while the page refreshes: the rates move, and the
-    screenshot (1280x900) goes to benchmarks/results/dashboard.png for the README."""
+    """Real time (DevTools protocol) with traffic flowing while the page refreshes: in-distribution tickets from one
+    client, German ones from another (so the live monitor's window drifts). The rates move, the drift table shows
+    what /drift says, and the screenshot (1280x900) goes to benchmarks/results/dashboard.png for the README."""
     stop, done, errors = threading.Event(), [], []
 
-    def traffic(worker: int):
+    def traffic(chats: list[list[dict]]):
         with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
             i = 0
             while not stop.is_set():
-                try:
-                    done.append(_complete(client, server, f"ticket {worker}-{i}: my order is late",
-                                          (8, 24, 48, 16)[i % 4]))
-                except Exception as e:  # noqa: BLE001 - reported below
-                    errors.append(repr(e))
+                r = client.post(server + "/v1/chat/completions", json={
+                    "model": "tiny", "messages": chats[i % len(chats)], "max_tokens": (8, 24, 48, 16)[i % 4],
+                    "temperature": 0})
+                if r.status_code != 200:
+                    errors.append(r.text)
                     return
+                done.append(r.json())
                 i += 1
                 time.sleep(0.05 * (i % 3))
 
     browser = Browser(tmp_path)
-    threads = [threading.Thread(target=traffic, args=(w,)) for w in range(2)]
+    threads = [threading.Thread(target=traffic, args=(_chats(SHIFTS / name),))
+               for name in ("in_distribution.jsonl", "language.jsonl")]
     try:
         browser.open(server + "/dashboard?refresh=1", 1280, 900)
         browser.wait_for("document.body.dataset.ready === '1'")
         for t in threads:
             t.start()
         time.sleep(12)
+        browser.wait_for("document.querySelectorAll('#drift-table [data-feature]').length > 0")
+        time.sleep(1.5)  # another refresh or so: the sparklines have points
+        stop.set()
         rate = browser.js("+document.querySelector('#n-tokens b').dataset.value")
         state = browser.js("JSON.stringify([...document.querySelectorAll('[data-chart]')].map("
                            "e => [e.dataset.chart, +e.dataset.points]))")
@@ -441,9 +461,13 @@ def test_real_server_live_screenshot(server, tmp_path):
             if t.ident:
                 t.join(60)
         browser.close()
+    drift = httpx.get(server + "/drift").json()
     assert not errors, errors
     assert len(done) >= 10 and rate > 0, (len(done), rate)
-    assert all(n >= 5 for chart, n in json.loads(state) if not chart.startswith("drift-")), state
+    charts = dict(json.loads(state))
+    assert all(n >= 5 for chart, n in charts.items() if not chart.startswith("drift-")), charts
+    assert drift["computed_at"] and {f"drift-{f['name']}" for f in drift["features"]} <= set(charts), (drift, charts)
+    assert all(charts[f"drift-{f['name']}"] > 0 for f in drift["features"]), charts
     assert "NaN" not in text and "undefined" not in text
     path = tmp_path / "dashboard.png"
     path.write_bytes(shot)
