@@ -128,6 +128,9 @@ def cmd_serve(args) -> int:
     argv = [bentoml, "serve", "serving.service:LLMService", "--host", cfg.server.host, "--port",
             str(cfg.server.port)]
     os.environ[CONFIG_ENV] = path
+    # BentoML empties <BENTOML_HOME>/prometheus_multiproc_dir when a server starts, so two servers sharing a home
+    # wipe each other's metrics: one home per port unless the user chose one.
+    os.environ.setdefault("BENTOML_HOME", os.path.join(tempfile.gettempdir(), f"llmstack-bentoml-{cfg.server.port}"))
     os.execv(bentoml, argv)  # BentoML owns the process from here (signals, workers, shutdown)
 
 
@@ -291,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="phases in order, comma-separated (default: %(default)s)")
     dm.add_argument("--n", type=int, help="requests per phase (default: the service's drift window size)")
     dm.add_argument("--concurrency", type=int, default=4, help="parallel clients (default: %(default)s)")
-    dm.add_argument("--max-tokens", type=int, default=48, help="max_tokens per request (default: %(default)s)")
+    dm.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: %(default)s, the "
+                    "demo training's eval.max_new_tokens: the reference answers were cut there too)")
     dm.add_argument("--api-key-env", default="LLMSTACK_API_KEY",
                     help="environment variable holding the API key, if the service needs one (default: %(default)s)")
     dm.set_defaults(func=cmd_drift_demo)

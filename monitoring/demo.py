@@ -24,11 +24,14 @@ def _rows(name: str, data_dir: Path) -> list[list[dict]]:
     return rows[100:] + rows[:100] if name == "in_distribution" else rows
 
 
-def run(url: str, sets: list[str], n: int | None = None, concurrency: int = 4, max_tokens: int = 48,
+def run(url: str, sets: list[str], n: int | None = None, concurrency: int = 4, max_tokens: int = 64,
         api_key: str | None = None, data_dir: Path = DATA, out=print) -> list[dict]:
+    import logging
+
     import httpx
     from tqdm import tqdm
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the verdicts
     base = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     client = httpx.Client(timeout=300, headers=headers)
@@ -43,10 +46,12 @@ def run(url: str, sets: list[str], n: int | None = None, concurrency: int = 4, m
     size = n or snap["window"]["size"]
     interval = float(snap["window"].get("interval_s") or 10)
     out(f"service {base}, model {model}; window {snap['window']['size']} requests, {size} per phase\n")
-    results = []
+    results, offset = [], {}
     for name in sets:
         rows = _rows(name, data_dir)
-        batch = [rows[i % len(rows)] for i in range(size)]
+        start = offset.get(name, 0)  # a set used twice continues where it stopped
+        batch = [rows[(start + i) % len(rows)] for i in range(size)]
+        offset[name] = start + size
 
         def send(msgs):
             r = client.post(base + "/v1/chat/completions", json={"model": model, "messages": msgs,
