@@ -86,3 +86,23 @@ def test_lora_on_the_real_base_model(tmp_path):
     assert text, "the merged model generated nothing"
     first_pred = next(p for p in read_jsonl(artifact / "predictions_after.jsonl") if p["source"].endswith(":1"))
     assert first_pred["prediction"].startswith(text[:8])  # the same model the evaluation used
+
+    # ---- the drift reference: basis from the train prompts, rows from validation, answers from the evaluation
+    from monitoring import drift
+    from training import evaluate as ev
+    ref = drift.Reference.load(artifact)
+    preds = read_jsonl(artifact / "predictions_after.jsonl")
+    assert m["outputs"]["drift_reference"] and m["drift_reference"]["rows"]["prompt_tokens"] == 2
+    assert ref.values["output_tokens"] == [p["n_tokens"] for p in preds]
+    assert all(p["finish"] in ("stop", "length") and p["logprob_sum"] <= 0 for p in preds)
+    # the statistics are the generated tokens' own log-probabilities (a teacher-forced forward agrees)
+    msgs = [{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}]
+    stats: list = []
+    ev.generate(model, tok, [msgs], 12, 1, share_prefix=False, stats=stats)
+    with torch.no_grad():
+        full = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        logp = torch.log_softmax(model(full).logits[0, :-1].float(), -1)
+    new = full[0, enc["input_ids"].shape[1]:]
+    upto = stats[0]["n_tokens"] + (stats[0]["finish"] == "stop")
+    want = sum(float(logp[enc["input_ids"].shape[1] - 1 + i, new[i]]) for i in range(upto))
+    assert stats[0]["logprob_sum"] == pytest.approx(want, abs=1e-3)

@@ -23,7 +23,7 @@ from training.config import METHODS, PROMPT_LEARNING, TrainConfig
 
 PEFT = [m for m in METHODS if m not in ("full", "freeze")]
 COMMON_FILES = {"manifest.json", "config.yaml", "data_report.json", "data_report.md", "metrics.json", "README.md",
-                "loss_curve.png", "token_lengths.png", "predictions_after.jsonl"}
+                "loss_curve.png", "token_lengths.png", "predictions_after.jsonl", "drift_reference.json"}
 MERGED_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 PNG = b"\x89PNG\r\n\x1a\n"
 PROMPT_KEY = "prompt_embeddings"
@@ -131,7 +131,8 @@ def test_manifest_records_training_measurements(run):
     assert math.isfinite(t["validation_loss"])
     assert t["resumed_from"] is None
     phases = run.manifest["timings"]
-    assert list(phases) == ["data", "load_and_eval_before", "train", "validation", "merge_and_eval_after", "save"]
+    assert list(phases) == ["data", "load_and_eval_before", "train", "validation", "merge_and_eval_after",
+                            "drift_reference", "save"]
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= run.manifest["wall_seconds"] + 1
     trainable = sum(p.numel() for n, p in run.initial.items() if n != PROMPT_KEY)
     assert t["parameters"]["trainable"] == trainable > 0
