@@ -193,6 +193,15 @@ def cmd_model(args) -> int:
     return 0
 
 
+def _log_and_reference_args(p: argparse.ArgumentParser) -> None:
+    """--log, --model, --reference: the request log and the drift reference it is compared with."""
+    p.add_argument("--log", default="artifacts/serve/requests.sqlite",
+                   help="request log (SQLite, monitoring.request_log.path; default: %(default)s)")
+    p.add_argument("--model", default="artifacts/compress/latest",
+                   help="served artifact whose drift reference is used (default: %(default)s)")
+    p.add_argument("--reference", help="a drift_reference.json instead of --model's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmstack", description="Train -> compress -> serve an LLM. "
                                 "Stages talk through artifacts under artifacts/<stage>/.")
@@ -263,11 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = dsub.add_parser("report", help="HTML report of the request log against the drift reference",
                           description="Compare the request log's successful requests with the drift reference "
                           "(per-feature test, score, verdict, reference vs current histograms) and write HTML.")
-    rep.add_argument("--log", default="artifacts/serve/requests.sqlite",
-                     help="request log (SQLite, monitoring.request_log.path; default: %(default)s)")
-    rep.add_argument("--model", default="artifacts/compress/latest",
-                     help="served artifact whose drift reference is used (default: %(default)s)")
-    rep.add_argument("--reference", help="a drift_reference.json instead of --model's")
+    _log_and_reference_args(rep)
     rep.add_argument("--out", default="artifacts/serve/drift_report.html", help="HTML file (default: %(default)s)")
     rep.add_argument("--last", type=int, help="only the last N requests (default: all)")
     rep.add_argument("--method", choices=["auto", "psi"], default="auto",
@@ -307,13 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Successful requests -> {messages: [...prompt, assistant answer]} rows (PII "
                          "already redacted at logging time). Review and correct the answers, then list the file in "
                          "data.train of the train config.")
-    ex.add_argument("--log", default="artifacts/serve/requests.sqlite", help="request log (default: %(default)s)")
+    _log_and_reference_args(ex)
     ex.add_argument("--out", required=True, help="JSONL file to write")
     ex.add_argument("--since-hours", type=float, help="only requests from the last N hours")
     ex.add_argument("--drifted-only", action="store_true", help="only requests whose prompt features fall outside "
                     "the reference's central 95%% (needs the drift reference: --model or --reference)")
-    ex.add_argument("--model", default="artifacts/compress/latest", help="artifact holding the drift reference")
-    ex.add_argument("--reference", help="a drift_reference.json instead of --model's")
     ex.set_defaults(func=cmd_log_export)
 
     m = sub.add_parser("model", help="provision a built-in base model into the models folder",

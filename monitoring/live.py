@@ -172,18 +172,12 @@ class Monitor:
 
 def build(cfg, served_folder: str | Path, registry=None) -> Monitor:
     """The service's monitor: the reference from cfg.drift.reference, else found next to the served model."""
-    path = cfg.drift.reference
-    reason = ""
-    ref = None
     if not cfg.drift.enabled:
-        reason = "monitoring.drift.enabled is false"
-    else:
-        found = Path(path) if path else drift.find_reference(served_folder)
-        if found is None:
-            reason = (f"no {drift.FILE} next to {served_folder} or its parent artifacts (train with drift.enabled, "
-                      "or set monitoring.drift.reference)")
-            log.warning(f"drift monitoring off: {reason}")
-        else:
-            ref = drift.Reference.load(found)
-            path = found
-    return Monitor(cfg, ref, path if ref else None, registry=registry, reason=reason)
+        return Monitor(cfg, None, registry=registry, reason="monitoring.drift.enabled is false")
+    found = Path(cfg.drift.reference) if cfg.drift.reference else drift.find_reference(served_folder)
+    if found is None:
+        reason = (f"no {drift.FILE} next to {served_folder} or its parent artifacts (train with drift.enabled, "
+                  "or set monitoring.drift.reference)")
+        log.warning(f"drift monitoring off: {reason}")
+        return Monitor(cfg, None, registry=registry, reason=reason)
+    return Monitor(cfg, drift.Reference.load(found), found, registry=registry)

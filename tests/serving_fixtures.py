@@ -96,3 +96,50 @@ def stop_server(proc, timeout: float = 30) -> bool:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return False
+
+
+def metric_sum(text: str, name: str, **labels) -> float:
+    """The sum of a metric's samples in Prometheus text (/metrics) over the label sets matching `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if (line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())) or \
+                (not labels and line.startswith(name + " ")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def chat_rows(path, n=None) -> list[list[dict]]:
+    """Chat messages of a JSONL file: chat rows as they are, instruction rows as training renders them."""
+    from conftest import read_jsonl
+    return [r["messages"] if "messages" in r else [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}]
+            for r in read_jsonl(path)[:n]]
+
+
+def tiny_drift_reference(model_dir, tokenizer, folder, n: int = 60, max_tokens: int = 6):
+    """A drift reference for a model as training makes one: the train split's prompts fit the basis, the validation
+    prompts are the rows, and the answers are the model's own to `n` validation prompts, measured in-process through
+    the service's monitor (drift off: no reference yet). Returns the saved file."""
+    from fastapi.testclient import TestClient
+
+    from conftest import ROOT
+    from monitoring import drift
+    from serving.api import build_app
+    from serving.runtime import close_state
+
+    tickets = ROOT / "data" / "tickets"
+    st = make_state(model_dir, monitoring={"drift": {"window": 500}})
+    assert not st.monitor.enabled and "no drift_reference.json" in st.monitor.snapshot()["reason"]
+    val = chat_rows(tickets / "validation.jsonl")
+    with TestClient(build_app(st)) as c:
+        for msgs in val[:n]:
+            r = c.post("/v1/chat/completions", json={"model": st.model_name, "messages": msgs,
+                                                     "max_tokens": max_tokens, "temperature": 0})
+            assert r.status_code == 200, r.text
+    st.monitor.flush()
+    outputs = [{"n_tokens": r["output_tokens"], "finish": r["finish_reason"],
+                "logprob_sum": None if r["output_logprob_mean"] is None else r["output_logprob_mean"] * r["output_tokens"]}
+               for r in st.monitor.window]
+    close_state(st)
+    assert len(outputs) == n
+    fit = [drift.chat_prompt(tokenizer, m) for m in chat_rows(tickets / "train.jsonl")]
+    return drift.build_reference(fit, [drift.chat_prompt(tokenizer, m) for m in val], outputs).save(folder)

@@ -8,15 +8,10 @@ the assertions, and the DevTools protocol over a pipe for real time (rates need 
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 import re
-import select
 import shutil
-import signal
-import struct
-import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,97 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, read_jsonl
+from browser import Browser, chromium, dump_dom, png_size
+from conftest import ROOT
+from serving_fixtures import chat_rows, metric_sum, tiny_drift_reference
 
 KEY = "dashboard-test-key"
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--hide-scrollbars", "--mute-audio"]
 SCREENSHOT = ROOT / "benchmarks" / "results" / "dashboard.png"
 TICKETS, SHIFTS = ROOT / "data" / "tickets", ROOT / "data" / "drift"
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser"):
-        if shutil.which(name):
-            return shutil.which(name)
-    pytest.skip("no chromium binary on PATH (chromium / chromium-browser)")
-
-
-def dump_dom(url: str, tmp: Path, budget_ms: int = 8000) -> str:
-    """The DOM after `budget_ms` of virtual time (timers run, fetches complete, no real waiting)."""
-    home = tmp / "home"
-    home.mkdir(exist_ok=True)
-    r = subprocess.run([_chromium(), *FLAGS, f"--user-data-dir={tmp / 'profile-dump'}",
-                        f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(home)})
-    assert r.returncode == 0 and "<body" in r.stdout, r.stderr[-2000:]
-    return r.stdout
-
-
-class Browser:
-    """Headless Chromium driven in real time over the DevTools protocol on a pipe (--remote-debugging-pipe:
-    commands in on fd 3, replies out on fd 4, NUL-terminated JSON) — no websocket client needed."""
-
-    def __init__(self, tmp: Path):
-        cmd_r, self.cmd_w = os.pipe()
-        self.out_r, out_w = os.pipe()
-        # above 9, so that the `3<&` / `4>&` redirections cannot overwrite one another (bash: dash takes one digit)
-        low = (cmd_r, out_w)
-        cmd_r, out_w = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in low)
-        home = tmp / "home"
-        home.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["bash", "-c", f'exec "$0" "$@" 3<&{cmd_r} 4>&{out_w}', _chromium(), *FLAGS,
-             f"--user-data-dir={tmp / 'profile-cdp'}", "--remote-debugging-pipe", "about:blank"],
-            pass_fds=(cmd_r, out_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "HOME": str(home)}, start_new_session=True)
-        for fd in (cmd_r, out_w, *low):
-            os.close(fd)
-        self.buf, self.id, self.session = b"", 0, None
-
-    def call(self, method: str, timeout: float = 30, **params) -> dict:
-        self.id += 1
-        msg = {"id": self.id, "method": method, "params": params}
-        if self.session:
-            msg["sessionId"] = self.session
-        os.write(self.cmd_w, json.dumps(msg).encode() + b"\0")
-        deadline = time.time() + timeout
-        while True:
-            while b"\0" in self.buf:
-                raw, self.buf = self.buf.split(b"\0", 1)
-                reply = json.loads(raw)
-                if reply.get("id") == self.id:
-                    assert "error" not in reply, f"{method}: {reply['error']}"
-                    return reply.get("result", {})
-            left = deadline - time.time()
-            assert left > 0 and select.select([self.out_r], [], [], left)[0], f"{method}: no reply in {timeout} s"
-            chunk = os.read(self.out_r, 1 << 20)
-            assert chunk, "chromium closed the DevTools pipe"
-            self.buf += chunk
-
-    def open(self, url: str, width: int, height: int) -> None:
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
-        self.call("Page.navigate", url=url)
-
-    def js(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 20):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            value = self.js(expression)
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {expression}")
-
-    def close(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        os.close(self.cmd_w)
-        os.close(self.out_r)
 
 
 # ---------------------------------------------------------------- reading the page and /metrics
@@ -144,11 +55,6 @@ def drift_section(dom: str) -> str:
     return re.search(r'<section class="card wide" id="drift">(.*?)</section>', dom, re.S)[1]
 
 
-def metric_total(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 def histogram_quantile(q: float, text: str, name: str) -> float:
     """Prometheus's histogram_quantile over the cumulative buckets of `name`, summed over label sets."""
     by_le: dict[float, float] = {}
@@ -167,12 +73,6 @@ def histogram_quantile(q: float, text: str, name: str) -> float:
     if b > 0:
         start, count, rank = buckets[b - 1][0], count - buckets[b - 1][1], rank - buckets[b - 1][1]
     return start + (buckets[b][0] - start) * rank / count
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG"
-    return struct.unpack(">II", data[16:24])
 
 
 # ---------------------------------------------------------------- the page in-process
@@ -337,43 +237,15 @@ def test_stub_window_quantiles_and_rates_use_the_delta(stub, tmp_path):
 
 
 # ---------------------------------------------------------------- the real server, drift monitoring on
-def _chats(path: Path, n: int | None = None) -> list[list[dict]]:
-    rows = read_jsonl(path)[:n]
-    return [r["messages"] if "messages" in r else [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}]
-            for r in rows]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_onnx_dir, tokenizer, tmp_path_factory) -> Path:
-    """A drift reference for the tiny model (as training makes one): its own answers to 60 validation tickets,
-    measured in-process through the service's monitor; the train split fits the basis."""
-    from fastapi.testclient import TestClient
-
-    from monitoring import drift
-    from serving.api import build_app
-    from serving.runtime import close_state
-    from serving_fixtures import make_state
-
-    st = make_state(tiny_onnx_dir, monitoring={"drift": {"window": 500}})
-    val = _chats(TICKETS / "validation.jsonl", 60)
-    with TestClient(build_app(st)) as c:
-        for msgs in val:
-            assert c.post("/v1/chat/completions", json={"model": st.model_name, "messages": msgs, "max_tokens": 8,
-                                                         "temperature": 0}).status_code == 200
-    st.monitor.flush()
-    outputs = [{"n_tokens": r["output_tokens"], "finish": r["finish_reason"],
-                "logprob_sum": None if r["output_logprob_mean"] is None else
-                r["output_logprob_mean"] * r["output_tokens"]} for r in st.monitor.window]
-    close_state(st)
-    fit = [drift.chat_prompt(tokenizer, m) for m in _chats(TICKETS / "train.jsonl")]
-    return drift.build_reference(fit, [drift.chat_prompt(tokenizer, m) for m in val], outputs).save(
-        tmp_path_factory.mktemp("drift-ref"))
+    return tiny_drift_reference(tiny_onnx_dir, tokenizer, tmp_path_factory.mktemp("drift-ref"), max_tokens=8)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_onnx_dir, reference, tmp_path_factory):
     from serving_fixtures import start_server, stop_server
-    _chromium()  # skip before starting anything
+    chromium()  # skip before starting anything
     proc, base, _ = start_server(tiny_onnx_dir, [f"monitoring.drift.reference={reference}",
                                                  "monitoring.drift.window=40", "monitoring.drift.min_rows=30",
                                                  "monitoring.drift.interval_s=1"],
@@ -400,10 +272,10 @@ def test_real_server_dashboard_agrees_with_metrics(server, tmp_path):
     for chart in ("ttft", "itl", "e2e", "tokens", "requests", "load"):
         assert pts.get(chart, 0) > 0, (chart, pts)
     assert 'id="model-name">tiny<' in dom and "onnxruntime" in dom
-    total = metric_total(metrics, "llm_requests_total")
+    total = metric_sum(metrics, "llm_requests_total")
     assert total >= len(sent) and shown(dom, "req-total") == total
     assert shown(dom, "n-tokens") == 0  # no traffic while the page ran
-    assert re.search(r'<span>output tokens total</span><b data-value="%g"' % metric_total(
+    assert re.search(r'<span>output tokens total</span><b data-value="%g"' % metric_sum(
         metrics, "llm_generation_tokens_total"), dom)
     # no scrape 60 s old yet: quantiles over everything since the server started, as histogram_quantile gives them
     assert shown_quantile(dom, "e2e", "p50") == pytest.approx(
@@ -439,7 +311,7 @@ def test_real_server_live_screenshot(server, tmp_path):
                 time.sleep(0.05 * (i % 3))
 
     browser = Browser(tmp_path)
-    threads = [threading.Thread(target=traffic, args=(_chats(SHIFTS / name),))
+    threads = [threading.Thread(target=traffic, args=(chat_rows(SHIFTS / name),))
                for name in ("in_distribution.jsonl", "language.jsonl")]
     try:
         browser.open(server + "/dashboard?refresh=1", 1280, 900)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import PY, ROOT
-from serving_fixtures import free_port as _free_port, start_server, stop_server
+from serving_fixtures import free_port as _free_port, metric_sum, start_server, stop_server
 
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
@@ -269,11 +269,6 @@ def _stop(proc: subprocess.Popen) -> None:
         pytest.fail(f"{proc.args[:3]} did not stop within 30 s of SIGTERM")
 
 
-def _scraped(text: str, name: str, **labels) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
-
-
 class PromAPI:
     def __init__(self, base: str):
         self.base = base
@@ -357,8 +352,8 @@ def test_real_prometheus_scrapes_the_real_server_and_evaluates_the_rules(tiny_on
         done = [complete(i) for i in range(1, n + 1)]
         time.sleep(1.5)  # the next scrape sees them
         metrics = httpx.get(base + "/metrics").text
-        requests = _scraped(metrics, "llm_requests_total", model="tiny", status="success")
-        tokens = _scraped(metrics, "llm_generation_tokens_total", model="tiny")
+        requests = metric_sum(metrics, "llm_requests_total", model="tiny", status="success")
+        tokens = metric_sum(metrics, "llm_generation_tokens_total", model="tiny")
         assert requests == n + 1 and tokens >= sum(d["usage"]["completion_tokens"] for d in done)
         exported = {line.split("{")[0].split(" ")[0] for line in metrics.splitlines() if line.startswith("llm_")}
         assert EXPORTED - SERVICE_LEVEL <= exported, f"this test's list of metrics is stale: {EXPORTED - exported}"

@@ -7,19 +7,13 @@ import sqlite3
 
 import pytest
 
-from conftest import ROOT, read_jsonl
-from serving_fixtures import make_state, sample_value
+from conftest import ROOT
+from serving_fixtures import chat_rows, make_state, sample_value, tiny_drift_reference
 from serving.api import build_app
 from serving.runtime import close_state
 
 DRIFT = ROOT / "data" / "drift"
 TICKETS = ROOT / "data" / "tickets"
-
-
-def _chat_rows(path, n=None) -> list[list[dict]]:
-    rows = read_jsonl(path)[:n]
-    return [r["messages"] if "messages" in r else
-            [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}] for r in rows]
 
 
 def _send(client, name: str, conversations, max_tokens: int = 6) -> None:
@@ -31,26 +25,7 @@ def _send(client, name: str, conversations, max_tokens: int = 6) -> None:
 
 @pytest.fixture(scope="module")
 def reference_file(tiny_onnx_dir, tokenizer, tmp_path_factory):
-    """The tiny model's answers to 60 validation prompts, measured through the service's own monitor (drift off,
-    no reference yet), become the reference outputs; the train split fits the basis, validation gives the rows."""
-    from fastapi.testclient import TestClient
-
-    from monitoring import drift
-
-    st = make_state(tiny_onnx_dir, monitoring={"drift": {"window": 500}})
-    assert not st.monitor.enabled and "no drift_reference.json" in st.monitor.snapshot()["reason"]
-    val = _chat_rows(TICKETS / "validation.jsonl")
-    with TestClient(build_app(st)) as c:
-        _send(c, st.model_name, val[:60])
-    st.monitor.flush()
-    outputs = [{"n_tokens": r["output_tokens"], "finish": r["finish_reason"],
-                "logprob_sum": None if r["output_logprob_mean"] is None else r["output_logprob_mean"] * r["output_tokens"]}
-               for r in st.monitor.window]
-    close_state(st)
-    assert len(outputs) == 60
-    fit = [drift.chat_prompt(tokenizer, m) for m in _chat_rows(TICKETS / "train.jsonl")]
-    ref = drift.build_reference(fit, [drift.chat_prompt(tokenizer, m) for m in val], outputs)
-    return ref.save(tmp_path_factory.mktemp("ref"))
+    return tiny_drift_reference(tiny_onnx_dir, tokenizer, tmp_path_factory.mktemp("ref"))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +53,7 @@ def test_in_distribution_traffic_does_not_drift_and_shifted_traffic_does(monitor
     st, c, _ = monitored
     snap = c.get("/drift").json()
     assert snap["enabled"] and snap["window"]["size"] == 40 and snap["computed_at"] is None
-    held_out = _chat_rows(DRIFT / "in_distribution.jsonl")[100:140]  # test rows: never in the reference
+    held_out = chat_rows(DRIFT / "in_distribution.jsonl")[100:140]  # test rows: never in the reference
     _send(c, st.model_name, held_out)
     d = _drift_now(st, c)
     assert d["window"]["rows"] == 40 and d["computed_at"] is not None
@@ -86,7 +61,7 @@ def test_in_distribution_traffic_does_not_drift_and_shifted_traffic_does(monitor
     assert sample_value(st.registry, "llm_dataset_drift") == 0
     assert sample_value(st.registry, "llm_drift_window_rows") == 40
 
-    _send(c, st.model_name, _chat_rows(DRIFT / "language.jsonl", 40))  # the window now holds only German tickets
+    _send(c, st.model_name, chat_rows(DRIFT / "language.jsonl", 40))  # the window now holds only German tickets
     d = _drift_now(st, c)
     drifted = {e["name"] for e in d["features"] if e["drift"]}
     assert d["dataset_drift"] is True and {"prompt_novel_token_rate", "prompt_embedding_distance"} <= drifted, d
@@ -163,7 +138,7 @@ def test_drift_report_command_writes_html_matching_the_live_verdict(monitored, r
     from monitoring import drift, requestlog
 
     st, c, log = monitored
-    _send(c, st.model_name, _chat_rows(DRIFT / "domain.jsonl", 35))
+    _send(c, st.model_name, chat_rows(DRIFT / "domain.jsonl", 35))
     st.monitor.flush()
     out = tmp_path / "report.html"
     r = run_cli(["drift", "report", "--log", str(log), "--reference", str(reference_file), "--out", str(out),

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from serving_fixtures import start_server, stop_server
+from serving_fixtures import metric_sum, start_server, stop_server
 
 KEY = "server-test-key"
 
@@ -22,14 +22,6 @@ def server(tiny_onnx_dir, tmp_path_factory):
     yield base, proc, log
     if not stop_server(proc):
         pytest.fail("server did not stop within 30 s of SIGTERM")
-
-
-def _metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_health_routes_are_open_and_api_needs_the_key(server):
@@ -53,15 +45,15 @@ def test_openai_client_against_the_real_server_and_metrics_move(server):
     streamed = chunks[-1].usage.completion_tokens
     after = httpx.get(base + "/metrics").text
     gen = "llm_generation_tokens_total"
-    assert _metric(after, gen) - _metric(before, gen) == r.usage.completion_tokens + streamed
+    assert metric_sum(after, gen) - metric_sum(before, gen) == r.usage.completion_tokens + streamed
     prompt = "llm_prompt_tokens_total"
-    assert _metric(after, prompt) - _metric(before, prompt) == r.usage.prompt_tokens + chunks[-1].usage.prompt_tokens
+    assert metric_sum(after, prompt) - metric_sum(before, prompt) == r.usage.prompt_tokens + chunks[-1].usage.prompt_tokens
     ok = 'llm_requests_total'
-    assert _metric(after, ok, status="success") - _metric(before, ok, status="success") == 2
-    assert _metric(after, "llm_time_to_first_token_seconds_count") - \
-        _metric(before, "llm_time_to_first_token_seconds_count") == 2
+    assert metric_sum(after, ok, status="success") - metric_sum(before, ok, status="success") == 2
+    assert metric_sum(after, "llm_time_to_first_token_seconds_count") - \
+        metric_sum(before, "llm_time_to_first_token_seconds_count") == 2
     assert "bentoml_service_request_total" in after  # BentoML's own series stay
-    assert _metric(after, "llm_model_info", model="tiny", backend="onnxruntime") == 1
+    assert metric_sum(after, "llm_model_info", model="tiny", backend="onnxruntime") == 1
 
 
 def test_overload_burst_gets_429_for_the_excess_and_answers_for_the_rest(server):
@@ -89,13 +81,13 @@ def test_overload_burst_gets_429_for_the_excess_and_answers_for_the_rest(server)
                                                                                                        "stop")
     assert proc.poll() is None
     metrics = httpx.get(base + "/metrics").text
-    assert _metric(metrics, "llm_requests_total", status="rejected") == codes.count(429)
-    assert _metric(metrics, "llm_requests_running") == 0 and _metric(metrics, "llm_requests_waiting") == 0
+    assert metric_sum(metrics, "llm_requests_total", status="rejected") == codes.count(429)
+    assert metric_sum(metrics, "llm_requests_running") == 0 and metric_sum(metrics, "llm_requests_waiting") == 0
 
 
 def test_a_client_that_disconnects_cancels_its_generation(server):
     base, proc, _ = server
-    before = _metric(httpx.get(base + "/metrics").text, "llm_requests_total", status="cancelled")
+    before = metric_sum(httpx.get(base + "/metrics").text, "llm_requests_total", status="cancelled")
     body = {"model": "tiny", "prompt": "long story", "max_tokens": 300, "temperature": 0, "stream": True}
     with httpx.stream("POST", base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=30) as r:
@@ -105,9 +97,9 @@ def test_a_client_that_disconnects_cancels_its_generation(server):
     deadline = time.time() + 20
     while time.time() < deadline:
         text = httpx.get(base + "/metrics").text
-        if _metric(text, "llm_requests_total", status="cancelled") == before + 1:
+        if metric_sum(text, "llm_requests_total", status="cancelled") == before + 1:
             break
         time.sleep(0.2)
-    assert _metric(text, "llm_requests_total", status="cancelled") == before + 1
-    assert _metric(text, "llm_generation_tokens_total") > 0 and _metric(text, "llm_requests_running") == 0
+    assert metric_sum(text, "llm_requests_total", status="cancelled") == before + 1
+    assert metric_sum(text, "llm_generation_tokens_total") > 0 and metric_sum(text, "llm_requests_running") == 0
     assert proc.poll() is None
