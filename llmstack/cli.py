@@ -121,7 +121,7 @@ def cmd_serve(args) -> int:
     fd, path = tempfile.mkstemp(prefix="llmstack-serve-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(cfg.model_dump(mode="json"), f)
-    key = "set" if os.environ.get(cfg.auth.api_key_env) else f"off (set {cfg.auth.api_key_env} to require one)"
+    key = "set" if cfg.auth.api_key() else f"off (set {cfg.auth.api_key_env} or {cfg.auth.api_key_env}_FILE to require one)"
     print(f"serving {ref.folder} as '{ref.name}' on {ref.backend} at http://{cfg.server.host}:{cfg.server.port}/v1 "
           f"(API key {key})", flush=True)
     bentoml = os.path.join(os.path.dirname(sys.executable), "bentoml")

@@ -2,11 +2,13 @@
 `llmstack serve --help` text."""
 from __future__ import annotations
 
+import os
 from typing import Literal, Optional
 
 from pydantic import Field
 
 from llmstack.config import Section
+from llmstack.errors import ConfigError
 
 
 class ModelCfg(Section):
@@ -54,10 +56,30 @@ class LimitsCfg(Section):
 class AuthCfg(Section):
     api_key_env: str = "LLMSTACK_API_KEY"
     """Environment variable holding the API key; when it is set, every route except open_routes needs
-    'Authorization: Bearer <key>'. Unset: no key needed."""
+    'Authorization: Bearer <key>'. Unset: no key needed. Or set <api_key_env>_FILE to a file holding the key
+    (a Docker / Kubernetes secret, e.g. /run/secrets/llmstack_api_key)."""
     open_routes: list[str] = ["/livez", "/healthz", "/readyz", "/metrics", "/drift", "/dashboard"]
     """Routes reachable without the key (health probes, the Prometheus scrape, the drift JSON and the dashboard
     page: aggregates only, never prompts)."""
+
+    def api_key(self, environ=None) -> str | None:
+        """The key from <api_key_env>, else from the file <api_key_env>_FILE names; None when neither is set.
+        A named file that is missing or empty is an error (a secret that failed to mount must not open the API)."""
+        env = os.environ if environ is None else environ
+        if env.get(self.api_key_env):
+            return env[self.api_key_env]
+        path = env.get(self.api_key_env + "_FILE")
+        if not path:
+            return None
+        try:
+            key = open(path, encoding="utf-8").read().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the API key file: {e.strerror}", file=path,
+                              field=self.api_key_env + "_FILE") from None
+        if not key:
+            raise ConfigError("the API key file is empty", file=path, field=self.api_key_env + "_FILE",
+                              hint="write the key into the file, or unset the variable to serve without a key")
+        return key
 
 
 class VllmCfg(Section):

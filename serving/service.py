@@ -7,7 +7,6 @@ configs/serve.yaml.
 """
 from __future__ import annotations
 
-import os
 
 import bentoml
 
@@ -33,5 +32,5 @@ class LLMService:
         close_state(self.state)
 
 
-LLMService.add_asgi_middleware(Guard, api_key=os.environ.get(CFG.auth.api_key_env) or None,
+LLMService.add_asgi_middleware(Guard, api_key=CFG.auth.api_key(),
                                open_routes=CFG.auth.open_routes, max_body_bytes=CFG.limits.max_body_bytes)

@@ -124,3 +124,20 @@ def test_api_key_and_body_size(client, state):
     assert bare.get("/livez").status_code != 401  # open route (404 here: BentoML adds it in the real server)
     r = client.post("/v1/chat/completions", json=_chat(state.model_name, user="x" * 5000))
     assert r.status_code == 413 and "larger than 4096 bytes" in r.json()["error"]["message"]
+
+
+def test_api_key_from_the_variable_or_a_secret_file(tmp_path):
+    from llmstack.errors import ConfigError
+    from serving.config import AuthCfg
+    auth, secret = AuthCfg(), tmp_path / "key"
+    secret.write_text("from-file\n")
+    assert auth.api_key({}) is None
+    assert auth.api_key({"LLMSTACK_API_KEY_FILE": str(secret)}) == "from-file"
+    assert auth.api_key({"LLMSTACK_API_KEY": "from-env", "LLMSTACK_API_KEY_FILE": str(secret)}) == "from-env"
+    # a secret that failed to mount must not silently open the API
+    with pytest.raises(ConfigError) as e:
+        auth.api_key({"LLMSTACK_API_KEY_FILE": str(tmp_path / "missing")})
+    assert e.value.field == "LLMSTACK_API_KEY_FILE" and "missing" in str(e.value.file)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        auth.api_key({"LLMSTACK_API_KEY_FILE": str(tmp_path / "empty")})

@@ -16,9 +16,12 @@ KEY = "server-test-key"
 
 @pytest.fixture(scope="module")
 def server(tiny_onnx_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "serve.log"
+    folder = tmp_path_factory.mktemp("server")
+    log, secret = folder / "serve.log", folder / "api_key"
+    secret.write_text(KEY + "\n")  # the key as a mounted secret file (compose / Kubernetes), trailing newline and all
     proc, base, _ = start_server(tiny_onnx_dir, ["limits.max_running=2", "limits.max_waiting=2",
-                                                 "limits.max_tokens=300"], log_path=log, LLMSTACK_API_KEY=KEY)
+                                                 "limits.max_tokens=300"], log_path=log,
+                                 LLMSTACK_API_KEY_FILE=str(secret))
     yield base, proc, log
     if not stop_server(proc):
         pytest.fail("server did not stop within 30 s of SIGTERM")
