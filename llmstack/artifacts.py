@@ -95,6 +95,24 @@ def read_manifest(path: str | Path) -> dict:
         raise ArtifactError(f"manifest.json is not valid JSON: {exc.msg}", file=file, line=exc.lineno) from None
 
 
+def parent_folder(manifest: dict, folder: str | Path) -> Path | None:
+    """The folder a manifest's `parent` link names. Links are absolute paths from where the run was made; when the
+    artifacts were moved or mounted elsewhere (a container's /app/artifacts), the same <stage>/<run_id> is looked
+    for under the folders above this one. None when there is no link or nothing is found."""
+    parent = manifest.get("parent") or {}
+    if not parent.get("path"):
+        return None
+    path = Path(parent["path"])
+    if path.is_dir():
+        return path.resolve()
+    if parent.get("stage") and parent.get("run_id"):
+        for above in list(Path(folder).resolve().parents)[:4]:
+            moved = above / parent["stage"] / parent["run_id"]
+            if moved.is_dir():
+                return moved
+    return None
+
+
 def find_built(root: str | Path, fingerprint: str) -> Path | None:
     """The newest complete artifact under `root` whose manifest has this fingerprint, if any."""
     root = Path(root)

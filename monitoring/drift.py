@@ -171,7 +171,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
 def find_reference(folder: str | Path) -> Path | None:
     """The drift reference of a served model: in its folder, the folder above (a compress run holds one for its
     variants; a training artifact for its merged model), or up the manifests' parent links."""
-    from llmstack.artifacts import MANIFEST, read_manifest
+    from llmstack.artifacts import MANIFEST, parent_folder, read_manifest
 
     seen: set[Path] = set()
     todo = [Path(folder).resolve()]
@@ -184,9 +184,9 @@ def find_reference(folder: str | Path) -> Path | None:
             if (g / FILE).is_file():
                 return g / FILE
             if (g / MANIFEST).is_file():
-                parent = (read_manifest(g).get("parent") or {}).get("path")
+                parent = parent_folder(read_manifest(g), g)
                 if parent:
-                    todo.append(Path(parent).resolve())
+                    todo.append(parent)
     return None
 
 

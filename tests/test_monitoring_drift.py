@@ -123,8 +123,19 @@ def test_reference_is_found_through_the_artifact_chain(tmp_path):
     (train / drift.FILE).write_text("{}")
     assert drift.find_reference(variant) == train / drift.FILE  # via the manifest's parent link
     assert drift.find_reference(train / "merged") == train / drift.FILE
-    (variant.parent / drift.FILE).write_text("{}")  # compression copies it into its run folder
-    assert drift.find_reference(variant) == variant.parent / drift.FILE
+    # the artifacts moved (a container mounts them at /app/artifacts): the absolute link is found by stage/run_id
+    moved = tmp_path / "mounted" / "artifacts"
+    moved.parent.mkdir()
+    (variant.parent / "manifest.json").write_text(json.dumps(
+        {"stage": "compress", "parent": {"path": str(train), "stage": "train", "run_id": "run1"}}))
+    tmp_path.joinpath("train").rename(moved.parent / "train-moved")
+    (moved / "train").mkdir(parents=True)
+    (moved.parent / "train-moved" / "run1").rename(moved / "train" / "run1")
+    tmp_path.joinpath("compress").rename(moved / "compress")
+    (moved / "compress" / "run2" / "onnx-int8" / "manifest.json").unlink()  # the run's manifest carries the link
+    assert drift.find_reference(moved / "compress" / "run2" / "onnx-int8") == moved / "train" / "run1" / drift.FILE
+    (moved / "compress" / "run2" / drift.FILE).write_text("{}")  # compression copies it into its run folder
+    assert drift.find_reference(moved / "compress" / "run2" / "onnx-int8") == moved / "compress" / "run2" / drift.FILE
 
 
 # ---------------------------------------------------------------- the real demo data, the real tokenizer
