@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train compress serve monitor drift-demo bench-serve vllm-env test test-fast bench-train data clean help
+.PHONY: setup system-deps train compress serve monitor drift-demo bench-serve vllm-env compose-secrets test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -62,6 +62,14 @@ drift-demo: setup  ## against a running `make serve`: in-distribution, then shif
 
 monitor: setup system-deps  ## local Prometheus (rules loaded) scraping the service on 127.0.0.1:3000; UI on 127.0.0.1:9090; ARGS='--target 127.0.0.1:8080 --port 9091'
 	$(PY) deploy/prometheus/monitor.py $(ARGS)
+
+compose-secrets:  ## random API key and Grafana admin password in deploy/secrets/ (kept if present) for deploy/docker-compose.yml
+	@mkdir -p deploy/secrets
+	@for name in llmstack_api_key grafana_admin_password; do \
+	  f=deploy/secrets/$$name; \
+	  if [ -s $$f ]; then echo "$$f: kept"; \
+	  else $(PYTHON) -c 'import secrets; print(secrets.token_hex(24))' > $$f && chmod 644 $$f && echo "$$f: created"; fi; \
+	done
 
 data: setup  ## run the data pipeline only and print the data report
 	$(CLI) data --config configs/train.yaml $(ARGS)

@@ -115,12 +115,14 @@ def test_monitor_rejects_bad_arguments_and_explains_a_missing_binary(tmp_path):
     assert r.returncode == 2 and "host:port" in r.stderr
     r = _run([PY, MONITOR, "--retention", "a week"])
     assert r.returncode == 2 and "duration" in r.stderr
+    r = _run([PY, MONITOR, "--rule-dir", "/etc/prometheus/rules"])
+    assert r.returncode != 0 and "--print-config" in r.stderr
     r = _run([PY, MONITOR, "--data-dir", tmp_path / "data"], env={**os.environ, "PATH": str(tmp_path)})
     assert r.returncode != 0 and "make system-deps" in r.stderr, r.stderr
     assert not (tmp_path / "data").exists()
     helptext = _run([PY, MONITOR, "--help"]).stdout
     for option in ("--target", "--host", "--port", "--data-dir", "--retention", "--scrape-interval", "--prometheus",
-                   "--print-config"):
+                   "--print-config", "--rule-dir"):
         assert option in helptext
 
 

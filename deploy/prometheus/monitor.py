@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TEMPLATE = HERE / "prometheus.yml"
 JOB = "llmstack"
+HEADER = "# rendered by deploy/prometheus/monitor.py from deploy/prometheus/prometheus.yml\n"
 DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 
 
@@ -61,14 +62,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "package `prometheus` (`make system-deps`)")
     p.add_argument("--print-config", action="store_true",
                    help="print the rendered prometheus.yml to stdout and exit (writes nothing, needs no binary)")
+    p.add_argument("--rule-dir", default=None,
+                   help="with --print-config: the folder the rule files are in as the Prometheus that loads the "
+                        "printed config sees it (e.g. /etc/prometheus/rules in a container; how "
+                        "deploy/compose/prometheus.yml is made); default: this checkout's deploy/prometheus/rules")
     return p.parse_args(argv)
 
 
-def render(target: str, scrape_interval: str | None = None, template: Path = TEMPLATE) -> dict:
-    """The template with `target` as the llmstack job's only target, the rule files as absolute paths and, when
-    given, `scrape_interval` as both the scrape and the rule evaluation interval."""
+def render(target: str, scrape_interval: str | None = None, template: Path = TEMPLATE,
+           rule_dir: str | None = None) -> dict:
+    """The template with `target` as the llmstack job's only target, the rule files as absolute paths (in
+    `rule_dir` when given: where another machine or a container has them) and, when given, `scrape_interval` as both
+    the scrape and the rule evaluation interval."""
     config = yaml.safe_load(template.read_text(encoding="utf-8"))
-    config["rule_files"] = [str((template.parent / f).resolve()) for f in config.get("rule_files", [])]
+    config["rule_files"] = [f"{rule_dir.rstrip('/')}/{Path(f).name}" if rule_dir else
+                            str((template.parent / f).resolve()) for f in config.get("rule_files", [])]
     if scrape_interval:
         config.setdefault("global", {}).update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
     jobs = [job for job in config.get("scrape_configs", []) if job.get("job_name") == JOB]
@@ -85,10 +93,13 @@ def command(binary: str, config_file: Path, data_dir: Path, host: str, port: int
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    config = render(args.target, args.scrape_interval)
+    if args.rule_dir and not args.print_config:
+        raise SystemExit("error: --rule-dir only applies with --print-config (a local Prometheus loads this "
+                         "checkout's rules)")
+    config = render(args.target, args.scrape_interval, rule_dir=args.rule_dir)
     text = yaml.safe_dump(config, sort_keys=False)
     if args.print_config:
-        sys.stdout.write(text)
+        sys.stdout.write(HEADER + text)
         return
     binary = shutil.which(args.prometheus)
     if binary is None:
@@ -97,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     config_file = data_dir / "prometheus.yml"
-    config_file.write_text("# rendered by deploy/prometheus/monitor.py from deploy/prometheus/prometheus.yml\n" + text,
-                           encoding="utf-8")
+    config_file.write_text(HEADER + text, encoding="utf-8")
     cmd = command(binary, config_file, data_dir, args.host, args.port, args.retention)
     interval = config.get("global", {}).get("scrape_interval", "1m")
     print(f"Prometheus on http://{args.host}:{args.port} scraping http://{args.target}/metrics every {interval}; "
