@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 from llmstack.errors import ConfigError
@@ -12,6 +13,7 @@ from llmstack.errors import ConfigError
 from monitoring.live import build as build_monitor
 
 from .api import State
+from .bento import bundled
 from .config import ServeConfig
 from .model_ref import ModelRef, gpu_available, resolve
 
@@ -48,6 +50,17 @@ def _context(folder: Path) -> int:
     return int(cfg.get("max_position_embeddings") or 2048)
 
 
+def _vllm_sees_gpu(python: str) -> bool:
+    """Whether vLLM's own environment sees a GPU. The stack's torch may be the CPU build while vLLM's is CUDA (the
+    GPU image, deploy/docker/serve-gpu.Dockerfile, keeps one CUDA torch, vLLM's): ask the Python that runs vLLM."""
+    try:
+        out = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
+                             text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and out.stdout.strip().endswith("True")
+
+
 def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
     from transformers import AutoTokenizer
 
@@ -55,6 +68,10 @@ def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
     from .metrics import Metrics
 
     ref = resolve(cfg.model.path, cfg.model.backend, cfg.model.name, cfg.model.file_name)
+    bundle = bundled(ref.folder)  # a model imported by `llmstack bento`: served as `llmstack serve` named it
+    if bundle:
+        ref.lineage = bundle.get("lineage") or ref.lineage
+        ref.name = cfg.model.name or bundle.get("name") or ref.name
     adapters = {a.name: a.path for a in cfg.adapters}
     if adapters and ref.backend == "onnxruntime":
         raise ConfigError("LoRA adapters need an HF base model on the transformers or vllm backend; ONNX exports are "
@@ -72,8 +89,8 @@ def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
     lim = cfg.limits
     if ref.backend == "vllm":
         from .backends.vllm import VllmGenerator
-        gen = VllmGenerator(cfg, ref.folder, ref.name, adapters, gpu_available(), metrics,
-                            _context(ref.folder)).start()
+        gen = VllmGenerator(cfg, ref.folder, ref.name, adapters, gpu_available() or _vllm_sees_gpu(cfg.vllm.python),
+                            metrics, _context(ref.folder)).start()
     else:
         if ref.backend == "onnxruntime":
             from .backends.onnx import OnnxBackend

@@ -4,24 +4,41 @@ Thin by design: the OpenAI API is a FastAPI app (serving/api.py) mounted at the 
 /livez, /healthz, /readyz (ready once __init__ has loaded and warmed the model) and /metrics (its bentoml_* series
 plus ours from serving/metrics.py). The config comes from LLMSTACK_SERVE_CONFIG (written by `llmstack serve`) or
 configs/serve.yaml.
+
+Built into a Bento (`llmstack bento`, serving/bento.py), the Bento arguments name the model (`model`: a BentoML model
+tag, declared below so bento.yaml lists it and `bentoml containerize` ships it) and the config (`config`, baked at
+build time; LLMSTACK_SERVE_CONFIG still wins when set); the service then serves that model's folder.
 """
 from __future__ import annotations
 
+import os
 
 import bentoml
 
 from serving.api import Guard, build_app
-from serving.runtime import build_state, close_state, load_config
+from serving.config import ServeConfig
+from serving.runtime import CONFIG_ENV, build_state, close_state, load_config
 
-CFG = load_config()
+BENTO_ARGS = bentoml.use_arguments()  # empty unless built / served as a Bento
+BENTO_MODEL = getattr(BENTO_ARGS, "model", None)
+BENTO_CONFIG = getattr(BENTO_ARGS, "config", None)
+CFG = (ServeConfig.model_validate(BENTO_CONFIG) if BENTO_CONFIG and not os.environ.get(CONFIG_ENV)
+       else load_config())
 app = build_app()
 
 
 @bentoml.service(name="llmstack", workers=1, traffic={"timeout": 900})
 @bentoml.asgi_app(app, path="/")
 class LLMService:
+    if BENTO_MODEL:
+        bento_model = bentoml.models.BentoModel(BENTO_MODEL)  # resolved from the Bento's (or BENTOML_HOME's) model store
+
     def __init__(self) -> None:
-        self.state, self.ref = build_state(CFG)
+        cfg = CFG
+        if BENTO_MODEL:
+            cfg = CFG.model_copy(deep=True)
+            cfg.model.path = str(self.bento_model.path)
+        self.state, self.ref = build_state(cfg)
         app.state.llm = self.state
 
     def __is_ready__(self) -> bool:
