@@ -148,6 +148,67 @@ def test_vllm_command_line_and_missing_environment(tiny_model_dir):
         VllmGenerator(cfg, Path(tiny_model_dir), "demo")
 
 
+def test_vllm_backend_reports_running_and_waiting_for_the_autoscaler(tiny_model_dir):
+    """The HPA / KEDA scale on llm_requests_running + llm_requests_waiting: with vLLM those come from the requests
+    in flight (beyond --max-num-seqs they wait in vLLM's queue). A local HTTP server speaking vLLM's streaming
+    /v1/completions holds every request open until the test has read the gauges."""
+    import sys
+
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from serving_fixtures import free_port, sample_value
+    from serving.backends.vllm import VllmGenerator
+    from serving.engine import Params
+    from serving.metrics import Metrics
+
+    release = asyncio.Event()
+
+    async def completions(request):
+        async def chunks():
+            yield 'data: {"choices": [{"text": "a", "logprobs": {"token_logprobs": [-0.5]}}]}\n\n'
+            await release.wait()
+            yield 'data: {"choices": [{"text": "", "finish_reason": "length"}], "usage": {"completion_tokens": 1}}\n\n'
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])]),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    cfg = serve_cfg(tiny_model_dir, model={"backend": "vllm"}, limits={"max_running": 2, "max_waiting": 4},
+                    vllm={"python": sys.executable, "port": port})
+    registry = CollectorRegistry()
+    gen = VllmGenerator(cfg, Path(tiny_model_dir), "demo", metrics=Metrics("demo", "vllm", registry=registry))
+
+    def gauges():
+        labels = {"model": "demo", "adapter": "", "backend": "vllm"}
+        return (sample_value(registry, "llm_requests_running", **labels),
+                sample_value(registry, "llm_requests_waiting", **labels))
+
+    async def scenario():
+        serve = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.05)
+        streams = [gen.stream(f"r{i}", [1, 2], Params(max_tokens=1, temperature=0)) for i in range(3)]
+        firsts = [await s.__anext__() for s in streams]  # all three in flight, each holding its first token
+        during = gauges()
+        release.set()
+        lasts = [[e async for e in s][-1] for s in streams]
+        after = gauges()
+        await gen.client.aclose()
+        server.should_exit = True
+        await serve
+        return firsts, lasts, during, after
+
+    firsts, lasts, during, after = asyncio.run(scenario())
+    assert [e.text for e in firsts] == ["a"] * 3 and all(e.finish == "length" and e.error is None for e in lasts)
+    assert during == (2.0, 1.0)  # max_running 2: the third waits in vLLM's queue
+    assert after == (0.0, 0.0)
+
+
 def test_vllm_backend_serves_when_a_vllm_environment_exists(tiny_model_dir, tmp_path):
     cfg = serve_cfg(tiny_model_dir, model={"backend": "vllm"})
     if not Path(cfg.vllm.python).exists():

@@ -93,6 +93,13 @@ class VllmGenerator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
+    def _report_load(self) -> None:
+        """The load gauges (what the autoscalers read): vLLM runs at most max_running sequences (--max-num-seqs),
+        so the requests in flight beyond that wait in its queue."""
+        if self.metrics:
+            cap = self.cfg.limits.max_running
+            self.metrics.load(min(self.running, cap), max(0, self.running - cap))
+
     async def stream(self, rid: str, prompt_ids: list[int], params: Params, adapter: str = ""):
         lim = self.cfg.limits
         if self.running >= lim.max_running + lim.max_waiting:
@@ -111,6 +118,7 @@ class VllmGenerator:
         if params.ignore_eos:
             body["ignore_eos"] = True
         self.running += 1
+        self._report_load()
         req.started = time.perf_counter()
         if self.metrics:
             self.metrics.queue_time(req)  # vLLM queues internally; this records the prompt tokens
@@ -151,6 +159,7 @@ class VllmGenerator:
             yield Event("", count, finish=req.finish, error=error, logprob_sum=lp_sum)
         finally:
             self.running -= 1
+            self._report_load()
             if req.finish is None:  # the client went away: closing the stream made vLLM abort the request
                 req.generated, req.finish = [0] * count, "abort"
                 if self.metrics:
