@@ -6,6 +6,7 @@ CLI := $(VENV)/bin/llmstack
 STAMP := $(VENV)/.installed
 BASE_MODEL := models/smollm2-135m-instruct/model.safetensors
 ARGS ?=
+OVERLAY ?= cpu
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -13,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train compress serve monitor drift-demo bench-serve vllm-env compose-secrets test test-fast bench-train data clean help
+.PHONY: setup system-deps train compress serve monitor drift-demo bench-serve vllm-env compose-secrets k8s-render test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -70,6 +71,10 @@ compose-secrets:  ## random API key and Grafana admin password in deploy/secrets
 	  if [ -s $$f ]; then echo "$$f: kept"; \
 	  else $(PYTHON) -c 'import secrets; print(secrets.token_hex(24))' > $$f && chmod 644 $$f && echo "$$f: created"; fi; \
 	done
+
+k8s-render: setup  ## Kubernetes manifests of deploy/kubernetes/overlays/$(OVERLAY) to stdout (OVERLAY=cpu|gpu|keda); PrometheusRule re-generated from deploy/prometheus/rules first
+	@$(PY) deploy/kubernetes/render_rules.py >&2
+	@$(VENV)/bin/kubectl kustomize deploy/kubernetes/overlays/$(OVERLAY)
 
 data: setup  ## run the data pipeline only and print the data report
 	$(CLI) data --config configs/train.yaml $(ARGS)
