@@ -95,9 +95,10 @@ class TrainCfg(Section):
     lr: float = Field(2e-4, gt=0)
     """Peak learning rate."""
     batch_size: int = Field(8, ge=1)
-    """Examples per micro-batch (packing puts them into as few rows as fit in max_seq_len)."""
+    """Examples per micro-batch and process (packing puts them into as few rows as fit in max_seq_len)."""
     grad_accum: int = Field(1, ge=1)
-    """Gradient accumulation steps; the effective batch is batch_size x grad_accum."""
+    """Gradient accumulation steps; the effective batch is batch_size x grad_accum x the number of processes
+    (torchrun / accelerate launch)."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = -1
@@ -116,7 +117,7 @@ class TrainCfg(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     """Gradient clipping norm (0 disables)."""
     scale_lr: bool = False
-    """Scale lr by sqrt(effective batch / scale_lr_base_batch)."""
+    """Scale lr by sqrt(effective batch / scale_lr_base_batch) (the effective batch counts every process)."""
     scale_lr_base_batch: int = Field(8, ge=1)
     """The effective batch size that `lr` was tuned for."""
     packing: bool = True
@@ -140,7 +141,18 @@ class TrainCfg(Section):
     seed: int = 42
     """Seed for data order, splits, sampling and initialisation."""
     threads: int = Field(0, ge=0)
-    """torch CPU threads (0: all cores)."""
+    """torch CPU threads per process (0: all cores, shared among the training processes of this machine)."""
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    """Autocast the forward and backward passes to bf16 / fp16 (weights stay in model.dtype); null: what the launcher
+    says (`accelerate launch` with a config's mixed_precision), else no. bf16 on GPUs that have it; this CPU has no
+    fast bf16. DeepSpeed configs with "auto" precision take it from here."""
+    ddp_backend: Optional[Literal["nccl", "gloo", "mpi", "ccl"]] = None
+    """Several processes (torchrun / accelerate launch): the torch.distributed backend; null: what the HF Trainer
+    picks, nccl on CUDA GPUs and gloo on CPU. Ignored by a single process."""
+    ddp_find_unused_parameters: Optional[bool] = None
+    """Several processes with DDP: let DDP look for trainable parameters that got no gradient in a step; null: the
+    Trainer's default (on unless gradient checkpointing). false saves a graph walk per step, but DDP then fails on
+    a step that leaves a trainable parameter without gradient."""
 
 
 class EvalCfg(Section):
@@ -216,11 +228,11 @@ class TrainConfig(Section):
             raise ValueError("method.adalora_init_r must be >= method.lora_r")
         return self
 
-    def effective_lr(self) -> float:
+    def effective_lr(self, world_size: int = 1) -> float:
         t = self.train
         if not t.scale_lr:
             return t.lr
-        return t.lr * math.sqrt(t.batch_size * t.grad_accum / t.scale_lr_base_batch)
+        return t.lr * math.sqrt(t.batch_size * t.grad_accum * world_size / t.scale_lr_base_batch)
 
     def poor_settings(self) -> list[str]:
         """Settings known to train badly: warned about, not refused."""
