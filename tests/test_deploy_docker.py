@@ -373,3 +373,18 @@ def test_dockerignore_matching_follows_docker():
     assert check(["artifacts"], "artifacts/compress/latest/model.onnx") and not check(["artifacts"], "xartifacts")
     pats = dockerignore()
     assert not ignored("README.md", pats) and not ignored("serving/api.py", pats)
+
+
+def test_gpu_image_stack_asks_vllm_environment_for_the_gpu(tmp_path):
+    """serve-gpu keeps torch's CPU build in /opt/llmstack and the CUDA one in /opt/vllm: whether vLLM gets its GPU
+    flags (--gpu-memory-utilization, tensor parallelism) is asked of vLLM's Python, not the stack's torch."""
+    import os
+
+    from serving.runtime import _vllm_sees_gpu
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho True\n")
+    os.chmod(fake, 0o755)
+    assert _vllm_sees_gpu(str(fake)) is True
+    assert _vllm_sees_gpu(str(tmp_path / "missing")) is False
+    assert _vllm_sees_gpu(PY) is False  # this machine: CPU torch, no GPU
