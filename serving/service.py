@@ -31,7 +31,7 @@ app = build_app()
 @bentoml.asgi_app(app, path="/")
 class LLMService:
     if BENTO_MODEL:
-        bento_model = bentoml.models.BentoModel(BENTO_MODEL)  # resolved from the Bento's (or BENTOML_HOME's) model store
+        bento_model = bentoml.models.BentoModel(BENTO_MODEL)  # from the Bento's (or BENTOML_HOME's) model store
 
     def __init__(self) -> None:
         cfg = CFG

