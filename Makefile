@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train compress serve monitor drift-demo bench-serve vllm-env compose-secrets k8s-render test test-fast bench-train data clean help
+.PHONY: setup system-deps train compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -63,6 +63,21 @@ drift-demo: setup  ## against a running `make serve`: in-distribution, then shif
 
 monitor: setup system-deps  ## local Prometheus (rules loaded) scraping the service on 127.0.0.1:3000; UI on 127.0.0.1:9090; ARGS='--target 127.0.0.1:8080 --port 9091'
 	$(PY) deploy/prometheus/monitor.py $(ARGS)
+
+bento: setup  ## the Bento (served model + service) in the BentoML store (BENTOML_HOME, default ~/bentoml); ARGS='limits.max_running=16'
+	test -e artifacts/compress/latest/manifest.json || $(MAKE) compress
+	$(CLI) bento --config configs/serve.yaml $(ARGS)
+
+containerize: bento  ## the Bento as the OCI image llmstack/bento:0.1.0 (needs a Docker engine)
+	$(VENV)/bin/bentoml containerize llmstack:latest -t llmstack/bento:0.1.0
+
+images:  ## llmstack/serve-cpu, serve-gpu, train-gpu:0.1.0 from deploy/docker (needs a Docker engine)
+	docker build -f deploy/docker/serve-cpu.Dockerfile -t llmstack/serve-cpu:0.1.0 .
+	docker build -f deploy/docker/serve-gpu.Dockerfile -t llmstack/serve-gpu:0.1.0 .
+	docker build -f deploy/docker/train-gpu.Dockerfile -t llmstack/train-gpu:0.1.0 .
+
+lock: setup  ## regenerate deploy/requirements/*.txt from .venv (after changing pyproject.toml's dependencies)
+	$(PY) deploy/requirements/lock.py
 
 compose-secrets:  ## random API key and Grafana admin password in deploy/secrets/ (kept if present) for deploy/docker-compose.yml
 	@mkdir -p deploy/secrets
