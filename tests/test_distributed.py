@@ -13,12 +13,15 @@ gradient all-reduce) by 0.013.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from conftest import PY, ROOT, cli_env, run_cli, tiny_config_dict, write_yaml
 
@@ -42,24 +45,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _only_artifact(root: Path) -> Path:
-    """The one artifact under root; nothing else is left there but `latest` and an empty .work/."""
+def _only_artifact(root: Path, work_left: bool = False) -> Path:
+    """The one artifact under root; nothing else is left there but `latest` and an empty .work/ (work_left: the
+    run's own kept checkpoints)."""
     names = {p.name for p in root.iterdir()}
     runs = [p for p in root.iterdir() if not p.name.startswith(".") and p.name != "latest"]
     assert len(runs) == 1, f"expected one artifact under {root}, found {sorted(names)}"
     assert names == {runs[0].name, "latest", ".work"}, sorted(names)
-    assert not list((root / ".work").iterdir()), "a run folder was left in .work (a second rank's own run?)"
+    left = [p.name for p in (root / ".work").iterdir()]
+    assert left == ([runs[0].name] if work_left else []), f"{left} in .work (a second rank's own run?)"
     assert (root / "latest").resolve() == runs[0].resolve()
     return runs[0]
 
 
-def _result(root: Path, proc: subprocess.CompletedProcess) -> SimpleNamespace:
+def _result(root: Path, proc: subprocess.CompletedProcess, work_left: bool = False) -> SimpleNamespace:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     from safetensors.torch import load_file
 
-    path = _only_artifact(root)
+    path = _only_artifact(root, work_left)
     return SimpleNamespace(path=path, proc=proc, manifest=json.loads((path / "manifest.json").read_text()),
                            weights=load_file(path / "adapter" / "adapter_model.safetensors"))
+
+
+def _torchrun(*args, torchrun_args=()) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m llmstack train ARGS` (a free port of its own)."""
+    return subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, torchrun_args), "-m", "llmstack", "train", *map(str, args)], cwd=ROOT,
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +82,40 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data):
     single_cfg = _config(folder, "single", 4, tiny_model_dir, tiny_data)
     ddp_cfg = _config(folder, "ddp", 2, tiny_model_dir, tiny_data)
     acc_cfg = _config(folder, "accelerate", 2, tiny_model_dir, tiny_data)
-    env = cli_env()
     single = _result(folder / "single", run_cli(["train", "--config", single_cfg]))
     logs = folder / "rank-logs"
-    ddp = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "--log-dir", str(logs), "--redirects", "3", "-m", "llmstack", "train", "--config",
-                          str(ddp_cfg)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    ddp = _result(folder / "ddp", ddp)
+    ddp = _result(folder / "ddp", _torchrun("--config", ddp_cfg, torchrun_args=("--log-dir", logs, "--redirects", 3)))
     ddp.rank_logs = {int(p.parent.name): p.parent for p in logs.rglob("stdout.log")}
     acc = subprocess.run([PY, "-m", "accelerate.commands.launch", "--config_file",
                           str(ROOT / "deploy" / "training" / "ddp.yaml"), "--num_processes", "2",
                           "--mixed_precision", "no", "--main_process_port", str(_free_port()), "-m", "llmstack",
-                          "train", "--config", str(acc_cfg)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          "train", "--config", str(acc_cfg)], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                          timeout=300)
     return SimpleNamespace(single=single, ddp=ddp, accelerate=_result(folder / "accelerate", acc))
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, tiny_model_dir, tiny_data):
+    """The torchrun run again, keeping its checkpoints; then made into one killed after step 2's checkpoint (no
+    artifact, no checkpoint-3) and resumed with 2 processes."""
+    folder = tmp_path_factory.mktemp("distributed-resume")
+    cfg = _config(folder, "out", 2, tiny_model_dir, tiny_data)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["output"]["keep_checkpoints"] = True
+    raw["eval"]["after"], raw["drift"] = False, {"enabled": False}  # the weights are what is compared
+    write_yaml(cfg, raw)
+    first = _torchrun("--config", cfg)
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = folder / "out"
+    run_id = os.readlink(root / "latest")
+    work = root / ".work" / run_id
+    assert {p.name for p in (work / "checkpoints").iterdir()} == {"checkpoint-2", "checkpoint-3"}
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (work / "checkpoints" / "checkpoint-2").iterdir()}
+    for p in (root / run_id, work / "checkpoints" / "checkpoint-3", work / "adapter"):
+        shutil.rmtree(p)
+    (root / "latest").unlink()
+    proc = _torchrun("--config", cfg, "--resume", run_id)
+    return _result(root, proc, work_left=True)
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -131,3 +163,48 @@ def test_only_rank_0_reports(runs):
     assert out1.strip() == "", "rank 1 prints nothing (no table, no artifact line)"
     assert "train:" in err0 and "train:" not in err1, "only rank 0 shows the progress bar"
     assert f"run {runs.ddp.path.name}:" in err0 and "run " not in err1, "rank 1 logs warnings only"
+
+
+def test_resume_with_two_processes(runs, resumed):
+    """`--resume` under torchrun continues from checkpoint-2 (each rank restores its own RNG state, the optimizer
+    state loads on the CPU) and ends where the uninterrupted run ended."""
+    t = resumed.manifest["training"]
+    assert t["resumed_from"] == "checkpoint-2" and t["steps"] == 3 and t["distributed"]["world_size"] == 2
+    assert _max_diff(resumed.weights, runs.ddp.weights) <= WEIGHT_TOL
+
+
+def test_fsdp_or_deepspeed_weights_are_gathered_into_a_fresh_model_on_rank_0(tiny_model_dir, tiny_config):
+    """FSDP and DeepSpeed keep sharded / cast copies of the weights: after training, rank 0 loads the gathered full
+    state dict into a fresh base model with the method applied. Simulated (no GPU here) with an accelerator whose
+    get_state_dict returns such a state dict, without the tied LM head copy (as ZeRO-3's consolidated one)."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    from llmstack.errors import ArtifactError
+    from training import distributed, methods, sft
+    from training.model import load_model
+
+    cfg = tiny_config()
+    trained = methods.apply(load_model(str(tiny_model_dir)), cfg.method, 3)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    state = {k: v.clone() for k, v in trained.state_dict().items() if not k.endswith("lm_head.weight")}
+    calls = []
+
+    def trainer(sd):
+        return SimpleNamespace(model_wrapped="engine", accelerator=SimpleNamespace(
+            distributed_type=DistributedType.FSDP, get_state_dict=lambda m: calls.append(m) or sd))
+
+    rank1 = sft._gather_trained(trainer({}), None, cfg, str(tiny_model_dir), 3, distributed.Dist(rank=1, world_size=2))
+    assert rank1 is None and calls == ["engine"], "every rank joins the gather; only rank 0 gets a model"
+    model = sft._gather_trained(trainer(state), None, cfg, str(tiny_model_dir), 3, distributed.Dist())
+    assert model is not trained
+    got = model.state_dict()
+    for k, v in trained.state_dict().items():
+        assert torch.equal(got[k], v), k
+    state.pop(next(k for k in state if "lora_A" in k))
+    with pytest.raises(ArtifactError, match="1 missing"):
+        sft._gather_trained(trainer(state), None, cfg, str(tiny_model_dir), 3, distributed.Dist())

@@ -149,10 +149,10 @@ class TrainCfg(Section):
     ddp_backend: Optional[Literal["nccl", "gloo", "mpi", "ccl"]] = None
     """Several processes (torchrun / accelerate launch): the torch.distributed backend; null: what the HF Trainer
     picks, nccl on CUDA GPUs and gloo on CPU. Ignored by a single process."""
-    ddp_find_unused_parameters: Optional[bool] = None
-    """Several processes with DDP: let DDP look for trainable parameters that got no gradient in a step; null: the
-    Trainer's default (on unless gradient checkpointing). false saves a graph walk per step, but DDP then fails on
-    a step that leaves a trainable parameter without gradient."""
+    ddp_find_unused_parameters: Optional[bool] = False
+    """Several processes with DDP: let DDP look for trainable parameters that got no gradient in a step (a graph walk
+    per step, and a warning on every rank when there are none). Every method here gives all its trainable parameters
+    a gradient in every step; DDP stops with an error if one does not. null: the Trainer's default (on)."""
 
 
 class EvalCfg(Section):

@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -84,6 +85,22 @@ class AnswerLossTrainer(Trainer):
 
         with _forward_replaced(inner, forward):
             return model(**inputs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Resuming with several processes on the CPU: accelerate names each process's device cpu:<rank>, which the
+        Trainer passes to torch.load as map_location for the optimizer state, and torch refuses it. Load to "cpu"."""
+        device = self.args.device
+        if checkpoint is None or self.args.world_size <= 1 or device.type != "cpu" or device.index is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load = torch.load
+
+        def cpu_load(*args, **kwargs):
+            if kwargs.get("map_location") == device:
+                kwargs["map_location"] = "cpu"
+            return load(*args, **kwargs)
+
+        with unittest.mock.patch.object(torch, "load", cpu_load):
+            return super()._load_optimizer_and_scheduler(checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n_tokens = int(inputs.pop("n_tokens"))
