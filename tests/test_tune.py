@@ -157,8 +157,16 @@ def test_interrupted_search_resumes(make_tune, monkeypatch):
     monkeypatch.setattr(sft, "run", real)
     res = run_cli(["tune", "--config", path, "--resume", "t1"], timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
-    states = [r["state"] for r in rows(path.parent / "tune" / "t1")]
+    out = path.parent / "tune" / "t1"
+    states = [r["state"] for r in rows(out)]
     assert states.count("complete") == 3, states  # 1 before the interruption, 2 after: budget.n_trials in all
+    assert states.count("fail") == 1, "the trial the interruption killed is recorded as failed"
+    # the best config is ready to train as it is
+    res = run_cli(["train", "--config", out / "best.yaml"], timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trained = json.loads((path.parent / "train-out" / "latest" / "manifest.json").read_text())
+    best = json.loads((out / "manifest.json").read_text())["best"]
+    assert trained["config"]["train"]["lr"] == best["params"]["train.lr"]
 
 
 def _line_of(path: Path, text: str) -> int:
