@@ -129,6 +129,20 @@ def test_rejected_kind(prediction, kind):
     assert preference.rejected_kind(prediction, ref, FIELDS) == kind
 
 
+def test_sequence_logps_match_the_full_forward(tiny_model_dir):
+    from training.model import load_model
+
+    model = load_model(str(tiny_model_dir)).eval()
+    rows = [([1, 5, 9, 13], [20, 21, 22]), ([1, 7], [30, 31, 32, 33, 34])]
+    got = preference.sequence_logps(model, 0, rows, batch_size=2)
+    for (p, a), value in zip(rows, got):
+        ids = torch.tensor([p + a])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        want = sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a))
+        assert value == pytest.approx(want, abs=1e-3)
+
+
 def test_pair_metrics():
     m = preference.pair_metrics([-1.0, -5.0], [-2.0, -3.0], {"chosen_logps": [-1.0, -6.0],
                                                               "rejected_logps": [-1.0, -3.0]}, beta=0.5)

@@ -39,6 +39,7 @@ from llmstack.log import log
 from . import data as data_mod
 from . import evaluate as ev
 from . import methods, report, sft
+from .collate import decoder_and_head
 from .config import TrainConfig, warn_poor_settings
 from .model import load_model, load_tokenizer, resolve
 
@@ -313,9 +314,14 @@ def sequence_logps(model, pad_id: int, rows: list[tuple[list[int], list[int]]], 
             ids[j, :len(p) + len(a)] = torch.tensor(p + a)
             mask[j, :len(p) + len(a)] = 1
             target[j, len(p):len(p) + len(a)] = True
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        out += (logp * target[:, 1:]).sum(-1).tolist()
+        # the LM head only where the next token is an answer token (the full vocabulary for every position of a
+        # batch would be most of the work and memory)
+        decoder, head = decoder_and_head(model)
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        keep = target[:, 1:]
+        logp = torch.log_softmax(head(hidden[keep]).float(), -1).gather(-1, ids[:, 1:][keep][:, None])[:, 0]
+        row = torch.arange(len(chunk))[:, None].expand_as(keep)[keep]
+        out += torch.zeros(len(chunk)).index_add_(0, row, logp).tolist()
     return out
 
 
