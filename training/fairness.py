@@ -1,0 +1,633 @@
+"""Bias and fairness checks: counterfactual probes (flip rates) and group metrics (fairlearn).
+
+Flow, top to bottom: load the term groups (terms.yaml) and the probes (JSONL), every problem at once -> expand each
+probe into its counterfactual variants (one per group and aligned term index) -> one batched greedy generation pass
+-> flip rates per attribute and field, which group deviates, examples -> group metrics (demographic parity, equal
+opportunity, equalized odds) per positive-class field, on the probe variants (group = the term group) and on an
+optional labelled table with a group column -> flag against the thresholds -> fairness.json / .md / .png, and a
+`fairness` entry in the manifest when the model is a training artifact.
+
+Greedy decoding makes a flip a real difference in behaviour, not sampling noise. The generator is injected
+(`generate_fn(prompts) -> answers`), so the arithmetic is testable without a model. This module is light at import
+(the CLI builds its parser from it); torch, transformers, fairlearn and matplotlib load when a check runs.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from llmstack import artifacts
+from llmstack.config import read_yaml
+from llmstack.errors import ConfigError, DataError, StackError, collect
+from llmstack.log import log
+
+from .config import FairnessCfg
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+INVALID = "<no answer>"  # the value of a field the answer does not contain (unparseable JSON included)
+FILES = ("fairness.json", "fairness.md", "fairness.png")
+
+
+# ---------------------------------------------------------------- inputs
+@dataclass
+class Attribute:
+    name: str
+    groups: dict[str, dict[str, list[str]]]  # group -> placeholder -> aligned terms
+    description: str = ""
+
+    @property
+    def placeholders(self) -> set[str]:
+        return set(next(iter(self.groups.values())))
+
+
+@dataclass
+class Probe:
+    id: str
+    attribute: str
+    template: str
+    instruction: str = ""
+    reference: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def load_terms(path: str | Path) -> dict[str, Attribute]:
+    """attributes.<attribute>.groups.<group>.<placeholder>: [terms] (a single string is one term)."""
+    data, lines = read_yaml(path)  # ConfigError for a missing file / bad YAML, with the line
+    errors: list[StackError] = []
+    attrs = data.get("attributes")
+    if not isinstance(attrs, dict) or not attrs:
+        raise ConfigError("needs a top-level `attributes:` mapping of attribute -> groups", file=path, line=1,
+                          field="attributes")
+    out = {}
+    for name, spec in attrs.items():
+        where = dict(file=path, line=lines.get(("attributes", name)))
+        groups = spec.get("groups") if isinstance(spec, dict) else None
+        if not isinstance(groups, dict) or len(groups) < 2:
+            errors.append(ConfigError("needs `groups:` with at least two term groups to compare", **where,
+                                      field=f"attributes.{name}.groups"))
+            continue
+        clean: dict[str, dict[str, list[str]]] = {}
+        for g, terms in groups.items():
+            gl = dict(file=path, line=lines.get(("attributes", name, "groups", g)),
+                      field=f"attributes.{name}.groups.{g}")
+            if not isinstance(terms, dict) or not terms:
+                errors.append(ConfigError("must map placeholders to term lists, e.g. {name: [Emily, Sarah]}", **gl))
+                continue
+            clean[g] = {}
+            for ph, values in terms.items():
+                values = [values] if isinstance(values, str) else values
+                if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+                    errors.append(ConfigError(f"placeholder '{ph}' needs a non-empty list of strings", **gl))
+                    continue
+                clean[g][ph] = values
+        keys = {g: set(groups[g]) for g in clean}  # as written: a bad term list is reported once, above
+        if clean and len({frozenset(k) for k in keys.values()}) > 1:
+            union = set().union(*keys.values())
+            for g, k in keys.items():
+                if k != union:
+                    errors.append(ConfigError(f"group lacks placeholders {sorted(union - k)} that other groups of "
+                                              f"'{name}' define (every group must fill every placeholder)",
+                                              file=path, line=lines.get(("attributes", name, "groups", g)),
+                                              field=f"attributes.{name}.groups.{g}"))
+        out[name] = Attribute(name, clean, spec.get("description", "") if isinstance(spec, dict) else "")
+    collect(errors, "problems in the term groups")
+    return out
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict | None, str]]:
+    """(line, row or None, error) for a JSONL or CSV file."""
+    if not path.is_file():
+        raise DataError("file not found", file=path, hint="check the path (the demo probes come from "
+                        "`.venv/bin/python data/generate_fairness.py`)")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".csv":
+        return [(i + 2, dict(r), "") for i, r in enumerate(csv.DictReader(text.splitlines()))]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rows.append((n, None, f"not valid JSON: {exc.msg}"))
+            continue
+        rows.append((n, row, "" if isinstance(row, dict) else "must be a JSON object"))
+    return rows
+
+
+def _placeholders(text: str) -> list[str]:
+    return list(dict.fromkeys(PLACEHOLDER.findall(text)))
+
+
+def _key(ph: str) -> str:
+    """{Pronoun} is the capitalised form of {pronoun}."""
+    return ph[:1].lower() + ph[1:]
+
+
+def load_probes(path: str | Path, terms: dict[str, Attribute], terms_file: str | Path = "terms.yaml") -> list[Probe]:
+    path = Path(path)
+    errors: list[StackError] = []
+    probes: list[Probe] = []
+    for n, row, err in _read_rows(path):
+        where = dict(file=path, line=n)
+        if err:
+            errors.append(DataError(err, **where))
+            continue
+        text, attr = row.get("input"), row.get("attribute")
+        if not isinstance(text, str) or not text.strip():
+            errors.append(DataError("needs the message text with placeholders, e.g. \"Hi, I'm {name}. ...\"",
+                                    **where, field="input"))
+            continue
+        if attr not in terms:
+            errors.append(DataError(f"unknown attribute {attr!r}", **where, field="attribute",
+                                    hint=f"{terms_file} defines: {', '.join(terms)}"))
+            continue
+        found = _placeholders(text)
+        if not found:
+            errors.append(DataError(f"has no placeholders: a probe must mention the customer through "
+                                    f"{attr} terms, e.g. {{{sorted(terms[attr].placeholders)[0]}}}",
+                                    **where, field="input"))
+            continue
+        missing = [p for p in found if _key(p) not in terms[attr].placeholders]
+        if missing:
+            errors.append(DataError(f"placeholder {{{missing[0]}}} has no term group in attribute '{attr}' (it "
+                                    f"defines {', '.join(sorted(terms[attr].placeholders))})", **where,
+                                    field="input", hint=f"add '{_key(missing[0])}' to every group of '{attr}' "
+                                    f"in {terms_file}, or fix the placeholder"))
+            continue
+        ref = row.get("reference") or {}
+        if isinstance(ref, str):
+            ref = _parse_answer(ref) or {}
+        probes.append(Probe(str(row.get("id", f"{path.name}:{n}")), attr, text, row.get("instruction") or "",
+                            ref if isinstance(ref, dict) else {}, f"{path}:{n}"))
+    if not probes and not errors:
+        errors.append(DataError("no probes", file=path))
+    collect(errors, "problems in the probes")
+    return probes
+
+
+# ---------------------------------------------------------------- counterfactual variants
+@dataclass
+class Variant:
+    probe: Probe
+    group: str
+    index: int           # which aligned term of the group
+    terms: dict          # placeholder -> term used
+    text: str
+
+
+def fill(template: str, terms: dict[str, str]) -> str:
+    def one(m):
+        ph = m.group(1)
+        term = terms[_key(ph)]
+        return term[:1].upper() + term[1:] if ph[:1].isupper() else term
+    return PLACEHOLDER.sub(one, template)
+
+
+def variants(probe: Probe, attr: Attribute, max_terms: int = 0) -> list[Variant]:
+    """One variant per group and aligned term index: variant k takes the k-th term of every list of the group
+    (one-term lists serve every k). Only the placeholders the template uses count towards k."""
+    used = {_key(p) for p in _placeholders(probe.template)}
+    out = []
+    for g, terms in attr.groups.items():
+        n = max(len(terms[p]) for p in used)
+        n = min(n, max_terms) if max_terms else n
+        for k in range(n):
+            chosen = {p: terms[p][k % len(terms[p])] for p in used}
+            out.append(Variant(probe, g, k, chosen, fill(probe.template, chosen)))
+    return out
+
+
+def prompt_messages(instruction: str, message: str, system_prompt: str | None = None) -> list[dict]:
+    """The chat prompt the training pipeline builds from an instruction row (training/data.py to_example)."""
+    content = f"{instruction}\n\n{message}" if instruction.strip() else message
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+        [{"role": "user", "content": content}]
+
+
+def _parse_answer(text: str) -> dict | None:
+    from .evaluate import parse_json
+    return parse_json(text)
+
+
+def field_values(answer: str, fields: list[str]) -> dict[str, str]:
+    """The compared fields of an answer: from its JSON, else read leniently from a cut-off JSON prefix
+    (`"urgency": "high"`), so a summary cut by max_new_tokens does not hide the labels. Lower-cased, stripped."""
+    obj = _parse_answer(answer) or {}
+    out = {}
+    for f in fields:
+        v = obj.get(f)
+        if v is None:
+            m = re.search(rf'"{re.escape(f)}"\s*:\s*"([^"]*)"', answer)
+            v = m.group(1) if m else None
+        out[f] = str(v).strip().lower() if v is not None and str(v).strip() else INVALID
+    return out
+
+
+# ---------------------------------------------------------------- probe runner and flip rates
+GenerateFn = Callable[[list[list[dict]]], list[str]]
+
+
+def run_probes(probes: list[Probe], terms: dict[str, Attribute], generate_fn: GenerateFn, fields: list[str], *,
+               max_terms: int = 0, max_probes: int = 0, system_prompt: str | None = None) -> list[dict]:
+    """Every counterfactual variant of every probe answered once (identical prompts are generated once).
+    Returns rows {probe, attribute, group, index, terms, text, answer, values, reference}."""
+    seen: Counter = Counter()
+    chosen = []
+    for p in probes:
+        seen[p.attribute] += 1
+        if not max_probes or seen[p.attribute] <= max_probes:
+            chosen.append(p)
+    vs = [v for p in chosen for v in variants(p, terms[p.attribute], max_terms)]
+    prompts = [prompt_messages(v.probe.instruction, v.text, system_prompt) for v in vs]
+    keys = [json.dumps(m) for m in prompts]
+    unique = list(dict.fromkeys(keys))
+    answers = dict(zip(unique, generate_fn([json.loads(k) for k in unique])))
+    return [{"probe": v.probe.id, "attribute": v.probe.attribute, "group": v.group, "index": v.index,
+             "terms": v.terms, "text": v.text, "answer": answers[k], "values": field_values(answers[k], fields),
+             "reference": {f: str(v.probe.reference[f]).lower() for f in fields if f in v.probe.reference}}
+            for v, k in zip(vs, keys)]
+
+
+def flip_metrics(rows: list[dict], fields: list[str], examples: int = 5) -> dict:
+    """Per attribute: flip_rate[field] = share of probes whose variants do not all give the same value ("any": some
+    compared field differs); pairwise_flip_rate[field] = share of variant pairs (within a probe) that differ;
+    group_deviation[group] = share of probes where the group's answer (any field) differs from the probe's most
+    common answer; accuracy[group][field] against the probe's reference; flip examples."""
+    out = {}
+    for attr, attr_rows in itertools.groupby(sorted(rows, key=lambda r: r["attribute"]), key=lambda r: r["attribute"]):
+        by_probe: dict[str, list[dict]] = {}
+        for r in attr_rows:
+            by_probe.setdefault(r["probe"], []).append(r)
+        keys = fields + ["any"]
+        flips = {k: 0 for k in keys}
+        pair_diff = {k: 0.0 for k in keys}
+        groups = sorted({r["group"] for rs in by_probe.values() for r in rs})
+        deviate = {g: 0 for g in groups}
+        acc = {g: {f: [0, 0] for f in fields} for g in groups}
+        flipped_examples = []
+        for pid, rs in by_probe.items():
+            tup = lambda r: tuple(r["values"][f] for f in fields)  # noqa: E731
+            per = {f: [r["values"][f] for r in rs] for f in fields} | {"any": [tup(r) for r in rs]}
+            pairs = list(itertools.combinations(range(len(rs)), 2))
+            for k in keys:
+                flips[k] += len(set(per[k])) > 1
+                pair_diff[k] += (sum(per[k][i] != per[k][j] for i, j in pairs) / len(pairs)) if pairs else 0.0
+            majority = Counter(per["any"]).most_common(1)[0][0]
+            for g in groups:
+                deviate[g] += any(tup(r) != majority for r in rs if r["group"] == g)
+            for r in rs:
+                for f in fields:
+                    if f in r["reference"]:
+                        acc[r["group"]][f][0] += r["values"][f] == r["reference"][f]
+                        acc[r["group"]][f][1] += 1
+            if len(set(per["any"])) > 1 and len(flipped_examples) < examples:
+                changed = [f for f in fields if len(set(per[f])) > 1]
+                flipped_examples.append({
+                    "probe": pid, "fields": changed, "reference": rs[0]["reference"],
+                    "variants": [{"group": r["group"], "terms": r["terms"],
+                                  **{f: r["values"][f] for f in changed}} for r in rs],
+                    "text": rs[0]["text"]})
+        n = len(by_probe)
+        out[attr] = {
+            "probes": n, "variants": sum(len(rs) for rs in by_probe.values()), "groups": groups,
+            "flip_rate": {k: round(flips[k] / n, 4) for k in keys},
+            "flipped_probes": {k: flips[k] for k in keys},
+            "pairwise_flip_rate": {k: round(pair_diff[k] / n, 4) for k in keys},
+            "group_deviation": {g: round(deviate[g] / n, 4) for g in groups},
+            "accuracy": {g: {f: round(c / t, 4) if t else None for f, (c, t) in acc[g].items()} for g in groups},
+            "examples": flipped_examples,
+        }
+    return out
+
+
+# ---------------------------------------------------------------- group metrics
+def group_metrics(y_true: list[str], y_pred: list[str], groups: list[str], positive) -> dict:
+    """Binary (one-vs-rest) group fairness of predicted vs reference labels: a label in `positive` is the positive
+    class. demographic_parity_difference: max - min over groups of P(pred positive); equal_opportunity_difference:
+    max - min of the true positive rate; equalized_odds_difference: the larger of the TPR and FPR differences.
+    Computed with fairlearn (between_groups); a rate a group cannot have (no positive / negative references) makes
+    the differences that need it None."""
+    import warnings
+
+    import numpy as np
+    from fairlearn.metrics import (MetricFrame, demographic_parity_difference, equal_opportunity_difference,
+                                   equalized_odds_difference, false_positive_rate, selection_rate,
+                                   true_positive_rate)
+
+    pos = {str(p).lower() for p in positive}
+    yt = np.array([str(v).lower() in pos for v in y_true], dtype=int)
+    yp = np.array([str(v).lower() in pos for v in y_pred], dtype=int)
+    g = np.array([str(x) for x in groups])
+    by_group = {}
+    for name in sorted(set(g)):
+        m = g == name
+        by_group[name] = {"n": int(m.sum()), "positive_references": int(yt[m].sum()),
+                          "negative_references": int((1 - yt[m]).sum())}
+    has_pos = all(v["positive_references"] for v in by_group.values())
+    has_neg = all(v["negative_references"] for v in by_group.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = MetricFrame(metrics={"selection_rate": selection_rate, "tpr": true_positive_rate,
+                                     "fpr": false_positive_rate}, y_true=yt, y_pred=yp, sensitive_features=g)
+        for name, row in frame.by_group.iterrows():
+            by_group[str(name)].update(
+                selection_rate=round(float(row["selection_rate"]), 4),
+                true_positive_rate=round(float(row["tpr"]), 4) if by_group[str(name)]["positive_references"] else None,
+                false_positive_rate=round(float(row["fpr"]), 4) if by_group[str(name)]["negative_references"] else None)
+        dp = float(demographic_parity_difference(yt, yp, sensitive_features=g))
+        eo = float(equal_opportunity_difference(yt, yp, sensitive_features=g)) if has_pos else None
+        eodds = float(equalized_odds_difference(yt, yp, sensitive_features=g)) if has_pos and has_neg else None
+    r = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    return {"positive": sorted(pos), "n": int(len(g)), "demographic_parity_difference": r(dp),
+            "equal_opportunity_difference": r(eo), "equalized_odds_difference": r(eodds), "by_group": by_group}
+
+
+def probe_group_metrics(rows: list[dict], positive: dict[str, list[str]]) -> dict:
+    """Group metrics per attribute and positive-class field, on the probe variants (group = term group)."""
+    out: dict = {}
+    for attr in sorted({r["attribute"] for r in rows}):
+        rs = [r for r in rows if r["attribute"] == attr]
+        for f, pos in positive.items():
+            rs_f = [r for r in rs if f in r["reference"] and f in r["values"]]
+            if rs_f:
+                out.setdefault(attr, {})[f] = group_metrics([r["reference"][f] for r in rs_f],
+                                                            [r["values"][f] for r in rs_f],
+                                                            [r["group"] for r in rs_f], pos)
+    return out
+
+
+def load_group_table(path: str | Path, group_column: str, fields: list[str]) -> list[dict]:
+    """Rows {line, group, instruction, input, reference{...}, prediction (str or None)}; every problem at once."""
+    path = Path(path)
+    errors: list[StackError] = []
+    out = []
+    for n, row, err in _read_rows(path):
+        where = dict(file=path, line=n)
+        if err:
+            errors.append(DataError(err, **where))
+            continue
+        if row.get(group_column) in (None, ""):
+            errors.append(DataError(f"the group column '{group_column}' is missing", **where, field=group_column,
+                                    hint=f"add it to every row, or name the column with --group-column / "
+                                    f"fairness.group_column (this row has: {', '.join(row)})"))
+            continue
+        ref = row.get("output", row.get("reference"))
+        ref = ref if isinstance(ref, dict) else (_parse_answer(ref) if isinstance(ref, str) else None)
+        if not ref:
+            errors.append(DataError("needs the reference answer as JSON in `output` (or `reference`)", **where,
+                                    field="output"))
+            continue
+        pred = row.get("prediction")
+        if pred is None and not isinstance(row.get("input"), str):
+            errors.append(DataError("needs `input` (the message the model answers) or a `prediction`", **where,
+                                    field="input"))
+            continue
+        out.append({"line": n, "group": str(row[group_column]), "instruction": row.get("instruction") or "",
+                    "input": row.get("input"), "reference": {k: str(v).lower() for k, v in ref.items()},
+                    "prediction": pred if pred is None or isinstance(pred, str) else json.dumps(pred)})
+    if not out and not errors:
+        errors.append(DataError("no rows", file=path))
+    collect(errors, "problems in the group table")
+    return out
+
+
+def table_group_metrics(rows: list[dict], generate_fn: GenerateFn | None, positive: dict[str, list[str]],
+                        fields: list[str], system_prompt: str | None = None) -> dict:
+    todo = [r for r in rows if r["prediction"] is None]
+    if todo:
+        answers = generate_fn([prompt_messages(r["instruction"], r["input"], system_prompt) for r in todo])
+        for r, a in zip(todo, answers):
+            r["prediction"] = a
+    out = {}
+    for f, pos in positive.items():
+        rs = [r for r in rows if f in r["reference"]]
+        if rs:
+            preds = [field_values(r["prediction"], [f])[f] for r in rs]
+            out[f] = group_metrics([r["reference"][f] for r in rs], preds, [r["group"] for r in rs], pos)
+    return out
+
+
+# ---------------------------------------------------------------- thresholds
+def check_thresholds(cfg: FairnessCfg) -> None:
+    """Thresholds are rates in [0, 1]; pydantic checks the config, this guards values set after construction."""
+    errors = [ConfigError(f"must be between 0 and 1, got {getattr(cfg, k)}", field=k,
+                          hint="a rate: 0.1 flags differences above 10 percentage points")
+              for k in ("max_flip_rate", "max_parity_difference", "max_odds_difference")
+              if not 0 <= getattr(cfg, k) <= 1]
+    collect(errors, "threshold problems")
+
+
+def flag(result: dict, cfg: FairnessCfg) -> tuple[bool, list[str]]:
+    """flagged: some attribute's flip rate (any field) > max_flip_rate, or some parity difference >
+    max_parity_difference, or some equal opportunity / equalized odds difference > max_odds_difference."""
+    reasons = []
+    for attr, m in result.get("flips", {}).items():
+        if m["flip_rate"]["any"] > cfg.max_flip_rate:
+            reasons.append(f"{attr}: flip rate {m['flip_rate']['any']:.3f} > {cfg.max_flip_rate}")
+    tables = [(f"{a} {f}", gm) for a, by in result.get("group_metrics", {}).get("probes", {}).items()
+              for f, gm in by.items()]
+    tables += [(f"{result['group_metrics'].get('table_file', 'table')} {f}", gm)
+               for f, gm in result.get("group_metrics", {}).get("table", {}).items()]
+    for where, gm in tables:
+        dp = gm["demographic_parity_difference"]
+        if dp is not None and dp > cfg.max_parity_difference:
+            reasons.append(f"{where}: demographic parity difference {dp:.3f} > {cfg.max_parity_difference}")
+        for key, label in (("equal_opportunity_difference", "equal opportunity"),
+                           ("equalized_odds_difference", "equalized odds")):
+            v = gm[key]
+            if v is not None and v > cfg.max_odds_difference:
+                reasons.append(f"{where}: {label} difference {v:.3f} > {cfg.max_odds_difference}")
+    return bool(reasons), reasons
+
+
+# ---------------------------------------------------------------- the whole check
+def evaluate_fairness(cfg: FairnessCfg, generate_fn: GenerateFn, *, system_prompt: str | None = None) -> dict:
+    """Everything but the model: load and validate the inputs, run the probes and the group table, flag."""
+    check_thresholds(cfg)
+    terms = load_terms(cfg.terms)
+    probes = load_probes(cfg.probes, terms, cfg.terms)
+    table = load_group_table(cfg.group_data, cfg.group_column, cfg.fields) if cfg.group_data else None
+    rows = run_probes(probes, terms, generate_fn, cfg.fields, max_terms=cfg.max_terms_per_group,
+                      max_probes=cfg.max_probes, system_prompt=system_prompt)
+    result = {
+        "probes_file": cfg.probes, "terms_file": cfg.terms, "fields": cfg.fields, "positive": cfg.positive,
+        "generations": len({json.dumps([r["text"]]) for r in rows}),
+        "flips": flip_metrics(rows, cfg.fields, cfg.examples),
+        "group_metrics": {"probes": probe_group_metrics(rows, cfg.positive)},
+        "thresholds": {"max_flip_rate": cfg.max_flip_rate, "max_parity_difference": cfg.max_parity_difference,
+                       "max_odds_difference": cfg.max_odds_difference},
+    }
+    if table is not None:
+        result["group_metrics"]["table_file"] = cfg.group_data
+        result["group_metrics"]["table_group_column"] = cfg.group_column
+        result["group_metrics"]["table"] = table_group_metrics(table, generate_fn, cfg.positive, cfg.fields,
+                                                               system_prompt)
+    result["flagged"], result["reasons"] = flag(result, cfg)
+    result["variants"] = rows
+    return result
+
+
+def check_inputs(cfg: FairnessCfg) -> None:
+    """Load and validate the terms, the probes and the group table (every problem at once per file)."""
+    check_thresholds(cfg)
+    terms = load_terms(cfg.terms)
+    load_probes(cfg.probes, terms, cfg.terms)
+    if cfg.group_data:
+        load_group_table(cfg.group_data, cfg.group_column, cfg.fields)
+
+
+def model_generate_fn(model, tokenizer, cfg: FairnessCfg) -> GenerateFn:
+    from .evaluate import generate
+    return lambda prompts: generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
+                                    desc="fairness probes")
+
+
+def summary(result: dict) -> dict:
+    """What the manifest records: flip rates, group-metric differences, the verdict (no variants, no examples)."""
+    gm = result["group_metrics"]
+    diffs = lambda g: {k: g[k] for k in ("demographic_parity_difference", "equal_opportunity_difference",  # noqa
+                                         "equalized_odds_difference")}
+    return {"flagged": result["flagged"], "reasons": result["reasons"], "thresholds": result["thresholds"],
+            "flip_rate": {a: m["flip_rate"] for a, m in result["flips"].items()},
+            "group_metrics": {a: {f: diffs(g) for f, g in by.items()} for a, by in gm["probes"].items()}
+            | ({"table": {f: diffs(g) for f, g in gm["table"].items()}} if "table" in gm else {}),
+            "probes": {a: m["probes"] for a, m in result["flips"].items()}, "generations": result["generations"],
+            "files": list(FILES), "measured_at": result.get("measured_at")}
+
+
+# ---------------------------------------------------------------- reports
+def markdown(result: dict) -> str:
+    fields = result["fields"]
+    out = [f"# Fairness checks: {result.get('model', '')}", "",
+           f"**{'FLAGGED' if result['flagged'] else 'not flagged'}** against the thresholds "
+           + ", ".join(f"{k} {v}" for k, v in result["thresholds"].items()) + "."]
+    out += [f"- {r}" for r in result["reasons"]]
+    out += ["", "## Counterfactual flip rates", "",
+            f"Probes: `{result['probes_file']}`, terms: `{result['terms_file']}`. A probe flips when its "
+            "counterfactual variants (the same message with another group's terms) do not all get the same value; "
+            "greedy decoding, so every flip is a real difference.", "",
+            "| attribute | probes | variants | " + " | ".join(f"flip: {f}" for f in fields)
+            + " | flip: any | pairwise: any | group deviating most |",
+            "|---|---|---|" + "---|" * (len(fields) + 3)]
+    for a, m in result["flips"].items():
+        worst = max(m["group_deviation"].items(), key=lambda kv: kv[1]) if m["group_deviation"] else ("-", 0)
+        out.append(f"| {a} | {m['probes']} | {m['variants']} | "
+                   + " | ".join(f"{m['flip_rate'][f]:.3f}" for f in fields)
+                   + f" | {m['flip_rate']['any']:.3f} | {m['pairwise_flip_rate']['any']:.3f} | "
+                   f"{worst[0]} ({worst[1]:.3f}) |")
+    out += ["", "Accuracy per group on the probes (reference = the scenario's labels):", ""]
+    out += ["| attribute | group | " + " | ".join(fields) + " | deviates from the majority |",
+            "|---|---|" + "---|" * (len(fields) + 1)]
+    for a, m in result["flips"].items():
+        for g in m["groups"]:
+            accs = " | ".join("-" if m["accuracy"][g][f] is None else f"{m['accuracy'][g][f]:.3f}" for f in fields)
+            out.append(f"| {a} | {g} | {accs} | {m['group_deviation'][g]:.3f} |")
+    out += ["", "## Group metrics (one-vs-rest)", "",
+            "Positive class per field: " + "; ".join(f"{f} in {{{', '.join(p)}}}"
+                                                     for f, p in result["positive"].items()) + ".", "",
+            "| data | field | demographic parity diff | equal opportunity diff | equalized odds diff |",
+            "|---|---|---|---|---|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    gm = result["group_metrics"]
+    for a, by in gm["probes"].items():
+        for f, g in by.items():
+            out.append(f"| probes: {a} | {f} | {fmt(g['demographic_parity_difference'])} | "
+                       f"{fmt(g['equal_opportunity_difference'])} | {fmt(g['equalized_odds_difference'])} |")
+    for f, g in gm.get("table", {}).items():
+        out.append(f"| {gm['table_file']} ({gm['table_group_column']}) | {f} | "
+                   f"{fmt(g['demographic_parity_difference'])} | {fmt(g['equal_opportunity_difference'])} | "
+                   f"{fmt(g['equalized_odds_difference'])} |")
+    out += ["", "## Flip examples", ""]
+    for a, m in result["flips"].items():
+        for ex in m["examples"]:
+            out.append(f"- **{a} / {ex['probe']}** ({', '.join(ex['fields'])}; reference "
+                       + ", ".join(f"{k}={v}" for k, v in ex["reference"].items()) + "): "
+                       + "; ".join(f"{v['group']} ({', '.join(v['terms'].values())}) -> "
+                                   + ", ".join(str(v[f]) for f in ex["fields"]) for v in ex["variants"]))
+    if not any(m["examples"] for m in result["flips"].values()):
+        out.append("No flips.")
+    out += ["", "Flip rates measure sensitivity to the swapped terms on these templates only: a low rate does not "
+            "prove the model is fair on real traffic, and a flip says the output depends on the term, not which "
+            "answer is right (see the accuracy table). See docs/fairness.md.", ""]
+    return "\n".join(out)
+
+
+def plot(result: dict, path: Path) -> None:
+    from .report import _plt
+    plt = _plt()
+    attrs = list(result["flips"])
+    keys = result["fields"] + ["any"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        ax.bar([x + i * width for x in range(len(attrs))], [result["flips"][a]["flip_rate"][k] for a in attrs],
+               width, label=k)
+    ax.axhline(result["thresholds"]["max_flip_rate"], color="red", linestyle="--", linewidth=1,
+               label=f"max flip rate {result['thresholds']['max_flip_rate']}")
+    ax.set_xticks([x + width * (len(keys) - 1) / 2 for x in range(len(attrs))], attrs)
+    ax.set_ylabel("flip rate (share of probes)")
+    ax.set_ylim(0, max(0.05, *(result["flips"][a]["flip_rate"]["any"] for a in attrs), 
+                       result["thresholds"]["max_flip_rate"]) * 1.15)
+    ax.set_title("Counterfactual flip rate per attribute and field")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(out / "fairness.json", result)
+    (out / "fairness.md").write_text(markdown(result), encoding="utf-8")
+    plot(result, out / "fairness.png")
+
+
+def record_in_manifest(artifact: Path, result: dict, out: Path) -> None:
+    """Add (or replace) the `fairness` entry of a training artifact's manifest (atomic rewrite)."""
+    m = artifacts.read_manifest(artifact)
+    entry = summary(result)
+    entry["files"] = [str((out / f).resolve()) if out.resolve() != artifact.resolve() else f for f in FILES]
+    m["fairness"] = entry
+    artifacts.write_json(artifact / artifacts.MANIFEST, m)
+
+
+def run(model_ref: str, cfg: FairnessCfg, out: str | Path | None = None, *, model=None, tokenizer=None) -> dict:
+    """Check a model folder or training artifact; write the reports into the artifact (or `out`) and, for a training
+    artifact, its manifest entry. model/tokenizer: already loaded (the training recipe passes the merged model)."""
+    check_thresholds(cfg)
+    ref = Path(model_ref)
+    is_artifact = (ref / artifacts.MANIFEST).is_file()
+    manifest = artifacts.read_manifest(ref) if is_artifact else {}
+    if is_artifact and manifest.get("stage") != "train":
+        raise StackError(f"a '{manifest.get('stage')}' artifact; fairness checks run on training artifacts or model "
+                         "folders", file=ref, field="model", hint="pass its merged model folder, or the training run")
+    system_prompt = (manifest.get("config") or {}).get("data", {}).get("system_prompt")
+    check_inputs(cfg)  # input errors before the model loads
+    import torch
+
+    from .evaluate_cmd import model_folder
+    from .model import load_model, load_tokenizer
+
+    if model is None:
+        folder = model_folder(str(ref))
+        tokenizer = load_tokenizer(folder)
+        model = load_model(folder)
+    else:
+        folder = str(ref)
+    with torch.no_grad():
+        result = evaluate_fairness(cfg, model_generate_fn(model, tokenizer, cfg), system_prompt=system_prompt)
+    result = {"model": str(model_ref), "model_folder": str(folder), "measured_at": artifacts.now()} | result
+    dest = Path(out) if out else (ref if is_artifact else Path("artifacts/fairness") / ref.resolve().name)
+    write_reports(result, dest)
+    if is_artifact:
+        record_in_manifest(ref, result, dest)
+    log.info(f"fairness: {'FLAGGED' if result['flagged'] else 'not flagged'}; reports in {dest}")
+    return result | {"out": str(dest)}
