@@ -21,7 +21,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from conftest import PY, ROOT, cli_env, run_cli, tiny_config_dict, write_yaml
 
@@ -31,11 +30,12 @@ WEIGHT_TOL = 1e-6  # measured 7.5e-9; the bugs above move the weights by > 1e-2
 LOSS_TOL = 2e-4  # the Trainer logs the loss rounded to 4 decimals; measured 0; a 2x scale error moves it by ~5
 
 
-def _config(folder: Path, name: str, batch_size: int, model_dir, data) -> Path:
+def _config(folder: Path, name: str, batch_size: int, model_dir, data, keep_checkpoints: bool = False) -> Path:
     cfg = tiny_config_dict(model_dir, data, folder / name)
     cfg["method"]["lora_dropout"] = 0.0
     cfg["train"].update(batch_size=batch_size, optimizer="sgd", lr=0.5, max_grad_norm=0, max_steps=3, save_steps=2)
     cfg["eval"]["before"] = False
+    cfg["output"]["keep_checkpoints"] = keep_checkpoints
     return write_yaml(folder / f"{name}.yaml", cfg)
 
 
@@ -74,48 +74,43 @@ def _torchrun(*args, torchrun_args=()) -> subprocess.CompletedProcess:
                           env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
+def _kill_after_step_2(root: Path) -> str:
+    """Make the finished run under root look like one killed after step 2's checkpoint: no artifact, no `latest`, no
+    checkpoint-3 (nor the adapter saved after training). Returns its run id."""
+    run_id = os.readlink(root / "latest")
+    work = root / ".work" / run_id
+    assert {p.name for p in (work / "checkpoints").iterdir()} == {"checkpoint-2", "checkpoint-3"}
+    ranks = {p.name for p in (work / "checkpoints" / "checkpoint-2").iterdir() if p.name.startswith("rng_state")}
+    assert ranks == {"rng_state_0.pth", "rng_state_1.pth"}, "each rank saves its RNG state in the checkpoint"
+    for p in (root / run_id, work / "checkpoints" / "checkpoint-3", work / "adapter"):
+        shutil.rmtree(p)
+    (root / "latest").unlink()
+    return run_id
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, tiny_data):
-    """One process at batch 4, torchrun with 2 processes at batch 2 (each rank's output in its own log), and
-    accelerate launch with the shipped DDP config at batch 2 (2 processes, no mixed precision on this CPU)."""
+    """One process at batch 4; torchrun with 2 processes at batch 2 (each rank's output in its own log, checkpoints
+    kept), then the same run cut back to step 2 and resumed with torchrun; accelerate launch with the shipped DDP
+    config at batch 2 (2 processes, no mixed precision on this CPU)."""
     folder = tmp_path_factory.mktemp("distributed")
     single_cfg = _config(folder, "single", 4, tiny_model_dir, tiny_data)
-    ddp_cfg = _config(folder, "ddp", 2, tiny_model_dir, tiny_data)
+    ddp_cfg = _config(folder, "ddp", 2, tiny_model_dir, tiny_data, keep_checkpoints=True)
     acc_cfg = _config(folder, "accelerate", 2, tiny_model_dir, tiny_data)
     single = _result(folder / "single", run_cli(["train", "--config", single_cfg]))
     logs = folder / "rank-logs"
-    ddp = _result(folder / "ddp", _torchrun("--config", ddp_cfg, torchrun_args=("--log-dir", logs, "--redirects", 3)))
+    ddp = _result(folder / "ddp", _torchrun("--config", ddp_cfg, torchrun_args=("--log-dir", logs, "--redirects", 3)),
+                  work_left=True)
     ddp.rank_logs = {int(p.parent.name): p.parent for p in logs.rglob("stdout.log")}
+    ddp.files = {p.name for p in ddp.path.iterdir()}
+    run_id = _kill_after_step_2(folder / "ddp")
+    resumed = _result(folder / "ddp", _torchrun("--config", ddp_cfg, "--resume", run_id), work_left=True)
     acc = subprocess.run([PY, "-m", "accelerate.commands.launch", "--config_file",
                           str(ROOT / "deploy" / "training" / "ddp.yaml"), "--num_processes", "2",
                           "--mixed_precision", "no", "--main_process_port", str(_free_port()), "-m", "llmstack",
                           "train", "--config", str(acc_cfg)], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                          timeout=300)
-    return SimpleNamespace(single=single, ddp=ddp, accelerate=_result(folder / "accelerate", acc))
-
-
-@pytest.fixture(scope="module")
-def resumed(tmp_path_factory, tiny_model_dir, tiny_data):
-    """The torchrun run again, keeping its checkpoints; then made into one killed after step 2's checkpoint (no
-    artifact, no checkpoint-3) and resumed with 2 processes."""
-    folder = tmp_path_factory.mktemp("distributed-resume")
-    cfg = _config(folder, "out", 2, tiny_model_dir, tiny_data)
-    raw = yaml.safe_load(cfg.read_text())
-    raw["output"]["keep_checkpoints"] = True
-    raw["eval"]["after"], raw["drift"] = False, {"enabled": False}  # the weights are what is compared
-    write_yaml(cfg, raw)
-    first = _torchrun("--config", cfg)
-    assert first.returncode == 0, first.stderr[-3000:]
-    root = folder / "out"
-    run_id = os.readlink(root / "latest")
-    work = root / ".work" / run_id
-    assert {p.name for p in (work / "checkpoints").iterdir()} == {"checkpoint-2", "checkpoint-3"}
-    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (work / "checkpoints" / "checkpoint-2").iterdir()}
-    for p in (root / run_id, work / "checkpoints" / "checkpoint-3", work / "adapter"):
-        shutil.rmtree(p)
-    (root / "latest").unlink()
-    proc = _torchrun("--config", cfg, "--resume", run_id)
-    return _result(root, proc, work_left=True)
+    return SimpleNamespace(single=single, ddp=ddp, resumed=resumed, accelerate=_result(folder / "accelerate", acc))
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -151,7 +146,7 @@ def test_manifest_records_the_distributed_run(runs):
     assert runs.single.manifest["training"]["distributed"]["world_size"] == 1
     assert runs.ddp.manifest["run_id"] == runs.ddp.path.name
     # rank 0 alone evaluated and wrote the artifact's files
-    assert (runs.ddp.path / "predictions_after.jsonl").is_file() and (runs.ddp.path / "merged").is_dir()
+    assert {"predictions_after.jsonl", "merged", "adapter", "drift_reference.json"} <= runs.ddp.files
 
 
 def test_only_rank_0_reports(runs):
@@ -165,12 +160,13 @@ def test_only_rank_0_reports(runs):
     assert f"run {runs.ddp.path.name}:" in err0 and "run " not in err1, "rank 1 logs warnings only"
 
 
-def test_resume_with_two_processes(runs, resumed):
+def test_resume_with_two_processes(runs):
     """`--resume` under torchrun continues from checkpoint-2 (each rank restores its own RNG state, the optimizer
     state loads on the CPU) and ends where the uninterrupted run ended."""
-    t = resumed.manifest["training"]
+    t = runs.resumed.manifest["training"]
     assert t["resumed_from"] == "checkpoint-2" and t["steps"] == 3 and t["distributed"]["world_size"] == 2
-    assert _max_diff(resumed.weights, runs.ddp.weights) <= WEIGHT_TOL
+    assert runs.resumed.manifest["run_id"] == runs.ddp.manifest["run_id"]
+    assert _max_diff(runs.resumed.weights, runs.ddp.weights) <= WEIGHT_TOL
 
 
 def test_fsdp_or_deepspeed_weights_are_gathered_into_a_fresh_model_on_rank_0(tiny_model_dir, tiny_config):
