@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, run_cli, tiny_config_dict, write_yaml
 from llmstack.config import load
-from llmstack.errors import ConfigError, StackError
+from llmstack.errors import StackError
 from training import sft, tune
 from training.config import TrainConfig
 
@@ -177,7 +177,8 @@ LR = {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}
 
 
 @pytest.mark.parametrize("space, sections, key_line, field, needles", [
-    ({"train.lrr": LR}, {}, "train.lrr:", "space.train.lrr", ["unknown parameter 'train.lrr'", "did you mean train.lr"]),
+    ({"train.lrr": LR}, {}, "train.lrr:", "space.train.lrr",
+     ["unknown parameter 'train.lrr'", "did you mean train.lr"]),
     ({"train.lr": {"type": "float", "low": 1e-2, "high": 1e-3}}, {}, "low: 0.01", "space.train.lr.low",
      ["low (0.01) must be below high (0.001)"]),
     ({"method.lora_r": {"type": "categorical", "choices": []}}, {}, "choices: []", "space.method.lora_r.choices",

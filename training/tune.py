@@ -603,8 +603,6 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
         n_trials = min(n_trials, size) if n_trials is not None else size
     deadline = started + cfg.budget.timeout_s if cfg.budget.timeout_s else None
     sign = -1.0 if direction(cfg) == "maximize" else 1.0
-    better = (lambda a, b: a < b) if direction(cfg) == "minimize" else (lambda a, b: a > b)
-    state = {"best_id": None}
     log.info(f"tune {run_id}: sampler {cfg.sampler.name}, objective {cfg.objective.metric} ({direction(cfg)}), "
              f"pruner {cfg.pruning.pruner}, budget {n_trials if n_trials is not None else 'unbounded'} trials"
              + (f" / {cfg.budget.timeout_s:g} s" if deadline else "") + f" -> {out}")
@@ -640,10 +638,8 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
         bar.update(1)
         done = [t for t in study_.trials if t.state == TrialState.COMPLETE and t.value is not None]
         if done:
-            best = min(done, key=lambda t: t.value) if direction(cfg) == "minimize" else max(done, key=lambda t: t.value)
+            best = (min if direction(cfg) == "minimize" else max)(done, key=lambda t: t.value)
             bar.set_postfix({"best": f"{best.value:.4g}", "trial": best.number})
-            if cfg.trials.keep_merged == "best" and state["best_id"] != best.number:
-                state["best_id"] = best.number
             if cfg.trials.keep_merged == "best":
                 _drop_merged(trials_dir, f"trial-{best.number:03d}")
         value = "" if frozen.value is None else f" {cfg.objective.metric}={frozen.value:.4g}"
@@ -653,13 +649,15 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
                   + (f"  ({note})" if note else ""))
         write_results(study_, cfg, base, out, started, finished=False)
 
+    completed = False
     try:
         if n_trials != 0:
             study.optimize(objective, n_trials=n_trials, timeout=cfg.budget.timeout_s, callbacks=[after_trial],
                            catch=(StackError,), gc_after_trial=True)
-    finally:
+        completed = True
+    finally:  # interrupted too: the table shows what finished (manifest "finished": false)
         bar.close()
-        best = write_results(study, cfg, base, out, started, finished=True)
+        best = write_results(study, cfg, base, out, started, finished=completed)
         artifacts.set_latest(root, run_id)
     print((out / "trials.md").read_text())
     if best:
@@ -688,15 +686,16 @@ def _help() -> str:
 
 def cmd_tune(args) -> int:
     if args.resume:
-        if args.overrides:
-            raise ConfigError("--resume continues a search with its saved config; overrides are not allowed",
-                              field="overrides")
+        other = [o for o in args.overrides if not o.startswith("budget.")]
+        if other:
+            raise ConfigError(f"--resume continues a search with its saved config; only budget.* overrides are "
+                              f"allowed (got {other[0]})", field="overrides")
         root = Path(load_tune_output_dir(args.config))
         saved = root / args.resume / "tune.yaml"
         if not saved.is_file():
             known = sorted(p.parent.name for p in root.glob("*/tune.yaml"))
             raise ConfigError("no such search to resume", file=saved, hint=f"known: {', '.join(known) or 'none'}")
-        cfg, base = load_tune(saved)
+        cfg, base = load_tune(saved, args.overrides)
         run(cfg, base, resume=args.resume)
         return 0
     cfg, base = load_tune(args.config, args.overrides)
@@ -726,8 +725,10 @@ def add_parser(sub) -> None:
                        "write artifacts/tune/<run-id>/ with the trials table (Markdown, JSON, CSV), a plot, the "
                        "Optuna study and best.yaml.")
     p.add_argument("--config", default=DEFAULT_TUNE_CONFIG, help="tune config YAML (default: %(default)s)")
-    p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted search (its folder under the tune "
-                   "config's output.dir) with its saved config; finished trials count towards budget.n_trials")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted (or finished) search, its folder "
+                   "under the tune config's output.dir, with its saved config; finished trials count towards "
+                   "budget.n_trials, which may be raised with a budget.n_trials=N override (budget.timeout_s "
+                   "counts from the resume)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the tune config, e.g. "
                    "budget.n_trials=4 sampler.name=random pruning.pruner=none")
     p.set_defaults(func=cmd_tune)
