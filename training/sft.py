@@ -433,7 +433,11 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         log.debug(f"{name}: {timings[name]} s")
 
     # ---- data (every rank prepares it: deterministic for a seed)
-    base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
+    if dist.local_rank == 0:  # provisioning a built-in model writes its folder: one process per machine, first
+        base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
+    dist.barrier()
+    if dist.local_rank != 0:
+        base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed)
     fingerprint = _fingerprint(cfg, prepared, base_path, dist.world_size)
