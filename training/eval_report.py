@@ -9,9 +9,6 @@ Writes report.json, report.md and report.png into --out.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,9 +18,6 @@ from llmstack.errors import ConfigError, StackError
 from llmstack.log import log
 
 from .harness import HarnessError, resolve_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def parse_models(specs: list[str]) -> dict[str, tuple[str, str, Path]]:
     """NAME=PATH entries -> {name: (ref, kind, folder)}; every bad entry reported at once."""
@@ -87,21 +81,22 @@ def flat_metrics(measured: dict, refs: list[str], fields: list[str]) -> dict:
 
 
 def harness_metrics(name: str, folder: Path, limit: int | None, tasks: list[str] | None, threads: int,
-                    work: Path) -> dict:
-    """`llmstack harness` on one model in a child process; {"harness:<task>:<metric>": value}."""
-    out = work / "harness" / name
-    cmd = [sys.executable, "-m", "llmstack", "harness", "--model", str(folder), "--out", str(out),
-           "--threads", str(threads)]
-    cmd += ["--limit", str(limit)] if limit else []
-    cmd += ["--tasks", ",".join(tasks)] if tasks else []
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0 or not (out / "results.json").is_file():
-        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
-        raise HarnessError(f"harness on '{name}' failed (exit {proc.returncode}):\n{tail}", file=folder)
-    res = json.loads((out / "results.json").read_text())
-    return {f"harness:{task}:{m}": v for task, r in res["tasks"].items() for m, v in r["metrics"].items()}, \
-        {task: r["n"] for task, r in res["tasks"].items()}
+                    work: Path) -> tuple[dict, dict]:
+    """`llmstack harness` on one model (in this process; the model is released afterwards):
+    ({"harness:<task>:<metric>": value}, {task: documents})."""
+    import gc
+
+    from . import harness
+
+    try:
+        res = harness.run(model=str(folder), tasks=tasks, limit=limit, out=str(work / "harness" / name),
+                          threads=threads)
+    except StackError as exc:
+        raise HarnessError(f"harness on '{name}' failed: {exc}", file=folder) from exc
+    finally:
+        gc.collect()
+    return ({f"harness:{task}:{m}": v for task, r in res["tasks"].items() for m, v in r["metrics"].items()},
+            {task: r["n"] for task, r in res["tasks"].items()})
 
 
 LOWER_IS_BETTER = {"answer_loss", "perplexity", "size_mb", "peak_rss_mb"}

@@ -211,14 +211,11 @@ def run(model: str | None = None, endpoint: str | None = None, tasks: list[str] 
         raise ConfigError(f"--limit must be a positive number of documents per task, got {limit}", field="--limit")
     if batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}", field="--batch-size")
-    tm, names, types = select_tasks(tasks, endpoint is not None, data)
-    if not names:
-        raise ConfigError("none of the selected tasks is a generate_until task, so none can run on an endpoint",
-                          field="--tasks", hint="use --model for loglikelihood tasks")
-    if model is not None:
+    if model is not None:  # cheap checks first: the model folder, then the tasks (imports lm-eval), then the network
         kind, folder = resolve_model(model)
         target = {"model": str(folder), "kind": kind}
-    else:
+    tm, names, types = select_tasks(tasks, endpoint is not None, data)
+    if endpoint is not None:
         base, served = check_endpoint(endpoint)
         target = {"endpoint": base, "served_model": served}
 
