@@ -106,8 +106,7 @@ def test_flip_rates_with_a_deterministic_generator(tmp_path, terms_file):
     assert m["group_deviation"] == {"female": 0.5, "male": 0.0, "nonbinary": 0.0}
     assert m["accuracy"]["female"]["urgency"] == 0.5 and m["accuracy"]["male"]["urgency"] == 1.0
     assert [e["probe"] for e in m["examples"]] == ["p0", "p2"] and m["examples"][0]["fields"] == ["urgency"]
-    # "{Pronoun} wrote." is the same for... no two groups, but identical prompts are generated once
-    assert calls == [12]
+    assert calls == [12]  # one batched call with the 12 distinct prompts
     # group metrics on the variants: female predicts high on 2 of 4 probes whose reference is low
     gm = res["group_metrics"]["probes"]["gender"]["urgency"]
     assert gm["demographic_parity_difference"] == pytest.approx(0.5)

@@ -458,7 +458,7 @@ def evaluate_fairness(cfg: FairnessCfg, generate_fn: GenerateFn, *, system_promp
                       max_probes=cfg.max_probes, system_prompt=system_prompt)
     result = {
         "probes_file": cfg.probes, "terms_file": cfg.terms, "fields": cfg.fields, "positive": cfg.positive,
-        "generations": len({json.dumps([r["text"]]) for r in rows}),
+        "distinct_messages": len({r["text"] for r in rows}),
         "flips": flip_metrics(rows, cfg.fields, cfg.examples),
         "group_metrics": {"probes": probe_group_metrics(rows, cfg.positive)},
         "thresholds": {"max_flip_rate": cfg.max_flip_rate, "max_parity_difference": cfg.max_parity_difference,
@@ -498,7 +498,7 @@ def summary(result: dict) -> dict:
             "flip_rate": {a: m["flip_rate"] for a, m in result["flips"].items()},
             "group_metrics": {a: {f: diffs(g) for f, g in by.items()} for a, by in gm["probes"].items()}
             | ({"table": {f: diffs(g) for f, g in gm["table"].items()}} if "table" in gm else {}),
-            "probes": {a: m["probes"] for a, m in result["flips"].items()}, "generations": result["generations"],
+            "probes": {a: m["probes"] for a, m in result["flips"].items()}, "distinct_messages": result["distinct_messages"],
             "files": list(FILES), "measured_at": result.get("measured_at")}
 
 
@@ -517,11 +517,12 @@ def markdown(result: dict) -> str:
             + " | flip: any | pairwise: any | group deviating most |",
             "|---|---|---|" + "---|" * (len(fields) + 3)]
     for a, m in result["flips"].items():
-        worst = max(m["group_deviation"].items(), key=lambda kv: kv[1]) if m["group_deviation"] else ("-", 0)
+        worst = max(m["group_deviation"].items(), key=lambda kv: kv[1], default=("-", 0.0))
+        worst_text = f"{worst[0]} ({worst[1]:.3f})" if worst[1] else "-"
         out.append(f"| {a} | {m['probes']} | {m['variants']} | "
                    + " | ".join(f"{m['flip_rate'][f]:.3f}" for f in fields)
                    + f" | {m['flip_rate']['any']:.3f} | {m['pairwise_flip_rate']['any']:.3f} | "
-                   f"{worst[0]} ({worst[1]:.3f}) |")
+                   f"{worst_text} |")
     out += ["", "Accuracy per group on the probes (reference = the scenario's labels):", ""]
     out += ["| attribute | group | " + " | ".join(fields) + " | deviates from the majority |",
             "|---|---|" + "---|" * (len(fields) + 1)]
