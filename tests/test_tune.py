@@ -229,3 +229,11 @@ def test_shipped_tune_config_loads(monkeypatch):
     assert cfg.space and base.train.max_steps > 0
     for name in cfg.space:
         assert name in tune._leaf_fields(TrainConfig)
+
+
+def test_resume_refuses_changes_other_than_the_budget(make_tune):
+    path = make_tune({"train.lr": LR})
+    res = run_cli(["tune", "--config", path, "--resume", "t1", "sampler.name=grid"], timeout=120)
+    assert res.returncode == 2 and "only budget.* overrides are allowed (got sampler.name=grid)" in res.stderr
+    res = run_cli(["tune", "--config", path, "--resume", "nope", "budget.n_trials=9"], timeout=120)
+    assert res.returncode == 2 and "no such search to resume" in res.stderr, res.stderr
