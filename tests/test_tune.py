@@ -132,6 +132,7 @@ def test_median_pruner_stops_an_obviously_bad_trial(make_tune):
     assert [r["state"] for r in trials] == ["complete", "complete", "pruned"], trials
     bad = trials[2]
     assert bad["last_step"] == 2 and bad["note"].startswith("pruned at step 2")
+    assert bad["value"] is None, "a pruned trial has no objective value in the table"
     assert bad["last_validation_loss"] > max(t["validation_losses"]["2"] for t in trials[:2])
     assert set(trials[0]["validation_losses"]) == {"2", "4", "6"}, "the loss is reported at every eval step"
     assert "| 2 | pruned |" in (out / "trials.md").read_text()

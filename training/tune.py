@@ -389,7 +389,8 @@ def trial_rows(study, cfg: TuneConfig) -> list[dict]:
         sign = -1.0 if direction(cfg) == "maximize" else 1.0
         dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
             else None
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value,
+        value = t.value if t.state.name == "COMPLETE" else None  # a pruned trial's value is its last report
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "value": value,
                      **{k: t.params.get(k) for k in cfg.space},
                      "last_step": inter[-1][0] if inter else None,
                      "last_validation_loss": sign * inter[-1][1] if inter else None,
@@ -642,7 +643,7 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
             bar.set_postfix({"best": f"{best.value:.4g}", "trial": best.number})
             if cfg.trials.keep_merged == "best":
                 _drop_merged(trials_dir, f"trial-{best.number:03d}")
-        value = "" if frozen.value is None else f" {cfg.objective.metric}={frozen.value:.4g}"
+        value = "" if frozen.state != TrialState.COMPLETE else f" {cfg.objective.metric}={frozen.value:.4g}"
         note = frozen.user_attrs.get("stopped") or frozen.user_attrs.get("error") or ""
         bar.write(f"trial {frozen.number}: {frozen.state.name.lower()}{value} "
                   + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in frozen.params.items())
