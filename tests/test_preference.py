@@ -20,14 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["category", "product", "urgency"]
 
 
-def pair_rows(n: int, split: str = "train", start: int = 0) -> list[dict]:
-    """Real ticket prompts with the correct JSON answer as chosen and a wrong-category one as rejected."""
+def pair_rows(n: int, split: str = "train", start: int = 0, kind: str = "wrong_category") -> list[dict]:
+    """Real ticket prompts with the correct JSON answer as chosen and a near miss as rejected: a wrong category
+    (billing, or shipping where billing is right), or (kind=spam) always the category "spam"."""
     out = []
     for r in ticket_rows(n, split, start):
         ans = json.loads(r["output"])
-        bad = dict(ans, category="billing" if ans["category"] != "billing" else "shipping")
+        bad = json.dumps(dict(ans, category="billing" if ans["category"] != "billing" else "shipping"))
         out.append({"instruction": r["instruction"], "input": r["input"], "chosen": json.dumps(ans),
-                    "rejected": json.dumps(bad)})
+                    "rejected": json.dumps(dict(ans, category="spam")) if kind == "spam" else bad})
     return out
 
 
@@ -104,15 +105,18 @@ def test_parent_is_the_sft_artifact_and_cli(tmp_path, tiny_model_dir, pref_data)
 
 
 def test_preference_accuracy_rises_on_training_pairs(tmp_path, tiny_model_dir, pref_data):
-    """A real effect: 8 DPO steps at a high lr on 6 pairs, measured on those same pairs before and after."""
-    data = dict(pref_data, test=pref_data["train"])
-    cfg = load_cfg(tmp_path, pref_config(tiny_model_dir, data, tmp_path / "out", method={"name": "full"},
+    """A real effect: 8 DPO steps at a high lr on 6 pairs (rejected: the category "spam"), measured on those same
+    pairs before and after: the random-weight model prefers the rejected answer on most of them at first."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(6, kind="spam"))
+    cfg = load_cfg(tmp_path, pref_config(tiny_model_dir, {"train": pairs, "test": pairs}, tmp_path / "out",
+                                         method={"name": "full"}, eval={"max_samples": 0},
                                          train={"lr": 5e-3, "max_steps": 8, "batch_size": 2, "warmup_ratio": 0},
-                                         eval={"max_samples": 0}, preference={"beta": 0.5, "generate": False}))
+                                         preference={"beta": 0.5, "generate": False}))
     m = json.loads((preference.run(cfg) / "manifest.json").read_text())
     b, a = m["metrics"]["before"], m["metrics"]["after"]
+    print("before", b, "after", a)
+    assert b["pref_accuracy"] <= 0.5 and a["pref_accuracy"] >= 0.8
     assert a["logp_margin"] > b["logp_margin"] + 1.0
-    assert a["pref_accuracy"] > b["pref_accuracy"] or a["pref_accuracy"] == 1.0 > b["pref_accuracy"]
     assert a["reward_accuracy"] >= 0.8 and a["reward_margin"] > 0
 
 

@@ -18,7 +18,6 @@ What is measured on the held-out pairs (before and after, see `pair_metrics` and
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import resource
