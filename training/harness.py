@@ -101,8 +101,18 @@ def check_endpoint(url: str, timeout: float = 10) -> tuple[str, str]:
         raise HarnessError(f"endpoint {base}/models lists no model", field="--endpoint") from None
 
 
+def _quiet_custom_dataset_notice(record) -> bool:
+    """lm-eval warns on every task that uses `custom_dataset` (ours all do) about passing --metadata: noise here."""
+    return "Custom kwargs can be passed" not in record.getMessage()
+
+
 def task_manager(data: str | None, extra: list[str] = ()):
+    import logging
+
     from lm_eval.tasks import TaskManager
+    task_log = logging.getLogger("lm_eval.api.task")
+    if _quiet_custom_dataset_notice not in task_log.filters:
+        task_log.addFilter(_quiet_custom_dataset_notice)
     metadata = {"data_file": str(Path(data).resolve())} if data else None
     return TaskManager(include_path=[str(TASKS_DIR), *extra], include_defaults=False, metadata=metadata,
                        verbosity="ERROR")
