@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train train-distributed tune compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
+.PHONY: setup system-deps train train-distributed tune fairness compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -55,6 +55,9 @@ train-distributed: setup  ## fine-tune with NPROC processes (torchrun DDP: gloo 
 
 tune: setup  ## hyperparameter search (configs/tune.yaml) -> artifacts/tune/<run>/ (trials.md, tune.png, best.yaml); ARGS='budget.n_trials=8'
 	$(CLI) tune --config configs/tune.yaml $(ARGS)
+
+fairness: setup  ## bias checks on the fine-tuned model: counterfactual probes + group metrics (fairness.md, manifest entry); ARGS='--threshold 0.1'
+	$(CLI) fairness artifacts/train/latest $(ARGS)
 
 compress: setup  ## quantize / prune / distill the fine-tuned model (trains first if needed); report in artifacts/compress/latest
 	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
