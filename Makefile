@@ -56,7 +56,7 @@ train-distributed: setup  ## fine-tune with NPROC processes (torchrun DDP: gloo 
 tune: setup  ## hyperparameter search (configs/tune.yaml) -> artifacts/tune/<run>/ (trials.md, tune.png, best.yaml); ARGS='budget.n_trials=8'
 	$(CLI) tune --config configs/tune.yaml $(ARGS)
 
-fairness: setup  ## bias checks on the fine-tuned model: counterfactual probes + group metrics (fairness.md, manifest entry); ARGS='--threshold 0.1'
+fairness: setup  ## bias checks on the fine-tuned model: counterfactual probes + group metrics (fairness.md, manifest entry); ARGS='--max-flip-rate 0.05'
 	$(CLI) fairness artifacts/train/latest $(ARGS)
 
 compress: setup  ## quantize / prune / distill the fine-tuned model (trains first if needed); report in artifacts/compress/latest
