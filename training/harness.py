@@ -144,12 +144,13 @@ def select_tasks(names: list[str] | None, endpoint: bool, data: str | None):
     types = {name: t.config.output_type for name, t in loaded.items()}
     if endpoint:
         needs_ll = [n for n, t in types.items() if t != GENERATION]
+        gen = [n for n, t in types.items() if t == GENERATION]
         if names and needs_ll:
             raise ConfigError(
                 f"{', '.join(needs_ll)}: {', '.join(sorted({types[n] for n in needs_ll}))} tasks score per-token "
                 "log-probabilities, which the llmstack server does not return (it answers logprobs/echo with 400)",
                 field="--tasks", hint="run them on the model folder with --model; against --endpoint only "
-                f"generate_until tasks work ({', '.join(n for n, t in types.items() if t == GENERATION) or 'none here'})")
+                f"generate_until tasks work ({', '.join(gen) or 'none here'})")
         types = {n: t for n, t in types.items() if t == GENERATION}  # default set: the generation tasks only
     return tm, list(types), types
 
@@ -208,7 +209,8 @@ def markdown(summary: dict) -> str:
     for task, r in summary.items():
         for m, v in r["metrics"].items():
             se = r["stderr"].get(m)
-            lines.append(f"| {task} | {r['output_type']} | {r['n']} | {m} | {v:.4f} | {'-' if se is None else f'{se:.4f}'} |")
+            se = "-" if se is None else f"{se:.4f}"
+            lines.append(f"| {task} | {r['output_type']} | {r['n']} | {m} | {v:.4f} | {se} |")
     return "\n".join(lines)
 
 
@@ -257,7 +259,7 @@ def run(model: str | None = None, endpoint: str | None = None, tasks: list[str] 
         for task, samples in (results.get("samples") or {}).items():
             with open(folder_out / f"samples_{task}.jsonl", "w") as f:
                 for s in samples:
-                    f.write(json.dumps({"doc_id": s["doc_id"], "target": s["target"],
-                                        "response": s["filtered_resps"], "metrics": {m: s.get(m) for m in s["metrics"]}},
-                                       default=str) + "\n")
+                    scores = {m: s.get(m) for m in s["metrics"]}
+                    f.write(json.dumps({"doc_id": s["doc_id"], "target": s["target"], "response": s["filtered_resps"],
+                                        "metrics": scores}, default=str) + "\n")
     return summary

@@ -29,7 +29,8 @@ def _rows(data_file=None) -> list[dict]:
         missing = [k for k in ("instruction", "output") if k not in row]
         if missing:
             raise ValueError(f"{path}:{n}: row lacks {', '.join(missing)} (expected instruction/input/output rows)")
-        prompt = f"{row['instruction']}\n\n{row['input']}" if str(row.get("input") or "").strip() else row["instruction"]
+        inp = str(row.get("input") or "")
+        prompt = f"{row['instruction']}\n\n{inp}" if inp.strip() else row["instruction"]  # as training renders it
         rows.append({"prompt": prompt, "ticket": str(row.get("input") or row["instruction"]),
                      "output": row["output"], "line": n})
     return rows
