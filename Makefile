@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train train-distributed tune fairness compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
+.PHONY: setup system-deps train train-distributed tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -58,6 +58,13 @@ tune: setup  ## hyperparameter search (configs/tune.yaml) -> artifacts/tune/<run
 
 fairness: setup  ## bias checks on the fine-tuned model: counterfactual probes + group metrics (fairness.md, manifest entry); ARGS='--max-flip-rate 0.05'
 	$(CLI) fairness artifacts/train/latest $(ARGS)
+
+harness: setup  ## lm-evaluation-harness tasks (training/harness_tasks: ticket triage, multiple choice) on the fine-tuned model
+	$(CLI) harness --model artifacts/train/latest --limit 50 --out artifacts/reports/harness $(ARGS)
+
+eval-report: setup  ## base vs fine-tuned vs compressed side by side (report.md / .json / .png in artifacts/reports/eval)
+	$(CLI) report --models base=smollm2-135m-instruct finetuned=artifacts/train/latest \
+	    compressed=artifacts/compress/latest --limit 40 --out artifacts/reports/eval $(ARGS)
 
 compress: setup  ## quantize / prune / distill the fine-tuned model (trains first if needed); report in artifacts/compress/latest
 	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
