@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train train-distributed tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
+.PHONY: setup system-deps train train-distributed dpo tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -52,6 +52,9 @@ train: setup  ## fine-tune the demo (configs/train.yaml) and print the before/af
 
 train-distributed: setup  ## fine-tune with NPROC processes (torchrun DDP: gloo on CPU, nccl on GPUs); the effective batch is batch_size x grad_accum x NPROC
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m llmstack train --config configs/train.yaml $(ARGS)
+
+dpo: setup  ## preference tuning (DPO with LoRA) on the SFT artifact (configs/dpo.yaml); ARGS='recipe=orpo'
+	$(CLI) train --config configs/dpo.yaml $(ARGS)
 
 tune: setup  ## hyperparameter search (configs/tune.yaml) -> artifacts/tune/<run>/ (trials.md, tune.png, best.yaml); ARGS='budget.n_trials=8'
 	$(CLI) tune --config configs/tune.yaml $(ARGS)
