@@ -72,6 +72,9 @@ COPY --from=builder /opt/llmstack /opt/llmstack
 WORKDIR /app
 COPY configs/train.yaml configs/compress.yaml /app/configs/
 COPY data/tickets /app/data/tickets
+# The accelerate configs (DDP, FSDP, DeepSpeed, multi-node): --entrypoint accelerate ... launch --config_file
+# /app/deploy/training/fsdp.yaml -m llmstack train --config /app/configs/train.yaml
+COPY deploy/training /app/deploy/training
 # Mount points: artifacts/ (written) and models/ (the provisioned base model), owned by the training user.
 RUN mkdir -p /app/artifacts /app/models && chown 10001:10001 /app/artifacts /app/models
 
