@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +31,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Phases:
+    """Wall time per phase of a run: call it with a phase's name when the phase ends; `timings` (seconds, for the
+    manifest) and `summary()` (the closing log line)."""
+
+    def __init__(self, log=None):
+        self.start = self._last = time.time()
+        self.timings: dict[str, float] = {}
+        self.log = log
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.timings[name] = round(now - self._last, 1)
+        self._last = now
+        if self.log is not None:
+            self.log.debug(f"{name}: {self.timings[name]} s")
+
+    def summary(self) -> str:
+        return ("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in self.timings.items())
+                + f"; total {time.time() - self.start:.0f} s")
 
 
 def new_run_id() -> str:

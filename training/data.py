@@ -291,21 +291,31 @@ class Prepared:
     report: dict
 
 
+def load_spec(spec, split: str, errors: list) -> tuple[Path, list[dict], list] | None:
+    """A dataset entry's rows (columns renamed to the format's names) and their locations; None, with the reason
+    added to `errors`, when the file cannot be read or has no rows."""
+    path = Path(spec.path)
+    try:
+        raw, locs = load_file(path)
+    except StackError as exc:
+        errors.append(exc)
+        return None
+    if not raw:
+        errors.append(DataError("dataset is empty (no rows)", file=path, field=f"data.{split}"))
+        return None
+    if spec.columns:
+        inverse = {v: k for k, v in spec.columns.items()}
+        raw = [{inverse.get(k, k): v for k, v in r.items()} for r in raw]
+    return path, raw, locs
+
+
 def _load_split(specs, split: str, cfg, drops: Drops, errors: list, sources: list) -> list[tuple[Example, float]]:
     out = []
     for spec in specs:
-        path = Path(spec.path)
-        try:
-            raw, locs = load_file(path)
-        except StackError as exc:
-            errors.append(exc)
+        loaded = load_spec(spec, split, errors)
+        if loaded is None:
             continue
-        if not raw:
-            errors.append(DataError("dataset is empty (no rows)", file=path, field=f"data.{split}"))
-            continue
-        if spec.columns:
-            inverse = {v: k for k, v in spec.columns.items()}
-            raw = [{inverse.get(k, k): v for k, v in r.items()} for r in raw]
+        path, raw, locs = loaded
         fmt = spec.format if spec.format != "auto" else None
         try:
             fmt = fmt or detect_format(set().union(*raw), path)  # JSONL rows may each lack some keys

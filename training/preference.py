@@ -198,18 +198,10 @@ def _load_split(specs, split, cfg: TrainConfig, tokenizer, drops, errors, source
     d, p = cfg.data, cfg.preference
     out = []
     for spec in specs:
-        path = Path(spec.path)
-        try:
-            raw, locs = data_mod.load_file(path)
-        except StackError as exc:
-            errors.append(exc)
+        loaded = data_mod.load_spec(spec, split, errors)
+        if loaded is None:
             continue
-        if not raw:
-            errors.append(DataError("dataset is empty (no rows)", file=path, field=f"data.{split}"))
-            continue
-        if spec.columns:
-            inverse = {v: k for k, v in spec.columns.items()}
-            raw = [{inverse.get(k, k): v for k, v in r.items()} for r in raw]
+        path, raw, locs = loaded
         try:
             kind = row_kind(set().union(*raw), path, cfg.recipe)
         except StackError as exc:
@@ -560,14 +552,8 @@ def run(cfg: TrainConfig, *, force: bool = False) -> Path:
     warn_poor_settings(cfg)
     torch.set_num_threads(cfg.train.threads or max(1, os.cpu_count() or 1))
     torch.manual_seed(cfg.train.seed)
-    t_start, started_at = time.time(), artifacts.now()
-    timings: dict[str, float] = {}
-    phase_t = [t_start]
-
-    def phase(name: str) -> None:
-        now_t = time.time()
-        timings[name] = round(now_t - phase_t[0], 1)
-        phase_t[0] = now_t
+    phase = artifacts.Phases()
+    t_start, timings, started_at = phase.start, phase.timings, artifacts.now()
 
     # ---- data
     base_path, parent = resolve_model(cfg)
@@ -686,8 +672,7 @@ def _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fing
     print(f"\n{cfg.recipe.upper()} before/after on the held-out preference rows ({n}):\n")
     print(table_md)
     print(f"\nartifact: {final}  (latest: {root / 'latest'})")
-    print("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in timings.items())
-          + f"; total {time.time() - t_start:.0f} s")
+    print(phase.summary())
     return final
 
 

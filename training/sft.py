@@ -420,17 +420,8 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         warn_poor_settings(cfg)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size))
     torch.manual_seed(cfg.train.seed)
-    t_start = time.time()
-    started_at = artifacts.now()
-    timings: dict[str, float] = {}
-    phase_t = [t_start]
-
-    def phase(name: str) -> None:
-        """Record the seconds since the previous phase ended (manifest `timings`, and the log)."""
-        now_t = time.time()
-        timings[name] = round(now_t - phase_t[0], 1)
-        phase_t[0] = now_t
-        log.debug(f"{name}: {timings[name]} s")
+    phase = artifacts.Phases(log)  # call at each phase's end: manifest `timings`, and the log
+    t_start, timings, started_at = phase.start, phase.timings, artifacts.now()
 
     # ---- data (every rank prepares it: deterministic for a seed)
     if dist.local_rank == 0:  # provisioning a built-in model writes its folder: one process per machine, first
@@ -587,7 +578,6 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
     print(f"\nBefore/after on the held-out test split ({(after or before or {}).get('n', 0)} examples):\n")
     print(table_md)
     print(f"\nartifact: {final}  (latest: {root / 'latest'})")
-    print("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in timings.items())
-          + f"; total {time.time() - t_start:.0f} s")
+    print(phase.summary())
     return final
 
