@@ -78,6 +78,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class FieldProblems(ValueError):
+    """Raised by a model validator that checks across fields: several problems, each at its own path below the
+    model (e.g. ("stages", 1, "mix", "nope")), so each is reported with its own field and YAML line."""
+
+    def __init__(self, problems: list[tuple[tuple, str]]):
+        self.problems = problems
+        super().__init__("; ".join(msg for _, msg in problems))
+
+
+def _located(errors: list[dict]) -> list[dict]:
+    """Pydantic errors with every FieldProblems expanded to one error per problem, at its own location."""
+    out = []
+    for err in errors:
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, FieldProblems):
+            out += [{"loc": tuple(err["loc"]) + tuple(sub), "msg": msg, "type": "value_error"}
+                    for sub, msg in cause.problems]
+        else:
+            out.append(err)
+    return out
+
+
 def validate(model: type[BaseModel], data: dict, *, file=None, lines: dict | None = None,
              overridden: set[str] = frozenset()):
     """Validate `data`; every problem becomes a ConfigError with the field path and YAML line."""
@@ -85,7 +107,7 @@ def validate(model: type[BaseModel], data: dict, *, file=None, lines: dict | Non
         return model.model_validate(data)
     except ValidationError as exc:
         errors: list[StackError] = []
-        for err in exc.errors():
+        for err in _located(exc.errors()):
             loc = tuple(err["loc"])
             field = ".".join(str(p) for p in loc)
             line = None

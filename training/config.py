@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from llmstack.config import Section
+from llmstack.config import FieldProblems, Section
 from llmstack.errors import StackWarning
 
 METHODS = ("full", "freeze", "lora", "dora", "adalora", "ia3", "prefix", "prompt", "ptuning")
@@ -246,6 +246,82 @@ class FairnessCfg(Section):
     """Flip examples kept per attribute in the report."""
 
 
+class StageCfg(Section):
+    """One curriculum stage: which named datasets, mixed how, for how long."""
+    name: str
+    """Stage name (the manifest's per-stage metrics and the plots use it)."""
+    mix: dict[str, float]
+    """Named datasets (keys of curriculum.datasets) and their weights. mixing: proportions -> each dataset's share of
+    the stage's rows (the shares sum to 1); mixing: upsample -> repeat factors (2.0: every row twice, 0.5: a seeded
+    half)."""
+    rows: int = Field(0, ge=0)
+    """proportions: rows per stage epoch (0: as many as the named datasets hold together). upsample: ignored."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the stage's mixed rows (each pass reshuffled; a fraction takes a seeded part of the last pass)."""
+    max_steps: int = Field(0, ge=0)
+    """Optimizer steps for this stage (0: from epochs); overrides epochs."""
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if not self.mix:
+            raise ValueError(f"stage '{self.name}' names no dataset: mix needs at least one `name: weight`")
+        bad = {k: v for k, v in self.mix.items() if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v))}
+        if bad:
+            raise ValueError(f"stage '{self.name}': mix weights must be positive numbers, got "
+                             + ", ".join(f"{k}: {v}" for k, v in bad.items()))
+        return self
+
+
+class CurriculumCfg(Section):
+    """Continued pre-training and staged data mixing (training/curriculum.py, docs/curriculum.md): the stages run in
+    order in one training run, one optimizer and one learning-rate schedule over all of them (warm-up once at the
+    start, decay across the stages); after each stage the domain validation set (data.validation) and the general
+    held-out set (general_eval) are evaluated, so forgetting shows beside the domain gain."""
+    datasets: dict[str, DatasetSpec] = {}
+    """Named datasets the stages draw from, e.g. {cpt: {path: data/corpus/domain.jsonl, format: text}, general:
+    {path: data/general/train.jsonl}, domain: {path: data/tickets/train.jsonl}}. format text: loss on every token
+    (CPT); instruction / chat: loss on the answers. Their own `weight` is not used: stages say how much of each."""
+    stages: list[StageCfg] = []
+    """The stages, in order; empty: no curriculum (data.train is trained on, as usual)."""
+    mixing: Literal["proportions", "upsample"] = "proportions"
+    """How stage weights read: proportions (shares of the stage's rows, summing to 1) or upsample (repeat factors per
+    dataset)."""
+    general_eval: list[DatasetSpec] = Field(
+        default_factory=lambda: [DatasetSpec(path="data/general/test.jsonl")])
+    """General held-out data evaluated (loss and perplexity) before training and after every stage: the forgetting
+    watch. Empty: only the domain validation set is watched."""
+
+    @model_validator(mode="after")
+    def _stages(self):
+        if not self.stages:
+            return self
+        known = ", ".join(self.datasets) or "none"
+        problems: list[tuple[tuple, str]] = []
+        for name, spec in self.datasets.items():
+            if spec.weight != 1.0:
+                problems.append((("datasets", name, "weight"), "not used in a curriculum: set the weight in each "
+                                 "stage's mix"))
+        names = [s.name for s in self.stages]
+        for i, st in enumerate(self.stages):
+            where = f"stage '{st.name}'"
+            if names.index(st.name) != i:
+                problems.append((("stages", i, "name"), f"{where} is named twice; stage names must be unique"))
+            for missing in [k for k in st.mix if k not in self.datasets]:
+                problems.append((("stages", i, "mix", missing), f"{where} names dataset '{missing}', which "
+                                 f"curriculum.datasets does not define (defined: {known})"))
+            total = sum(st.mix.values())
+            if self.mixing == "proportions" and abs(total - 1) > 1e-3:
+                problems.append((("stages", i, "mix"), f"{where}: weights sum to {total:g}; with mixing: proportions "
+                                 "they are shares of the stage and must sum to 1 (or set curriculum.mixing: upsample "
+                                 "for repeat factors)"))
+            if self.mixing == "upsample" and st.rows:
+                problems.append((("stages", i, "rows"), f"{where}: rows applies to mixing: proportions; with "
+                                 "upsample the weights decide"))
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+
 class OutputCfg(Section):
     dir: str = "artifacts/train"
     """Root folder of training artifacts (`<dir>/<run-id>/`, `<dir>/latest`)."""
@@ -278,6 +354,8 @@ class TrainConfig(Section):
     """The drift reference profile for live monitoring."""
     fairness: FairnessCfg = FairnessCfg()
     """Bias and fairness checks after training (off by default)."""
+    curriculum: CurriculumCfg = CurriculumCfg()
+    """Continued pre-training and staged data mixing (off unless stages are given)."""
     output: OutputCfg = OutputCfg()
     """Where the artifact goes."""
 
@@ -293,7 +371,28 @@ class TrainConfig(Section):
             raise ValueError(f"method.lora_layers applies to lora, dora and ia3, not {self.method.name}")
         if self.method.name == "adalora" and self.method.adalora_init_r < self.method.lora_r:
             raise ValueError("method.adalora_init_r must be >= method.lora_r")
+        if self.curriculum.stages:
+            self._curriculum_consistent()
         return self
+
+    def _curriculum_consistent(self) -> None:
+        """A curriculum names its training data per stage and its length per stage; what conflicts is refused."""
+        if self.recipe != "sft":
+            raise ValueError(f"curriculum.stages work with recipe sft (CPT text and instruction data), not "
+                             f"{self.recipe}")
+        if self.data.train and "train" in self.data.model_fields_set:
+            raise ValueError("data.train and curriculum.stages are both set: a curriculum names its training data "
+                             "in each stage's mix (curriculum.datasets); remove data.train")
+        if not self.data.validation:
+            raise ValueError("curriculum.stages need data.validation: the domain held-out set evaluated after every "
+                             "stage")
+        if self.train.max_steps > 0:
+            raise ValueError("train.max_steps does not apply to a curriculum: set curriculum.stages[].max_steps or "
+                             "epochs per stage")
+        if self.train.early_stopping_patience:
+            raise ValueError("train.early_stopping_patience would stop a curriculum part-way through a stage; "
+                             "set it to 0")
+        object.__setattr__(self.data, "train", [])  # the stages' data is the training data
 
     def effective_lr(self, world_size: int = 1) -> float:
         t = self.train

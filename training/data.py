@@ -289,6 +289,13 @@ class Prepared:
     validation: list[Example]
     test: list[Example]
     report: dict
+    extra: dict[str, list[Example]] = field(default_factory=dict)
+
+
+def split_field(split: str) -> str:
+    """The config field a split's datasets come from: data.train, ..., or a dotted path of its own
+    (curriculum.datasets.cpt)."""
+    return split if "." in split else f"data.{split}"
 
 
 def load_spec(spec, split: str, errors: list) -> tuple[Path, list[dict], list] | None:
@@ -301,7 +308,7 @@ def load_spec(spec, split: str, errors: list) -> tuple[Path, list[dict], list] |
         errors.append(exc)
         return None
     if not raw:
-        errors.append(DataError("dataset is empty (no rows)", file=path, field=f"data.{split}"))
+        errors.append(DataError("dataset is empty (no rows)", file=path, field=split_field(split)))
         return None
     if spec.columns:
         inverse = {v: k for k, v in spec.columns.items()}
@@ -388,13 +395,18 @@ def length_stats(rows: list[Example]) -> dict:
             "max": int(lens.max()), "mean": round(float(lens.mean()), 1)}
 
 
-def prepare(cfg, tokenizer, seed: int) -> Prepared:
-    """Run the whole pipeline for train / validation / test; raise once with every invalid row."""
+def prepare(cfg, tokenizer, seed: int, extra: dict[str, list] | None = None) -> Prepared:
+    """Run the whole pipeline for train / validation / test; raise once with every invalid row.
+
+    extra: more splits, {config path: [DatasetSpec]} (a curriculum's named datasets and its general held-out set),
+    validated, cleaned, deduplicated and length-filtered like the others; in `Prepared.extra`, and then the training
+    split may be empty (the caller builds it from them)."""
     drops, errors, sources = Drops(), [], []
-    if not cfg.train:
+    extra = extra or {}
+    if not cfg.train and not extra:
         raise DataError("no training dataset configured", field="data.train")
     splits = {}
-    for split, specs in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test)):
+    for split, specs in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test), *extra.items()):
         rw = _load_split(specs, split, cfg, drops, errors, sources)
         rows = dedup([ex for ex, _ in rw], split, drops, cfg.dedup_exact, cfg.dedup_near, cfg.near_dup_threshold)
         keep = {id(ex) for ex in rows}
@@ -415,7 +427,7 @@ def prepare(cfg, tokenizer, seed: int) -> Prepared:
         train_rw = [train_rw[i] for i in range(len(train_rw)) if i not in val_idx]
     train = _mix(train_rw, seed)
     test = [ex for ex, _ in splits["test"]] or val
-    if not train:
+    if not train and not extra:
         counts = drops.count("train")
         raise DataError("no training rows left after the data pipeline "
                         f"(dropped: {', '.join(f'{k}={v}' for k, v in counts.items() if v) or 'none'})",
@@ -427,7 +439,7 @@ def prepare(cfg, tokenizer, seed: int) -> Prepared:
                                              "test": length_stats(test)},
               "validation_from_train": not cfg.validation and cfg.val_ratio > 0,
               "test_is_validation": not splits["test"], "max_seq_len": cfg.max_seq_len, "drops": drops.items}
-    return Prepared(train, val, test, report)
+    return Prepared(train, val, test, report, {name: [ex for ex, _ in splits[name]] for name in extra})
 
 
 def report_markdown(report: dict) -> str:
@@ -443,6 +455,13 @@ def report_markdown(report: dict) -> str:
         if st.get("n"):
             lines.append(f"| {name} | {st['n']} | {st['tokens']} | {st['answer_tokens']} | {st['min']} | {st['p50']} "
                          f"| {st['p90']} | {st['p99']} | {st['max']} |")
+    for st in report.get("curriculum", []):
+        if st is report["curriculum"][0]:
+            lines += ["", "## Curriculum stages", "", "| stage | steps | rows (padded) | tokens | loss tokens | "
+                      "rows per pass |", "|---|---|---|---|---|---|"]
+        comp = ", ".join(f"{k} {v}" for k, v in st["composition"].items())
+        lines.append(f"| {st['name']} | {st['steps']} | {st['rows']} ({st['padded_rows']}) | {st['tokens']} | "
+                     f"{st['loss_tokens']} | {comp} |")
     if report["validation_from_train"]:
         lines.append("\nValidation rows were split off the training data (data.val_ratio).")
     if report["drops"]:

@@ -16,7 +16,8 @@ def _plt():
 def loss_curve(log_history: list[dict], path: Path) -> None:
     plt = _plt()
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    val = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    key = lambda h: "eval_loss" if "eval_loss" in h else "eval_validation_loss"  # noqa: E731 (a curriculum's)
+    val = [(h["step"], h[key(h)]) for h in log_history if key(h) in h]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss (answer tokens)", marker=".")
@@ -47,6 +48,20 @@ def length_histogram(lengths: dict[str, list[int]], max_len: int, path: Path) ->
     plt.close(fig)
 
 
+def _curriculum(manifest: dict) -> str:
+    cur = manifest.get("curriculum")
+    if not cur:
+        return ""
+    return f"""## Curriculum
+
+{len(cur['stages'])} stages under one learning-rate schedule; after each, the domain validation set and the general
+held-out set (forgetting) were evaluated. Plot: `curriculum.png`.
+
+{cur['table']}
+
+"""
+
+
 def model_card(manifest: dict, table_md: str) -> str:
     cfg = manifest["config"]
     files = "\n".join(f"- `{k}/`: {v}" for k, v in manifest["outputs"].items())
@@ -67,7 +82,7 @@ Base model: `{manifest['base_model']['name']}` · method: **{cfg['method']['name
 {t['steps']} optimizer steps, {t['tokens']:,} tokens at {t['tokens_per_s']} tokens/s, final train loss
 {t['final_train_loss']}, peak RSS {t['peak_rss_mb']} MB. Loss curve: `loss_curve.png`.
 
-## Data
+{_curriculum(manifest)}## Data
 
 {data}
 

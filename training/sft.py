@@ -31,6 +31,7 @@ from llmstack.config import config_hash, dump_yaml, validate
 from llmstack.errors import ArtifactError, ConfigError
 from llmstack.log import log
 
+from . import curriculum
 from . import data as data_mod
 from . import distributed
 from . import evaluate as ev
@@ -61,11 +62,17 @@ class AnswerLossTrainer(Trainer):
     """HF Trainer with the answer-only loss, normalised by the answer tokens of the whole accumulated step (of all
     processes, when there are several)."""
 
-    def __init__(self, *args, fast: bool = True, **kwargs):
+    def __init__(self, *args, fast: bool = True, sequential: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.fast = fast
+        self.sequential = sequential  # a curriculum: rows in their laid-out order (training/curriculum.py)
         self.model_accepts_loss_kwargs = True  # we divide by num_items_in_batch ourselves
         self.tokens_seen = 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sequential:
+            return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
 
     def _answer_loss(self, model, inputs):
         """answer_loss on `model`, which the Trainer may have wrapped (DDP, FSDP, DeepSpeed). The fast path calls the
@@ -217,7 +224,8 @@ def _load_resume(root: Path, run_id: str | None) -> tuple[TrainConfig, Path]:
     return validate(TrainConfig, data, file=work / "config.yaml"), work
 
 
-def _training_args(cfg: TrainConfig, work: Path, n_train: int, world_size: int = 1) -> TrainingArguments:
+def _training_args(cfg: TrainConfig, work: Path, n_train: int, world_size: int = 1,
+                   max_steps: int | None = None) -> TrainingArguments:
     t = cfg.train
     sched_kwargs = {"min_lr_rate": t.min_lr_ratio} if t.scheduler == "cosine_with_min_lr" else {}
     precision = t.mixed_precision or distributed.LAUNCHER_MIXED_PRECISION or "no"
@@ -231,7 +239,8 @@ def _training_args(cfg: TrainConfig, work: Path, n_train: int, world_size: int =
     args = TrainingArguments(
         output_dir=str(work / "checkpoints"), per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=max(t.batch_size, cfg.eval.batch_size), gradient_accumulation_steps=t.grad_accum,
-        learning_rate=cfg.effective_lr(world_size), num_train_epochs=t.epochs, max_steps=t.max_steps,
+        learning_rate=cfg.effective_lr(world_size), num_train_epochs=t.epochs,
+        max_steps=max_steps if max_steps is not None else t.max_steps,
         warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.scheduler, lr_scheduler_kwargs=sched_kwargs,
         weight_decay=t.weight_decay, optim=OPTIMIZERS[t.optimizer], max_grad_norm=t.max_grad_norm or 1e9,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
@@ -337,26 +346,45 @@ def finish_artifact(out: Path, manifest: dict, table_md: str) -> None:
     artifacts.write_json(out / artifacts.MANIFEST, manifest)
 
 
+def _curriculum_base(trainer: AnswerLossTrainer, work: Path) -> dict:
+    """The domain validation and general held-out losses before training (the forgetting baseline); kept in the
+    work folder so a resumed run reuses it (the Trainer's log restarts with training)."""
+    cached = work / "curriculum_base.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    base = trainer.evaluate()
+    if trainer.args.process_index == 0:
+        artifacts.write_json(cached, base)
+    return base
+
+
 def _features(rows) -> list[dict]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
 
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, prepared, work: Path, *, pack: bool, fast: bool,
-                  dist: distributed.Dist | None = None):
+                  dist: distributed.Dist | None = None, stages: list | None = None):
     """The HF Trainer with our collator, answer-only loss, progress bar and method-specific callbacks.
 
     Several processes: the Trainer's dataloader (accelerate) gives each rank every world_size-th micro-batch of the
     same seeded shuffle, so at batch B per process a step sees the examples one process sees at batch world_size x
-    B; the collator packs (and shares the prefix of) each rank's micro-batch, which is exact per example."""
+    B; the collator packs (and shares the prefix of) each rank's micro-batch, which is exact per example.
+
+    stages (a curriculum, training/curriculum.py): the rows are read in their laid-out order for exactly the stages'
+    steps, and evaluated on the domain validation and the general held-out sets at every stage end."""
     dist = dist or distributed.Dist()
+    evals = curriculum.eval_sets(prepared, _features) if stages else (_features(prepared.validation) or None)
     trainer = AnswerLossTrainer(
-        model=model, args=_training_args(cfg, work, len(prepared.train), dist.world_size), fast=fast,
-        train_dataset=_features(prepared.train), eval_dataset=_features(prepared.validation) or None,
+        model=model, args=_training_args(cfg, work, len(prepared.train), dist.world_size,
+                                         max_steps=stages[-1].end if stages else None),
+        fast=fast, sequential=bool(stages), train_dataset=_features(prepared.train), eval_dataset=evals,
         data_collator=Collator(tokenizer.pad_token_id, cfg.data.max_seq_len, pack=pack,
                                share_prefix=fast and cfg.train.share_prefix))
     progress = Progress(trainer, show=dist.main)
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dicts on stdout
     trainer.add_callback(progress)
+    if stages:
+        trainer.add_callback(curriculum.StageEnds(stages, progress))
     if cfg.method.name == "adalora":
         trainer.add_callback(AdaLoraAllocator(model))
     if cfg.train.early_stopping_patience:
@@ -430,7 +458,9 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
     if dist.local_rank != 0:
         base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed)
+    prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed, extra=curriculum.extra_splits(cfg.curriculum))
+    t = cfg.train
+    stages = curriculum.attach(cfg, prepared, t.batch_size * t.grad_accum * dist.world_size)
     fingerprint = _fingerprint(cfg, prepared, base_path, dist.world_size)
 
     def plan() -> dict:
@@ -490,20 +520,26 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
     phase("load_and_eval_before")
 
     # ---- train
-    t = cfg.train
     per_epoch = -(-len(prepared.train) // (t.batch_size * t.grad_accum * dist.world_size))
     total = t.max_steps if t.max_steps > 0 else int(per_epoch * t.epochs + 0.999)
+    total = stages[-1].end if stages else total
     model = methods.apply(model, cfg.method, total)
     params = methods.count_parameters(model)
     log.info(f"method {method}: {params['trainable']:,} trainable of {params['total']:,} parameters "
              f"({params['trainable_pct']}%), {total} steps, lr {cfg.effective_lr(dist.world_size):g}")
-    trainer, progress = build_trainer(cfg, model, tokenizer, prepared, work, pack=pack, fast=fast, dist=dist)
+    trainer, progress = build_trainer(cfg, model, tokenizer, prepared, work, pack=pack, fast=fast, dist=dist,
+                                      stages=stages)
     last = dist.decide(lambda: _last_complete_checkpoint(work / "checkpoints"))
     if last:
         log.info(f"resuming from {last}")
+    stage_base = _curriculum_base(trainer, work) if stages else None
     trainer.train(resume_from_checkpoint=last)
     phase("train")
-    val = trainer.evaluate() if prepared.validation and cfg.train.final_validation else {}
+    if stages:  # the last stage's end evaluated the validation set already
+        stage_rows = curriculum.stage_metrics(trainer.state.log_history, stages, stage_base)
+        val = {"eval_loss": stage_rows[-1]["validation_loss"]}
+    else:
+        val = trainer.evaluate() if prepared.validation and cfg.train.final_validation else {}
     phase("validation")
     tokens = dist.sum(trainer.tokens_seen)
     train_stats = {
@@ -533,6 +569,8 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         after, after_preds = ev.evaluate(eval_model, tokenizer, prepared.test, cfg.eval, max_len=max_len,
                                          fast=merged is not None or fast, pack=pack, label="after")
     train_stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if stages:
+        train_stats["stages"] = stage_rows
     phase("merge_and_eval_after")
     drift_ref = _drift_reference(cfg, tokenizer, prepared, after_preds,
                                  merged if merged is not None else model) if cfg.drift.enabled else None
@@ -548,6 +586,8 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         report.length_histogram({s: [len(e.input_ids) for e in getattr(prepared, s)]
                                  for s in ("train", "validation", "test")}, max_len, out / "token_lengths.png")
         report.loss_curve(trainer.state.log_history, out / "loss_curve.png")
+        if stages:
+            curriculum.plot(trainer.state.log_history, stages, stage_rows, out / "curriculum.png")
         for name, preds in (("before", before_preds), ("after", after_preds)):
             if preds:
                 (out / f"predictions_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
@@ -555,12 +595,15 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
             drift_ref.save(out)
             outputs["drift_reference"] = "drift_reference.json: the profile serving compares live traffic with"
         table_md = ev.table(before, after)
+        stage_md = curriculum.table(stage_rows, prepared.report["curriculum"]) if stages else None
         manifest = {
             **manifest_header(cfg, run_id, fingerprint, base_path),
             "datasets": prepared.report["sources"], "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg, {"output.run_id"}),
             "metrics": {"before": before, "after": after, "validation_loss": val.get("eval_loss")},
             "metrics_table": table_md, "training": train_stats, "outputs": outputs,
+            "curriculum": {"stages": prepared.report["curriculum"], "metrics": stage_rows,
+                           "table": stage_md} if stages else None,
             "drift_reference": drift_ref.meta if drift_ref is not None else None,
             "packages": artifacts.package_versions(), "started_at": started_at, "finished_at": artifacts.now(),
             "wall_seconds": round(time.time() - t_start, 1),
@@ -577,6 +620,8 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nBefore/after on the held-out test split ({(after or before or {}).get('n', 0)} examples):\n")
     print(table_md)
+    if stages:
+        print(f"\nCurriculum: domain validation and general held-out loss after each stage:\n\n{stage_md}")
     print(f"\nartifact: {final}  (latest: {root / 'latest'})")
     print(phase.summary())
     return final
