@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train train-distributed dpo tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
+.PHONY: setup system-deps train train-distributed dpo curriculum tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -59,6 +59,9 @@ train-distributed: setup  ## fine-tune with NPROC processes (torchrun DDP: gloo 
 
 dpo: setup  ## preference tuning (DPO with LoRA) on the SFT artifact (configs/dpo.yaml); ARGS='recipe=orpo'
 	$(CLI) train --config configs/dpo.yaml $(ARGS)
+
+curriculum: setup  ## continued pre-training + 3-stage curriculum (configs/curriculum.yaml) -> artifacts/curriculum/<run>/ (stage table, curriculum.png)
+	$(CLI) train --config configs/curriculum.yaml $(ARGS)
 
 tune: setup  ## hyperparameter search (configs/tune.yaml) -> artifacts/tune/<run>/ (trials.md, tune.png, best.yaml); ARGS='budget.n_trials=8'
 	$(CLI) tune --config configs/tune.yaml $(ARGS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -228,3 +230,25 @@ def test_a_dataset_left_empty_by_the_pipeline_names_the_stage(tmp_path, tiny_mod
     msg = str(exc.value)
     assert "curriculum.stages[0] ('s') draws on 'blank'" in msg and "curriculum.datasets.blank" in msg
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*/manifest.json"))
+
+
+# ---------------------------------------------------------------- the shipped demo
+def test_shipped_general_data_and_curriculum_config(tmp_path):
+    """data/general is what data/generate_general.py makes (its held-out rows never in training), and `llmstack data`
+    lays out configs/curriculum.yaml's three stages."""
+    subprocess.run([sys.executable, str(ROOT / "data/generate_general.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for split in ("train", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / f"data/general/{split}.jsonl").read_bytes()
+    train, test = (read_jsonl(ROOT / f"data/general/{s}.jsonl") for s in ("train", "test"))
+    assert len(train) == 400 and len(test) == 100 and len({r["task"] for r in test}) == 12
+    assert not {(r["instruction"], r["input"]) for r in test} & {(r["instruction"], r["input"]) for r in train}
+    res = run_cli(["data", "--config", ROOT / "configs/curriculum.yaml", "--output", tmp_path / "report.json"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(s["name"], s["steps"], s["composition"]) for s in report["curriculum"]] == [
+        ("cpt", 20, {"docs": 40, "general": 40}), ("blend", 30, {"general": 36, "tickets": 84}),
+        ("domain", 50, {"tickets": 200})]
+    assert "## Curriculum stages" in res.stdout
+    used = {s["path"]: s for s in report["sources"]}
+    assert used["data/general/test.jsonl"]["rows_out"] == 100  # the forgetting watch loses no row

@@ -255,7 +255,8 @@ class StageCfg(Section):
     the stage's rows (the shares sum to 1); mixing: upsample -> repeat factors (2.0: every row twice, 0.5: a seeded
     half)."""
     rows: int = Field(0, ge=0)
-    """proportions: rows per stage epoch (0: as many as the named datasets hold together). upsample: ignored."""
+    """proportions: rows per stage epoch (0: as many as the named datasets hold together). upsample: not allowed (the
+    weights decide)."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the stage's mixed rows (each pass reshuffled; a fraction takes a seeded part of the last pass)."""
     max_steps: int = Field(0, ge=0)

@@ -233,6 +233,15 @@ def attach(cfg, prepared, step_rows: int) -> list[Stage]:
     return stages
 
 
+def prepare_data(cfg, tokenizer, world_size: int = 1):
+    """The data pipeline for a training config, a curriculum's stages included: (prepared, stages) (stages: [] without
+    a curriculum)."""
+    from .data import prepare
+
+    prepared = prepare(cfg.data, tokenizer, cfg.train.seed, extra=extra_splits(cfg.curriculum))
+    return prepared, attach(cfg, prepared, cfg.train.batch_size * cfg.train.grad_accum * world_size)
+
+
 def eval_sets(prepared, features) -> dict:
     """The Trainer's evaluation datasets in a curriculum: the domain validation set and the general held-out set."""
     sets = {"validation": features(prepared.validation)}

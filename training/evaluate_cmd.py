@@ -11,6 +11,7 @@ from llmstack import artifacts
 from llmstack.config import load
 from llmstack.errors import ArtifactError
 
+from . import curriculum
 from . import data as data_mod
 from . import evaluate as ev
 from .config import TrainConfig
@@ -46,7 +47,7 @@ def run(model_ref: str, config: str, overrides: list[str], output: str | None) -
 def data_report(config: str, overrides: list[str], output: str | None) -> dict:
     cfg = load(TrainConfig, config, overrides)
     folder = resolve(cfg.model.name_or_path, cfg.model.models_dir)
-    prepared = data_mod.prepare(cfg.data, load_tokenizer(folder, cfg.model.trust_remote_code), cfg.train.seed)
+    prepared, _ = curriculum.prepare_data(cfg, load_tokenizer(folder, cfg.model.trust_remote_code))
     print(data_mod.report_markdown(prepared.report))
     if output:
         Path(output).write_text(json.dumps(prepared.report, indent=2))

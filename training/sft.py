@@ -458,9 +458,8 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
     if dist.local_rank != 0:
         base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed, extra=curriculum.extra_splits(cfg.curriculum))
+    prepared, stages = curriculum.prepare_data(cfg, tokenizer, dist.world_size)
     t = cfg.train
-    stages = curriculum.attach(cfg, prepared, t.batch_size * t.grad_accum * dist.world_size)
     fingerprint = _fingerprint(cfg, prepared, base_path, dist.world_size)
 
     def plan() -> dict:
@@ -533,6 +532,8 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
     if last:
         log.info(f"resuming from {last}")
     stage_base = _curriculum_base(trainer, work) if stages else None
+    if stages:
+        phase("curriculum_base")
     trainer.train(resume_from_checkpoint=last)
     phase("train")
     if stages:  # the last stage's end evaluated the validation set already
