@@ -3,6 +3,9 @@ across the stages, per-stage metrics with the forgetting watch, and bad configs 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 import re
 import subprocess
 import sys
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_jsonl, run_cli, tiny_config_dict, write_jsonl, write_yaml
+from conftest import ROOT, cli_env, read_jsonl, run_cli, tiny_config_dict, write_jsonl, write_yaml
 from llmstack.config import load
 from llmstack.errors import ConfigError, StackError
 from training import curriculum, sft
@@ -252,3 +255,44 @@ def test_shipped_general_data_and_curriculum_config(tmp_path):
     assert "## Curriculum stages" in res.stdout
     used = {s["path"]: s for s in report["sources"]}
     assert used["data/general/test.jsonl"]["rows_out"] == 100  # the forgetting watch loses no row
+
+
+def test_killed_curriculum_resumes_to_the_uninterrupted_result(cur_run, tmp_path, tiny_model_dir, tiny_data,
+                                                               cur_data):
+    """Killed after a checkpoint inside the second stage, `llmstack train --resume` finishes with the same stage
+    metrics as the run that was never interrupted (the base evaluation is reused, not recomputed)."""
+    ref_artifact, ref = cur_run
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    data = curriculum_dict(tiny_model_dir, tiny_data, cur_data, "artifacts/train")
+    data["train"]["save_steps"] = 5  # stage ends save too (steps 3 and 7): checkpoints 3 and 5 come before 7
+    cfg_path = write_yaml(work_dir / "cur.yaml", data)
+    root = work_dir / "artifacts" / "train"
+    proc = subprocess.Popen([sys.executable, "-m", "llmstack", "train", "--config", str(cfg_path)], cwd=work_dir,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(root.glob(".work/*/checkpoints/checkpoint-5/trainer_state.json")):
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{proc.stderr.read()[-3000:]}"
+    assert not list(root.glob("*/manifest.json"))
+    (run_dir,) = [p for p in (root / ".work").iterdir() if p.is_dir()]
+    assert (run_dir / "curriculum_base.json").is_file()
+
+    res = run_cli(["train", "--resume"], cwd=work_dir, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((root / run_dir.name / "manifest.json").read_text())
+    assert manifest["training"]["resumed_from"] in ("checkpoint-5", "checkpoint-7")
+    got, want = manifest["curriculum"]["metrics"], ref["curriculum"]["metrics"]
+    assert [r["name"] for r in got] == [r["name"] for r in want]
+    for g, w in zip(got, want):
+        for key in ("validation_loss", "general_loss", "lr_last_logged", "train_loss"):
+            want_value = w.get(key)
+            assert g.get(key) == (None if want_value is None else pytest.approx(want_value, rel=1e-5, abs=1.5e-4)), \
+                (key, g, w)
