@@ -119,6 +119,31 @@ def test_preference_accuracy_rises_on_training_pairs(tmp_path, tiny_model_dir, p
     assert a["reward_accuracy"] >= 0.8 and a["reward_margin"] > 0
 
 
+def test_sft_weight_keeps_the_chosen_answers_likely(tmp_path, tiny_model_dir, pref_data):
+    """preference.sft_weight adds TRL's NLL loss on the chosen answers to DPO: the same 6 steps end with the chosen
+    answers more likely than plain DPO leaves them (plain DPO only widens the gap, and may lower both)."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(6, kind="spam"))
+
+    def run(name, weight):
+        cfg = load_cfg(tmp_path, pref_config(tiny_model_dir, {"train": pairs, "test": pairs}, tmp_path / name,
+                                             method={"name": "full"}, eval={"max_samples": 0, "before": False},
+                                             train={"lr": 5e-3, "max_steps": 6, "batch_size": 2, "warmup_ratio": 0},
+                                             preference={"beta": 0.5, "generate": False, "sft_weight": weight}))
+        return json.loads((preference.run(cfg) / "manifest.json").read_text())
+
+    plain, anchored = run("plain", 0.0), run("anchored", 1.0)
+    assert anchored["training"]["sft_weight"] == 1.0 and plain["training"]["sft_weight"] == 0.0
+    assert anchored["metrics"]["after"]["logp_chosen"] > plain["metrics"]["after"]["logp_chosen"] + 1.0
+
+
+def test_sft_weight_is_for_dpo_only(tmp_path, tiny_model_dir, pref_data):
+    cfg = load_cfg(tmp_path, pref_config(tiny_model_dir, pref_data, tmp_path / "out", "orpo",
+                                         preference={"sft_weight": 1.0}))
+    with pytest.raises(StackError, match="orpo has its own NLL term"):
+        preference.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- metric definitions
 @pytest.mark.parametrize("prediction,kind", [
     ('{"category": "billing", "product": "orbit_app", "urgency": "low"}', None),

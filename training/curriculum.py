@@ -13,6 +13,7 @@ checkpoints work as for plain SFT.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -113,14 +114,29 @@ def summary(stages: list[Stage]) -> list[dict]:
 
 
 class StageEnds(TrainerCallback):
-    """At each stage's last step: log, evaluate (domain validation + general held-out) and checkpoint; the progress
-    bar names the stage."""
+    """Evaluates the base model when training starts (the forgetting baseline) and, at each stage's last step, makes
+    the Trainer log, evaluate (domain validation + general held-out) and checkpoint; the progress bar names the stage.
 
-    def __init__(self, stages: list[Stage], progress=None):
-        self.stages, self.progress = stages, progress
+    The base evaluation runs inside the training loop, where the Trainer has prepared the model for the launcher
+    (an evaluation before `train()` would prepare it for evaluation first, and DDP would then not synchronise the
+    gradients). It is kept in `base_file` for a resumed run, which starts past step 0 and reads it back."""
+
+    def __init__(self, stages: list[Stage], progress=None, trainer=None, base_file=None):
+        self.stages, self.progress, self.trainer, self.base_file = stages, progress, trainer, base_file
+        self.base: dict = {}
 
     def _current(self, step: int) -> Stage:
         return next((s for s in self.stages if s.start <= step < s.end), self.stages[-1])
+
+    def on_train_begin(self, args, state, control, **kw):
+        if self.trainer is None:
+            return
+        if state.global_step == 0:  # the same on every process: all of them take part in the evaluation
+            self.base = self.trainer.evaluate()
+            if self.base_file is not None and args.process_index == 0:
+                self.base_file.write_text(json.dumps(self.base))
+        elif self.base_file is not None and self.base_file.is_file():
+            self.base = json.loads(self.base_file.read_text())
 
     def on_step_begin(self, args, state, control, **kw):
         bar = getattr(self.progress, "bar", None)

@@ -346,18 +346,6 @@ def finish_artifact(out: Path, manifest: dict, table_md: str) -> None:
     artifacts.write_json(out / artifacts.MANIFEST, manifest)
 
 
-def _curriculum_base(trainer: AnswerLossTrainer, work: Path) -> dict:
-    """The domain validation and general held-out losses before training (the forgetting baseline); kept in the
-    work folder so a resumed run reuses it (the Trainer's log restarts with training)."""
-    cached = work / "curriculum_base.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    base = trainer.evaluate()
-    if trainer.args.process_index == 0:
-        artifacts.write_json(cached, base)
-    return base
-
-
 def _features(rows) -> list[dict]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
 
@@ -384,7 +372,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, prepared, work: Path, *, p
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw dicts on stdout
     trainer.add_callback(progress)
     if stages:
-        trainer.add_callback(curriculum.StageEnds(stages, progress))
+        trainer.add_callback(curriculum.StageEnds(stages, progress, trainer, work / "curriculum_base.json"))
     if cfg.method.name == "adalora":
         trainer.add_callback(AdaLoraAllocator(model))
     if cfg.train.early_stopping_patience:
@@ -531,13 +519,11 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
     last = dist.decide(lambda: _last_complete_checkpoint(work / "checkpoints"))
     if last:
         log.info(f"resuming from {last}")
-    stage_base = _curriculum_base(trainer, work) if stages else None
-    if stages:
-        phase("curriculum_base")
     trainer.train(resume_from_checkpoint=last)
     phase("train")
     if stages:  # the last stage's end evaluated the validation set already
-        stage_rows = curriculum.stage_metrics(trainer.state.log_history, stages, stage_base)
+        ends = next(c for c in trainer.callback_handler.callbacks if isinstance(c, curriculum.StageEnds))
+        stage_rows = curriculum.stage_metrics(trainer.state.log_history, stages, ends.base)
         val = {"eval_loss": stage_rows[-1]["validation_loss"]}
     else:
         val = trainer.evaluate() if prepared.validation and cfg.train.final_validation else {}
