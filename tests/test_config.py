@@ -51,14 +51,29 @@ def test_shipped_config_loads_and_validates(path, monkeypatch):
         if not isinstance(values, dict):  # a top-level setting (recipe: dpo), not a section
             assert getattr(cfg, section) == values, section
             continue
-        for key, value in values.items():
-            if not isinstance(value, list):
-                assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+        _holds(getattr(cfg, section), values, section)
     for split in ("train", "validation", "test"):
         for spec in getattr(cfg.data, split):
             assert (ROOT / spec.path).is_file(), f"{path.name}: data.{split} file {spec.path} does not exist"
+    cur = cfg.curriculum
+    for spec in [*cur.datasets.values(), *(cur.general_eval if cur.stages else [])]:
+        assert (ROOT / spec.path).is_file(), f"{path.name}: curriculum file {spec.path} does not exist"
     assert cfg.method.name in METHODS
     assert cfg.poor_settings() == [], f"the shipped {path.name} triggers its own poor-settings warnings"
+
+
+def _holds(obj, value, where: str) -> None:
+    """The loaded config `obj` holds what the file says (`value`), key by key: sections and models by attribute,
+    mappings by key, lists item by item."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _holds(obj[key] if isinstance(obj, dict) else getattr(obj, key), sub, f"{where}.{key}")
+    elif isinstance(value, list) and isinstance(obj, list):
+        assert len(obj) == len(value), where
+        for i, (o, v) in enumerate(zip(obj, value)):
+            _holds(o, v, f"{where}[{i}]")
+    else:
+        assert obj == value, where
 
 
 def _load_as_written(model, path: Path):
@@ -66,17 +81,9 @@ def _load_as_written(model, path: Path):
     says."""
     cfg = load(model, path)
     raw = yaml.safe_load(path.read_text())
-
-    def check(obj, values: dict, where: str):
-        for key, value in values.items():
-            if isinstance(value, dict):
-                check(getattr(obj, key), value, f"{where}.{key}")
-            else:
-                assert getattr(obj, key) == value, f"{where}.{key}"
-
     for section, values in raw.items():
         if isinstance(values, dict):
-            check(getattr(cfg, section), values, section)
+            _holds(getattr(cfg, section), values, section)
     return cfg, raw
 
 
