@@ -556,8 +556,6 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         after, after_preds = ev.evaluate(eval_model, tokenizer, prepared.test, cfg.eval, max_len=max_len,
                                          fast=merged is not None or fast, pack=pack, label="after")
     train_stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    if stages:
-        train_stats["stages"] = stage_rows
     phase("merge_and_eval_after")
     drift_ref = _drift_reference(cfg, tokenizer, prepared, after_preds,
                                  merged if merged is not None else model) if cfg.drift.enabled else None
