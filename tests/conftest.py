@@ -99,6 +99,27 @@ def run_cli(args: list[str], cwd: str | Path = ROOT, timeout: float = 300) -> su
                           text=True, timeout=timeout)
 
 
+def run_until_killed(args: list, cwd: Path, ready, log_path: Path, timeout: float = 300) -> int:
+    """Start `python -m llmstack ARGS` (output to log_path), SIGKILL it as soon as `ready()` is true, and return its
+    exit code (-SIGKILL when it was killed; its own code when it ended first or nothing got ready in time)."""
+    import os
+    import signal
+    import time
+
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen([PY, "-m", "llmstack", *map(str, args)], cwd=cwd, env=cli_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and proc.poll() is None and not ready():
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    return proc.returncode
+
+
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def tokenizer():

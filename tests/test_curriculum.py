@@ -3,9 +3,7 @@ across the stages, per-stage metrics with the forgetting watch, and bad configs 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import time
 import re
 import subprocess
 import sys
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_env, read_jsonl, run_cli, tiny_config_dict, write_jsonl, write_yaml
+from conftest import ROOT, read_jsonl, run_cli, run_until_killed, tiny_config_dict, write_jsonl, write_yaml
 from llmstack.config import load
 from llmstack.errors import ConfigError, StackError
 from training import curriculum, sft
@@ -268,19 +266,9 @@ def test_killed_curriculum_resumes_to_the_uninterrupted_result(cur_run, tmp_path
     data["train"]["save_steps"] = 5  # stage ends save too (steps 3 and 7): checkpoints 3 and 5 come before 7
     cfg_path = write_yaml(work_dir / "cur.yaml", data)
     root = work_dir / "artifacts" / "train"
-    proc = subprocess.Popen([sys.executable, "-m", "llmstack", "train", "--config", str(cfg_path)], cwd=work_dir,
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if list(root.glob(".work/*/checkpoints/checkpoint-5/trainer_state.json")):
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{proc.stderr.read()[-3000:]}"
+    code = run_until_killed(["train", "--config", cfg_path], work_dir, lambda: bool(list(
+        root.glob(".work/*/checkpoints/checkpoint-5/trainer_state.json"))), tmp_path / "killed.log")
+    assert code == -signal.SIGKILL, f"the run was not killed mid-way:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
     assert not list(root.glob("*/manifest.json"))
     (run_dir,) = [p for p in (root / ".work").iterdir() if p.is_dir()]
     assert (run_dir / "curriculum_base.json").is_file()

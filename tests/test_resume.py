@@ -10,14 +10,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PY, cli_env, run_cli, tiny_config_dict, write_yaml
+from conftest import run_cli, run_until_killed, tiny_config_dict, write_yaml
 from llmstack.config import load
 from training import sft
 from training.config import TrainConfig
@@ -72,25 +70,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir
     work_dir.mkdir()
     cfg_path = write_yaml(work_dir / "train.yaml", resumable_config(tiny_model_dir, tiny_data, "artifacts/train"))
     root = work_dir / "artifacts" / "train"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([PY, "-m", "llmstack", "train", "--config", str(cfg_path)], cwd=work_dir,
-                                env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        done = []
-        try:
-            while time.monotonic() < deadline:
-                # trainer_state.json is the last file the Trainer writes into a checkpoint
-                done = list(root.glob(".work/*/checkpoints/checkpoint-*/trainer_state.json"))
-                if done or proc.poll() is not None:
-                    break
-                time.sleep(0.02)
-        finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+    done = []
+
+    def checkpointed() -> bool:  # trainer_state.json is the last file the Trainer writes into a checkpoint
+        done[:] = list(root.glob(".work/*/checkpoints/checkpoint-*/trainer_state.json"))
+        return bool(done)
+
+    code = run_until_killed(["train", "--config", cfg_path], work_dir, checkpointed, tmp_path / "killed.log")
     log_text = (tmp_path / "killed.log").read_text()
-    assert done, f"no checkpoint appeared within 300 s (exit code {proc.returncode}):\n{log_text[-3000:]}"
-    assert proc.returncode == -signal.SIGKILL, f"the run finished before it could be killed:\n{log_text[-3000:]}"
+    assert done, f"no checkpoint appeared within 300 s (exit code {code}):\n{log_text[-3000:]}"
+    assert code == -signal.SIGKILL, f"the run finished before it could be killed:\n{log_text[-3000:]}"
 
     (run_dir,) = [p for p in (root / ".work").iterdir() if p.is_dir()]
     run_id = run_dir.name
