@@ -179,6 +179,67 @@ def test_onpolicy_pairs_bad_input(tmp_path, tiny_model_dir):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_hard_negative_pairs_reject_the_models_top_wrong_value(tmp_path, tiny_model_dir, tiny_data, tokenizer):
+    """`llmstack pairs --mode hard`: a pair for every prompt; rejected = the reference with exactly one scored field
+    set to another value that field takes in the dataset, and it is the variant the model scores highest (checked
+    here by scoring every variant independently with the full-forward scorer)."""
+    from training import onpolicy
+    from training.model import load_model
+    from training.preference_data import PrefRow, _encode
+
+    out = tmp_path / "hard.jsonl"
+    res = run_cli(["pairs", tiny_model_dir, "--data", tiny_data["train"], "--out", out, "--mode", "hard",
+                   "--max-rows", 3])
+    assert res.returncode == 0, res.stderr[-3000:]
+    pairs, tickets = read_jsonl(out), read_jsonl(tiny_data["train"])
+    assert len(pairs) == 3 and "3 hard-negative pairs" in res.stdout
+    values = {f: {json.loads(t["output"])[f] for t in tickets[:3]} for f in FIELDS}
+    model = load_model(str(tiny_model_dir))
+    for pair, ticket in zip(pairs, tickets):
+        ref, rej = json.loads(ticket["output"]), json.loads(pair["rejected"])
+        assert pair["chosen"] == ticket["output"]
+        changed = [k for k in ref if ref[k] != rej[k]]
+        assert changed == [pair["rejected_field"]] and rej[changed[0]] in values[changed[0]]
+        assert list(rej) == list(ref)  # formatted like the reference: only the value changed
+        assert len(pair["rejected"]) - len(ticket["output"]) == len(rej[changed[0]]) - len(ref[changed[0]])
+        variants = [onpolicy.swap_field(ticket["output"], f, v) for f in FIELDS for v in sorted(values[f])
+                    if v != ref[f]]
+        rows = [PrefRow(source="", prompt=pair["messages"], chosen=ticket["output"], rejected=v) for v in variants]
+        for r in rows:
+            _encode(tokenizer, r)
+        scores = preference.sequence_logps(model, tokenizer.pad_token_id, [(r.prompt_ids, r.rejected_ids) for r in rows])
+        assert pair["rejected"] == variants[max(range(len(rows)), key=scores.__getitem__)]
+
+
+def test_answer_logps_with_a_shared_prompt_cache_match_the_full_forward(tiny_model_dir):
+    from training.model import load_model
+    from training.onpolicy import answer_logps
+
+    model = load_model(str(tiny_model_dir)).eval()
+    prompt, answers = [1, 5, 9, 13], [[20, 21, 22], [30, 31, 32, 33, 34], [40]]
+    full = preference.sequence_logps(model, 0, [(prompt, a) for a in answers], batch_size=3)
+    assert answer_logps(model, prompt, answers) == pytest.approx(full, abs=1e-3)
+
+
+@pytest.mark.parametrize("reference,field,value,want", [
+    ('{"category": "billing", "urgency": "low"}', "urgency", "high", '{"category": "billing", "urgency": "high"}'),
+    ('{"a":"x","b":"y"}', "a", 'say "hi"', '{"a":"say \\"hi\\"","b":"y"}'),
+    ('{"a": "x \\" y", "b": "y"}', "a", "z", '{"a": "z", "b": "y"}'),
+])
+def test_swap_field_keeps_the_reference_format(reference, field, value, want):
+    from training.onpolicy import swap_field
+
+    assert swap_field(reference, field, value) == want
+    assert json.loads(swap_field(reference, field, value))[field] == value
+
+
+def test_hard_negative_pairs_need_a_label_field(tmp_path, tiny_model_dir, tiny_data):
+    res = run_cli(["pairs", tiny_model_dir, "--data", tiny_data["train"], "--out", tmp_path / "o.jsonl",
+                   "--mode", "hard", "--fields", "colour"])
+    assert res.returncode == 2 and "--fields" in res.stderr and "colour: 0" in res.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 # ---------------------------------------------------------------- metric definitions
 @pytest.mark.parametrize("prediction,kind", [
     ('{"category": "billing", "product": "orbit_app", "urgency": "low"}', None),

@@ -5,21 +5,118 @@ correct answer learns little from them (docs/preference.md). Here the model answ
 dataset greedily, each answer is scored against the dataset's reference like the preference evaluation does
 (`preference.rejected_kind`: invalid JSON, text around the JSON, a missing or wrong scored field), and every wrong
 answer becomes a pair: chosen = the reference, rejected = what the model said. Rows the model gets right are
-skipped. The output is the preference-row format the dpo / orpo / kto recipes read.
+skipped (`--mode answers`, the default).
+
+`--mode hard` makes one pair for EVERY prompt, right or wrong: rejected = the reference with one scored field set to
+the wrong value the model itself ranks highest (summed log-probability of the whole answer, over every other value
+that field takes in the dataset). Pairs from wrong answers alone all reject the labels the model over-uses, and DPO
+then shifts the label prior away from them even where they are right (docs/preference.md measured it); hard
+negatives are balanced: each prompt contrasts its right value with its closest wrong one.
+
+The output is the preference-row format the dpo / orpo / kto recipes read.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter
 from pathlib import Path
+
+import torch
 
 from llmstack import artifacts
 from llmstack.errors import DataError, collect
 
 
-def build(model: str, data: str, out: str, fields: list[str], *, max_rows: int = 0, batch_size: int = 32,
-          max_new_tokens: int = 96, models_dir: str = "models") -> dict:
+MODES = ("answers", "hard")
+MAX_VALUES = 32   # a field with more distinct values than this is free text, not a label: no hard negatives for it
+
+
+def field_values(references: list[str], fields: list[str], where: str) -> dict[str, list[str]]:
+    """The distinct string values each scored field takes in the references (the candidates for hard negatives)."""
+    from .evaluate import parse_json
+
+    values: dict[str, list[str]] = {f: [] for f in fields}
+    for ref in references:
+        obj = parse_json(ref) or {}
+        for f in fields:
+            if isinstance(obj.get(f), str) and obj[f] not in values[f]:
+                values[f].append(obj[f])
+    labels = {f: v for f, v in values.items() if 2 <= len(v) <= MAX_VALUES}
+    if not labels:
+        raise DataError(f"no scored field has between 2 and {MAX_VALUES} distinct string values in the references "
+                        f"({', '.join(f'{f}: {len(v)}' for f, v in values.items())}): nothing to build hard negatives "
+                        "from", file=where, field="--fields")
+    return labels
+
+
+def swap_field(reference: str, name: str, value: str) -> str:
+    """The reference answer with field `name` set to `value`, formatted as the reference is (only the value's
+    characters change)."""
+    pattern = re.compile(r'("' + re.escape(name) + r'"\s*:\s*)"(?:[^"\\]|\\.)*"')
+    if len(pattern.findall(reference)) == 1:
+        return pattern.sub(lambda m: m.group(1) + json.dumps(value, ensure_ascii=False), reference)
+    from .evaluate import parse_json
+    return json.dumps(dict(parse_json(reference), **{name: value}), ensure_ascii=False)
+
+
+@torch.no_grad()
+def answer_logps(lm, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
+    """Summed log-probability of each answer after one shared prompt: the prompt is run once and its key/value
+    cache repeated for the answers (right-padded; causal attention keeps the padding out of the real tokens)."""
+    import copy
+
+    lm.eval()
+    out = lm(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    cache = copy.deepcopy(out.past_key_values)
+    cache.batch_repeat_interleave(len(answers))
+    width = max(len(a) for a in answers)
+    ids = torch.tensor([a + [a[-1]] * (width - len(a)) for a in answers])
+    mask = torch.ones(len(answers), len(prompt_ids) + width, dtype=torch.long)
+    logits = lm(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=False).logits
+    logits = torch.cat([out.logits[:, -1:].expand(len(answers), 1, -1), logits[:, :-1]], 1).float()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+    keep = torch.tensor([[j < len(a) for j in range(width)] for a in answers])
+    return (logp * keep).sum(1).tolist()
+
+
+def hard_pairs(lm, tokenizer, examples, values: dict[str, list[str]]) -> list[dict]:
+    """One pair per example: chosen = the reference, rejected = the single-field variant with the highest summed
+    log-probability under the model."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import parse_json
+    from .preference_data import PrefRow, _encode
+
+    pairs = []
+    for ex in tqdm(examples, desc="hard negatives", unit="prompt"):
+        ref, obj = ex.reference(), parse_json(ex.reference()) or {}
+        variants = [(f, v, swap_field(ref, f, v)) for f, vals in values.items() if f in obj
+                    for v in vals if v != obj[f]]
+        if not variants:
+            continue
+        rows = []
+        for _f, _v, text in variants:
+            row = PrefRow(source="", prompt=ex.prompt_messages(), chosen=ref, rejected=text)
+            _encode(tokenizer, row)
+            rows.append(row)
+        # _encode moves tokens the answers share at the start of the assistant turn into prompt_ids only when both
+        # sides agree; rows of one prompt can still differ there, so score from the shortest common prompt
+        k = min(len(r.prompt_ids) for r in rows)
+        prompt = rows[0].prompt_ids[:k]
+        logps = answer_logps(lm, prompt, [rows[0].prompt_ids[k:] + rows[0].chosen_ids]
+                             + [r.prompt_ids[k:] + r.rejected_ids for r in rows])
+        best = max(range(len(variants)), key=lambda i: logps[i + 1])
+        f, v, text = variants[best]
+        pairs.append({"messages": ex.prompt_messages(), "chosen": ref, "rejected": text, "rejected_kind": "wrong_value",
+                      "rejected_field": f, "rejected_value": v,
+                      "logp_margin": round(logps[0] - logps[best + 1], 4)})
+    return pairs
+
+
+def build(model: str, data: str, out: str, fields: list[str], *, mode: str = "answers", max_rows: int = 0,
+          batch_size: int = 32, max_new_tokens: int = 96, models_dir: str = "models") -> dict:
     """Write the pairs to `out` (JSONL, atomically) and return a summary."""
     from . import data as data_mod
     from . import evaluate as ev
@@ -38,9 +135,21 @@ def build(model: str, data: str, out: str, fields: list[str], *, max_rows: int =
     examples = [data_mod.to_example(r, fmt, loc, errors) for r, loc in zip(rows, locs)]
     collect(errors, "invalid rows")
     examples = examples[:max_rows] if max_rows else examples
+    if mode not in MODES:
+        raise DataError(f"unknown mode {mode!r} (one of: {', '.join(MODES)})", field="--mode")
+    values = field_values([e.reference() for e in examples], fields, data) if mode == "hard" else {}
     model_dir, _ = resolve_model(TrainConfig(model=ModelCfg(name_or_path=model, models_dir=models_dir)))
     tokenizer = load_tokenizer(model_dir)
     lm = load_model(model_dir)
+    if mode == "hard":
+        pairs = hard_pairs(lm, tokenizer, examples, values)
+        outranked = sum(p["logp_margin"] < 0 for p in pairs)
+        kinds = Counter(f"{p['rejected_field']}={p['rejected_value']}" for p in pairs)
+        summary = {"mode": mode, "prompts": len(examples), "pairs": len(pairs),
+                   "reference_outranked": outranked, "rejected_values": dict(kinds), "values": values}
+        print(f"{len(examples)} prompts: {len(pairs)} hard-negative pairs, the reference outranked on {outranked} "
+              f"(most common rejected: {', '.join(f'{k} {v}' for k, v in kinds.most_common(6)) or 'none'})")
+        return _write(pairs, out, summary, model_dir, data, fields)
     answers = ev.generate(lm, tokenizer, [e.prompt_messages() for e in examples], max_new_tokens, batch_size,
                           desc="on-policy answers")
     pairs, kinds = [], Counter()
@@ -54,28 +163,34 @@ def build(model: str, data: str, out: str, fields: list[str], *, max_rows: int =
         kinds[kind] += 1
         pairs.append({"messages": ex.prompt_messages(), "chosen": ex.reference(), "rejected": answer,
                       "rejected_kind": kind})
+    summary = {"mode": mode, "prompts": len(examples), "pairs": len(pairs),
+               "right": len(examples) - sum(kinds.values()), "rejected_kinds": dict(kinds)}
+    print(f"{len(examples)} prompts: {summary['right']} answered right, {len(pairs)} pairs "
+          f"({', '.join(f'{k} {v}' for k, v in kinds.most_common()) or 'no pairs'})")
+    return _write(pairs, out, summary, model_dir, data, fields)
+
+
+def _write(pairs: list[dict], out: str, summary: dict, model_dir, data, fields) -> dict:
+    """Write the pairs atomically (no half-written file) and return the summary."""
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     tmp.replace(target)
-    summary = {"model": str(model_dir), "data": str(data), "sha256": artifacts.sha256_file(data),
-               "prompts": len(examples), "pairs": len(pairs), "right": len(examples) - sum(kinds.values()),
-               "rejected_kinds": dict(kinds), "fields": fields, "out": str(target)}
-    print(f"{len(examples)} prompts: {summary['right']} answered right, {len(pairs)} pairs -> {target} "
-          f"({', '.join(f'{k} {v}' for k, v in kinds.most_common()) or 'no pairs'})")
-    return summary
+    print(f"wrote {len(pairs)} pairs -> {target}")
+    return {"model": str(model_dir), "data": str(data), "sha256": artifacts.sha256_file(data), "fields": fields,
+            "out": str(target)} | summary
 
 
 def cmd(args) -> int:
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
-    build(args.model, args.data, args.out, fields, max_rows=args.max_rows, batch_size=args.batch_size,
+    build(args.model, args.data, args.out, fields, mode=args.mode, max_rows=args.max_rows, batch_size=args.batch_size,
           max_new_tokens=args.max_new_tokens, models_dir=args.models_dir)
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("pairs", help="on-policy preference pairs from a model's own wrong answers",
+    p = sub.add_parser("pairs", help="on-policy preference pairs from a model's own wrong answers or hard negatives",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a training artifact (its merged model), its merged/ folder, a model folder or a "
                    "built-in model name")
@@ -83,10 +198,14 @@ def add_parser(sub) -> None:
                    "CSV, Parquet), e.g. data/tickets/train.jsonl")
     p.add_argument("--out", required=True, help="preference JSONL to write (rows: messages, chosen, rejected, "
                    "rejected_kind)")
+    p.add_argument("--mode", choices=MODES, default="answers",
+                   help="answers: a pair for each wrong greedy answer (rejected = that answer; right answers are "
+                   "skipped); hard: a pair for every prompt (rejected = the reference with one --fields value set to "
+                   "the wrong value the model ranks highest; balanced, see above) (default: %(default)s)")
     p.add_argument("--fields", default="category,product,urgency",
                    help="JSON fields of the answer that must match the reference (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=0, help="use the first N rows (0: all; default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="generation batch size (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="generation / scoring batch size (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96,
                    help="generation limit; a cut-off answer counts as invalid JSON (default: %(default)s)")
     p.add_argument("--models-dir", default="models", help="where built-in models are provisioned "
