@@ -179,7 +179,7 @@ def cmd_drift_report(args) -> int:
 
 
 def cmd_drift_reference(args) -> int:
-    from training.sft import drift_reference_for
+    from training.outputs import drift_reference_for
     print(f"drift reference: {drift_reference_for(args.artifact, args.outputs_from)}")
     return 0
 

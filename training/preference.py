@@ -34,7 +34,7 @@ from llmstack.log import log
 
 from . import data as data_mod
 from . import evaluate as ev
-from . import methods, report, sft
+from . import methods, outputs, report, sft
 from .collate import decoder_and_head
 from .config import TrainConfig, warn_poor_settings
 from .model import load_model, load_tokenizer, resolve
@@ -321,7 +321,7 @@ def run(cfg: TrainConfig, *, force: bool = False) -> Path:
     base_path, parent = resolve_model(cfg)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     prepared = prepare(cfg, tokenizer)
-    fingerprint = sft._fingerprint(cfg, prepared, base_path)
+    fingerprint = outputs.fingerprint(cfg, prepared, base_path)
     if not force and (built := artifacts.find_built(root, fingerprint)):
         log.info(f"already built: {built} (same config, data and model; pass --force to train again)")
         m = artifacts.read_manifest(built)
@@ -404,7 +404,7 @@ def _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fing
 
     # ---- artifact (same layout and manifest as SFT)
     with artifacts.atomic_dir(root, run_id) as out:
-        outputs = sft.save_models(out, tokenizer, merged, adapter_dir, method, cfg.output.save_merged)
+        written = outputs.save_models(out, tokenizer, merged, adapter_dir, method, cfg.output.save_merged)
         (out / "config.yaml").write_text(dump_yaml(cfg))
         artifacts.write_json(out / "data_report.json", prepared.report)
         (out / "data_report.md").write_text(data_mod.report_markdown(prepared.report))
@@ -417,18 +417,18 @@ def _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fing
                 (out / f"predictions_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
         table_md = table(before, after)
         manifest = {
-            **sft.manifest_header(cfg, run_id, fingerprint, base_path, parent), "recipe": cfg.recipe,
+            **outputs.manifest_header(cfg, run_id, fingerprint, base_path, parent), "recipe": cfg.recipe,
             "datasets": prepared.report["sources"], "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg, {"output.run_id"}),
             "metrics": {"before": before, "after": after, "validation_loss": val.get("eval_loss"),
                         "definitions": METRIC_DEFINITIONS},
-            "metrics_table": table_md, "training": train_stats, "outputs": outputs, "drift_reference": None,
+            "metrics_table": table_md, "training": train_stats, "outputs": written, "drift_reference": None,
             "packages": artifacts.package_versions(), "started_at": started_at, "finished_at": artifacts.now(),
             "wall_seconds": round(time.time() - t_start, 1),
         }
         phase("save")
         manifest["timings"] = timings
-        sft.finish_artifact(out, manifest, table_md)
+        outputs.finish_artifact(out, manifest, table_md)
     final = root / run_id
     artifacts.set_latest(root, run_id)
     n = (after or before or {}).get("n") or (after or before or {}).get("pairs", 0)

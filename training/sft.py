@@ -21,13 +21,11 @@ import unittest.mock
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate.utils import DistributedType
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmstack import artifacts
-from llmstack.config import config_hash, dump_yaml, validate
+from llmstack.config import config_hash, dump_yaml
 from llmstack.errors import ArtifactError, ConfigError
 from llmstack.log import log
 
@@ -35,10 +33,10 @@ from . import curriculum
 from . import data as data_mod
 from . import distributed
 from . import evaluate as ev
-from . import methods, report
+from . import methods, outputs, report
 from .collate import Collator, answer_loss
 from .config import TrainConfig, warn_poor_settings
-from .model import BUILTIN, load_model, load_tokenizer, resolve
+from .model import load_model, load_tokenizer, resolve
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "rmsprop": "rmsprop", "adafactor": "adafactor"}
 
@@ -171,59 +169,6 @@ class AdaLoraAllocator(TrainerCallback):
         self.model.base_model.update_and_allocate(state.global_step)
 
 
-def _fingerprint(cfg: TrainConfig, prepared, base_path: str, world_size: int = 1) -> str:
-    base = Path(base_path)
-    weights = sorted(base.glob("*.safetensors")) if base.is_dir() else []
-    model_id = [(p.name, p.stat().st_size) for p in weights] or base_path
-    datasets = sorted((s["path"], s["sha256"]) for s in prepared.report["sources"])
-    ignore = {"output.run_id", "output.keep_checkpoints", "train.threads", "train.ddp_backend",
-              "train.ddp_find_unused_parameters", "fairness"}  # fairness checks do not change the trained model
-    parts = [config_hash(cfg, ignore), datasets, model_id]
-    if world_size > 1:  # the effective batch is batch_size x grad_accum x world_size (1 process: as before)
-        parts.append({"world_size": world_size})
-    key = json.dumps(parts, default=str)
-    return __import__("hashlib").sha256(key.encode()).hexdigest()[:16]
-
-
-def _interrupted(root: Path) -> list[Path]:
-    work = root / ".work"
-    runs = [d for d in work.iterdir() if d.is_dir() and not (root / d.name).exists()] if work.is_dir() else []
-    return sorted(runs, key=lambda d: d.stat().st_mtime)
-
-
-# what a complete checkpoint holds (any one of each group's files or folders); the Trainer writes trainer_state.json
-# last. FSDP writes pytorch_model_fsdp_0/ + optimizer_0/ (sharded state dict) or pytorch_model_fsdp.bin +
-# optimizer.bin (full); DeepSpeed writes global_step<N>/ and then `latest`, which names it.
-CHECKPOINT_FILES = {"weights": ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
-                                "pytorch_model_fsdp_0", "pytorch_model_fsdp.bin", "latest"),
-                    "optimizer": ("optimizer.pt", "optimizer.bin", "optimizer_0", "latest"),
-                    "trainer state": ("trainer_state.json",)}
-
-
-def _last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint the Trainer finished writing. It writes checkpoints in place (trainer_state.json last),
-    so a kill while saving leaves the highest-numbered folder incomplete: skip it, and say so."""
-    found = [d for d in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if d.is_dir() and d.name.rsplit("-", 1)[1].isdigit()]
-    for ckpt in sorted(found, key=lambda d: int(d.name.rsplit("-", 1)[1]), reverse=True):
-        missing = [what for what, names in CHECKPOINT_FILES.items() if not any((ckpt / n).exists() for n in names)]
-        if not missing:
-            return str(ckpt)
-        log.warning(f"warning: skipping incomplete checkpoint {ckpt} (its saving was interrupted; missing "
-                    f"{', '.join(missing)})")
-    return None
-
-
-def _load_resume(root: Path, run_id: str | None) -> tuple[TrainConfig, Path]:
-    runs = _interrupted(root)
-    if not runs:
-        raise ArtifactError(f"no interrupted run to resume under {root / '.work'}", hint="start one with `llmstack train`")
-    work = root / ".work" / run_id if run_id else runs[-1]
-    if not (work / "config.yaml").is_file():
-        raise ArtifactError("no such interrupted run", file=work, hint=f"known: {', '.join(d.name for d in runs)}")
-    data = yaml.safe_load((work / "config.yaml").read_text())
-    return validate(TrainConfig, data, file=work / "config.yaml"), work
-
-
 def _training_args(cfg: TrainConfig, work: Path, n_train: int, world_size: int = 1,
                    max_steps: int | None = None) -> TrainingArguments:
     t = cfg.train
@@ -257,93 +202,6 @@ def _training_args(cfg: TrainConfig, work: Path, n_train: int, world_size: int =
                  "llmstack train ...` to use them all")
         args._n_gpu = 1
     return args
-
-
-def _drift_reference(cfg: TrainConfig, tokenizer, prepared, after_preds: list[dict], model):
-    """The drift profile: training prompts, and the model's answers (the after-evaluation's, or the validation
-    split's)."""
-    from monitoring import drift
-
-    d = cfg.drift
-    fit = [drift.chat_prompt(tokenizer, e.prompt_messages()) for e in prepared.train
-           if e.messages is not None][:d.max_prompts]
-    held = [e for e in prepared.validation if e.messages is not None]
-    prompts = [drift.chat_prompt(tokenizer, e.prompt_messages()) for e in held]
-    if not fit or len(prompts) < 2:
-        log.info("no drift reference: it needs chat prompts in the train split and at least 2 in the validation split")
-        return None
-    if d.outputs_from == "validation":
-        outputs: list[dict] = []
-        ev.generate(model, tokenizer, [e.prompt_messages() for e in held[:d.max_outputs]], cfg.eval.max_new_tokens,
-                    cfg.eval.batch_size, desc="drift reference", stats=outputs)
-        source = f"validation split, {len(outputs)} greedy answers"
-    else:
-        outputs = [p for p in after_preds if "n_tokens" in p][:d.max_outputs]
-        source = f"the after-training evaluation's greedy answers (test split, first {len(outputs)} rows)"
-    return drift.build_reference(fit, prompts, outputs, {
-        "created_at": artifacts.now(), "basis_from": f"train split, {len(fit)} prompts",
-        "prompts_from": f"validation split, {len(prompts)} prompts", "outputs_from": source})
-
-
-def drift_reference_for(artifact: str | Path, outputs_from: str | None = None) -> Path:
-    """Write (or rewrite) drift_reference.json into an existing training artifact, e.g. one trained before drift
-    references existed. The answers come from its predictions_after.jsonl when they carry token statistics, else
-    from generating on the validation split with its merged model."""
-    from llmstack.config import validate as validate_cfg
-
-    folder = Path(artifact).resolve()
-    m = artifacts.read_manifest(folder)
-    if m.get("stage") != "train":
-        raise ArtifactError(f"a '{m.get('stage')}' artifact; drift references are made from training artifacts",
-                            file=folder, hint="pass the compress run's parent, artifacts/train/<run>")
-    cfg = validate_cfg(TrainConfig, m["config"], file=folder / artifacts.MANIFEST)
-    model_dir = folder / "merged"
-    if not (model_dir / "config.json").is_file():
-        raise ArtifactError("no merged model in this training artifact", file=folder)
-    tokenizer = load_tokenizer(str(model_dir))
-    prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed)
-    preds_file = folder / "predictions_after.jsonl"
-    preds = [json.loads(x) for x in preds_file.read_text().splitlines()] if preds_file.is_file() else []
-    cfg.drift.outputs_from = outputs_from or ("eval" if preds and "n_tokens" in preds[0] else "validation")
-    model = load_model(str(model_dir)) if cfg.drift.outputs_from == "validation" else None
-    ref = _drift_reference(cfg, tokenizer, prepared, preds, model)
-    if ref is None:
-        raise ArtifactError("the training data has too few chat prompts for a drift reference", file=folder)
-    tmp = folder / "_drift_tmp"
-    tmp.mkdir(exist_ok=True)
-    ref.save(tmp).replace(folder / "drift_reference.json")
-    tmp.rmdir()
-    return folder / "drift_reference.json"
-
-
-def save_models(out: Path, tokenizer, merged, adapter_dir: Path | None, method: str, save_merged: bool) -> dict:
-    """Into the artifact folder `out`: the saved adapter (peft methods) and the merged model with its tokenizer.
-    Returns the manifest's `outputs` entries. Shared by every training recipe (SFT, preference tuning)."""
-    outputs = {}
-    if adapter_dir:
-        shutil.copytree(adapter_dir, out / "adapter")
-        outputs["adapter"] = f"peft adapter ({method}), load on top of the base model"
-    if merged is not None and save_merged:
-        merged.save_pretrained(out / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(out / "merged")
-        outputs["merged"] = "full model (safetensors + tokenizer), what compression and serving load"
-    return outputs
-
-
-def manifest_header(cfg: TrainConfig, run_id: str, fingerprint: str, base_path: str, parent: dict | None = None,
-                    ) -> dict:
-    """The first manifest entries of a training artifact: what it is and what it came from."""
-    return {"stage": "train", "run_id": run_id, "fingerprint": fingerprint, "parent": parent,
-            "base_model": {"name": cfg.model.name_or_path, "path": base_path,
-                           "source": f"pypi:{BUILTIN[cfg.model.name_or_path]['pip']}"
-                           if cfg.model.name_or_path in BUILTIN else "local folder or hub"}}
-
-
-def finish_artifact(out: Path, manifest: dict, table_md: str) -> None:
-    """The model card, metrics.json and, last, manifest.json of a training artifact being written in `out`."""
-    (out / "README.md").write_text(report.model_card(manifest, table_md))
-    artifacts.write_json(out / "metrics.json", manifest["metrics"] | {"training": manifest["training"]})
-    artifacts.write_json(out / artifacts.MANIFEST, manifest)
 
 
 def _features(rows) -> list[dict]:
@@ -429,7 +287,7 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
     root = Path((cfg.output.dir if cfg else "artifacts/train"))
     work = None
     if resume:
-        cfg, work = dist.decide(lambda: _load_resume(root, resume_id))
+        cfg, work = dist.decide(lambda: outputs.load_resume(root, resume_id))
         root = Path(cfg.output.dir)
     if dist.main:
         artifacts.clean_stale(root)
@@ -448,14 +306,14 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     prepared, stages = curriculum.prepare_data(cfg, tokenizer, dist.world_size)
     t = cfg.train
-    fingerprint = _fingerprint(cfg, prepared, base_path, dist.world_size)
+    fingerprint = outputs.fingerprint(cfg, prepared, base_path, dist.world_size)
 
     def plan() -> dict:
         """Rank 0 decides: an existing artifact to reuse, or this run's id and work folder."""
         if not resume and not force and (built := artifacts.find_built(root, fingerprint)):
             return {"built": built}
         if not resume:
-            for old in _interrupted(root):
+            for old in outputs.interrupted(root):
                 log.info(f"note: interrupted run {old.name} can be resumed with `llmstack train --resume {old.name}`")
             run_id = cfg.output.run_id or artifacts.new_run_id()
             new_work = root / ".work" / run_id
@@ -516,7 +374,7 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
              f"({params['trainable_pct']}%), {total} steps, lr {cfg.effective_lr(dist.world_size):g}")
     trainer, progress = build_trainer(cfg, model, tokenizer, prepared, work, pack=pack, fast=fast, dist=dist,
                                       stages=stages)
-    last = dist.decide(lambda: _last_complete_checkpoint(work / "checkpoints"))
+    last = dist.decide(lambda: outputs.last_complete_checkpoint(work / "checkpoints"))
     if last:
         log.info(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
@@ -557,14 +415,14 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
                                          fast=merged is not None or fast, pack=pack, label="after")
     train_stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     phase("merge_and_eval_after")
-    drift_ref = _drift_reference(cfg, tokenizer, prepared, after_preds,
+    drift_ref = outputs.drift_reference(cfg, tokenizer, prepared, after_preds,
                                  merged if merged is not None else model) if cfg.drift.enabled else None
     if drift_ref is not None:
         phase("drift_reference")
 
     # ---- artifact
     with artifacts.atomic_dir(root, run_id) as out:
-        outputs = save_models(out, tokenizer, merged, adapter_dir, method, cfg.output.save_merged)
+        written = outputs.save_models(out, tokenizer, merged, adapter_dir, method, cfg.output.save_merged)
         (out / "config.yaml").write_text(dump_yaml(cfg))
         artifacts.write_json(out / "data_report.json", prepared.report)
         (out / "data_report.md").write_text(data_mod.report_markdown(prepared.report))
@@ -578,15 +436,15 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
                 (out / f"predictions_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
         if drift_ref is not None:
             drift_ref.save(out)
-            outputs["drift_reference"] = "drift_reference.json: the profile serving compares live traffic with"
+            written["drift_reference"] = "drift_reference.json: the profile serving compares live traffic with"
         table_md = ev.table(before, after)
         stage_md = curriculum.table(stage_rows, prepared.report["curriculum"]) if stages else None
         manifest = {
-            **manifest_header(cfg, run_id, fingerprint, base_path),
+            **outputs.manifest_header(cfg, run_id, fingerprint, base_path),
             "datasets": prepared.report["sources"], "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg, {"output.run_id"}),
             "metrics": {"before": before, "after": after, "validation_loss": val.get("eval_loss")},
-            "metrics_table": table_md, "training": train_stats, "outputs": outputs,
+            "metrics_table": table_md, "training": train_stats, "outputs": written,
             "curriculum": {"stages": prepared.report["curriculum"], "metrics": stage_rows,
                            "table": stage_md} if stages else None,
             "drift_reference": drift_ref.meta if drift_ref is not None else None,
@@ -595,7 +453,7 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         }
         phase("save")
         manifest["timings"] = timings
-        finish_artifact(out, manifest, table_md)
+        outputs.finish_artifact(out, manifest, table_md)
     final = root / run_id
     artifacts.set_latest(root, run_id)
     if cfg.fairness.enabled:  # bias checks on the merged model: reports + the manifest's `fairness` entry
