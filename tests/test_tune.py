@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, run_cli, tiny_config_dict, write_yaml
 from llmstack.config import load
 from llmstack.errors import StackError
-from training import sft, tune
+from training import sft, tune, tune_config
 from training.config import TrainConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -229,7 +229,7 @@ def test_shipped_tune_config_loads(monkeypatch):
     cfg, base = tune.load_tune("configs/tune.yaml")
     assert cfg.space and base.train.max_steps > 0
     for name in cfg.space:
-        assert name in tune._leaf_fields(TrainConfig)
+        assert name in tune_config._leaf_fields(TrainConfig)
 
 
 def test_resume_refuses_changes_other_than_the_budget(make_tune):
