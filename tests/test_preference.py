@@ -211,6 +211,38 @@ def test_hard_negative_pairs_reject_the_models_top_wrong_value(tmp_path, tiny_mo
         assert pair["rejected"] == variants[max(range(len(rows)), key=scores.__getitem__)]
 
 
+def test_mirrored_pairs_choose_each_label_as_often_as_they_reject_it(tmp_path, tiny_model_dir, tiny_data):
+    """`--mode mirrored`: every mistake (a wrong label outscores the reference; checked against --mode hard on the
+    same rows) is followed by a mirror that prefers the mistaken label over the right one on another prompt whose
+    reference has it, so per field and value the chosen and rejected counts are equal."""
+    from collections import Counter
+
+    hard, mirrored = tmp_path / "hard.jsonl", tmp_path / "mirrored.jsonl"
+    for mode, out in (("hard", hard), ("mirrored", mirrored)):
+        res = run_cli(["pairs", tiny_model_dir, "--data", tiny_data["train"], "--out", out, "--mode", mode])
+        assert res.returncode == 0, res.stderr[-3000:]
+    mistakes = [p for p in read_jsonl(hard) if p["logp_margin"] < 0]
+    pairs = read_jsonl(mirrored)
+    assert mistakes, "the random tiny model should rank some wrong label first"
+    assert pairs and len(pairs) % 2 == 0 and [p["role"] for p in pairs] == ["mistake", "mirror"] * (len(pairs) // 2)
+    unmatched = len(mistakes) - len(pairs) // 2
+    assert f"{unmatched} mistakes without a mirror left out" in res.stdout
+    assert [p["messages"] for p in pairs[::2]] == [p["messages"] for p in mistakes
+                                                   if any(p["messages"] == q["messages"] for q in pairs[::2])]
+    chosen, rejected = Counter(), Counter()
+    for mistake, mirror in zip(pairs[::2], pairs[1::2]):
+        f = mistake["rejected_field"]
+        right, wrong = json.loads(mistake["chosen"])[f], mistake["rejected_value"]
+        assert mistake["logp_margin"] < 0 and mirror["rejected_field"] == f
+        assert json.loads(mirror["chosen"])[f] == wrong and mirror["rejected_value"] == right
+        assert mirror["messages"] != mistake["messages"]
+        for p in (mistake, mirror):
+            chosen[(f, json.loads(p["chosen"])[f])] += 1
+            rejected[(f, p["rejected_value"])] += 1
+    assert chosen == rejected
+    assert len({json.dumps(p["messages"]) for p in pairs[1::2]}) == len(pairs) // 2  # each prompt mirrors once
+
+
 def test_answer_logps_with_a_shared_prompt_cache_match_the_full_forward(tiny_model_dir):
     from training.model import load_model
     from training.onpolicy import answer_logps

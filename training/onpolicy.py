@@ -11,7 +11,10 @@ skipped (`--mode answers`, the default).
 the wrong value the model itself ranks highest (summed log-probability of the whole answer, over every other value
 that field takes in the dataset). Pairs from wrong answers alone all reject the labels the model over-uses, and DPO
 then shifts the label prior away from them even where they are right (docs/preference.md measured it); hard
-negatives are balanced: each prompt contrasts its right value with its closest wrong one.
+negatives contrast each prompt's right value with its closest wrong one. They still reject some labels more often
+than they choose them, and DPO shifted the prior towards the rarely rejected ones (measured). `--mode mirrored`
+pairs each of the model's mistakes (reference v outranked by u) with a mirror (another prompt whose reference is u,
+rejected: v), so every label is chosen exactly as often as it is rejected.
 
 The output is the preference-row format the dpo / orpo / kto recipes read.
 """
@@ -29,7 +32,7 @@ from llmstack import artifacts
 from llmstack.errors import DataError, collect
 
 
-MODES = ("answers", "hard")
+MODES = ("answers", "hard", "mirrored")
 MAX_VALUES = 32   # a field with more distinct values than this is free text, not a label: no hard negatives for it
 
 
@@ -81,16 +84,17 @@ def answer_logps(lm, prompt_ids: list[int], answers: list[list[int]]) -> list[fl
     return (logp * keep).sum(1).tolist()
 
 
-def hard_pairs(lm, tokenizer, examples, values: dict[str, list[str]]) -> list[dict]:
-    """One pair per example: chosen = the reference, rejected = the single-field variant with the highest summed
-    log-probability under the model."""
+def score_variants(lm, tokenizer, examples, values: dict[str, list[str]]) -> list[dict]:
+    """For each example with a label field: the model's summed log-probability of its reference answer and of every
+    variant with one label field set to another value: {ex, ref, obj, ref_logp, variants: [(field, value, text,
+    logp)]}."""
     from tqdm.auto import tqdm
 
     from .evaluate import parse_json
     from .preference_data import PrefRow, _encode
 
-    pairs = []
-    for ex in tqdm(examples, desc="hard negatives", unit="prompt"):
+    scored = []
+    for ex in tqdm(examples, desc="scoring label variants", unit="prompt"):
         ref, obj = ex.reference(), parse_json(ex.reference()) or {}
         variants = [(f, v, swap_field(ref, f, v)) for f, vals in values.items() if f in obj
                     for v in vals if v != obj[f]]
@@ -104,15 +108,47 @@ def hard_pairs(lm, tokenizer, examples, values: dict[str, list[str]]) -> list[di
         # _encode moves tokens the answers share at the start of the assistant turn into prompt_ids only when both
         # sides agree; rows of one prompt can still differ there, so score from the shortest common prompt
         k = min(len(r.prompt_ids) for r in rows)
-        prompt = rows[0].prompt_ids[:k]
-        logps = answer_logps(lm, prompt, [rows[0].prompt_ids[k:] + rows[0].chosen_ids]
+        logps = answer_logps(lm, rows[0].prompt_ids[:k], [rows[0].prompt_ids[k:] + rows[0].chosen_ids]
                              + [r.prompt_ids[k:] + r.rejected_ids for r in rows])
-        best = max(range(len(variants)), key=lambda i: logps[i + 1])
-        f, v, text = variants[best]
-        pairs.append({"messages": ex.prompt_messages(), "chosen": ref, "rejected": text, "rejected_kind": "wrong_value",
-                      "rejected_field": f, "rejected_value": v,
-                      "logp_margin": round(logps[0] - logps[best + 1], 4)})
-    return pairs
+        scored.append({"ex": ex, "ref": ref, "obj": obj, "ref_logp": logps[0],
+                       "variants": [(f, v, t, lp) for (f, v, t), lp in zip(variants, logps[1:])]})
+    return scored
+
+
+def _pair(item: dict, variant: tuple, role: str) -> dict:
+    f, v, text, logp = variant
+    return {"messages": item["ex"].prompt_messages(), "chosen": item["ref"], "rejected": text,
+            "rejected_kind": "wrong_value", "rejected_field": f, "rejected_value": v,
+            "logp_margin": round(item["ref_logp"] - logp, 4), "role": role}
+
+
+def hard_pairs(scored: list[dict]) -> list[dict]:
+    """One pair per example: rejected = the variant the model scores highest."""
+    return [_pair(it, max(it["variants"], key=lambda x: x[3]), "hard") for it in scored]
+
+
+def mirrored_pairs(scored: list[dict]) -> tuple[list[dict], int]:
+    """The model's mistakes (a variant, field f = u, outscores the reference, f = v), each followed by its mirror:
+    another prompt whose reference has f = u, rejected = it with f = v (of the unused ones, the one the model finds
+    hardest). Every label is then chosen exactly as often as it is rejected, so DPO cannot lower the loss by shifting
+    a label's prior — only by telling the prompts apart. Returns (pairs, mistakes left unmatched: no prompt with
+    that label was left)."""
+    pairs, used, unmatched = [], set(), 0
+    for i, it in enumerate(scored):
+        top = max(it["variants"], key=lambda x: x[3])
+        if top[3] <= it["ref_logp"]:
+            continue
+        f, u = top[0], top[1]
+        v = it["obj"][f]
+        mirrors = [(j, var) for j, other in enumerate(scored) if j != i and j not in used
+                   and other["obj"].get(f) == u for var in other["variants"] if var[0] == f and var[1] == v]
+        if not mirrors:
+            unmatched += 1
+            continue
+        j, var = max(mirrors, key=lambda m: m[1][3] - scored[m[0]]["ref_logp"])
+        used.add(j)
+        pairs += [_pair(it, top, "mistake"), _pair(scored[j], var, "mirror")]
+    return pairs, unmatched
 
 
 def build(model: str, data: str, out: str, fields: list[str], *, mode: str = "answers", max_rows: int = 0,
@@ -137,18 +173,21 @@ def build(model: str, data: str, out: str, fields: list[str], *, mode: str = "an
     examples = examples[:max_rows] if max_rows else examples
     if mode not in MODES:
         raise DataError(f"unknown mode {mode!r} (one of: {', '.join(MODES)})", field="--mode")
-    values = field_values([e.reference() for e in examples], fields, data) if mode == "hard" else {}
+    values = field_values([e.reference() for e in examples], fields, data) if mode != "answers" else {}
     model_dir, _ = resolve_model(TrainConfig(model=ModelCfg(name_or_path=model, models_dir=models_dir)))
     tokenizer = load_tokenizer(model_dir)
     lm = load_model(model_dir)
-    if mode == "hard":
-        pairs = hard_pairs(lm, tokenizer, examples, values)
-        outranked = sum(p["logp_margin"] < 0 for p in pairs)
+    if mode in ("hard", "mirrored"):
+        scored = score_variants(lm, tokenizer, examples, values)
+        outranked = sum(max(x[3] for x in it["variants"]) > it["ref_logp"] for it in scored)
+        pairs, unmatched = (hard_pairs(scored), 0) if mode == "hard" else mirrored_pairs(scored)
         kinds = Counter(f"{p['rejected_field']}={p['rejected_value']}" for p in pairs)
-        summary = {"mode": mode, "prompts": len(examples), "pairs": len(pairs),
-                   "reference_outranked": outranked, "rejected_values": dict(kinds), "values": values}
-        print(f"{len(examples)} prompts: {len(pairs)} hard-negative pairs, the reference outranked on {outranked} "
-              f"(most common rejected: {', '.join(f'{k} {v}' for k, v in kinds.most_common(6)) or 'none'})")
+        summary = {"mode": mode, "prompts": len(examples), "pairs": len(pairs), "reference_outranked": outranked,
+                   "unmatched_mistakes": unmatched, "rejected_values": dict(kinds), "values": values}
+        print(f"{len(examples)} prompts: the reference outranked by a wrong label on {outranked}; {len(pairs)} "
+              + ("hard-negative pairs" if mode == "hard" else f"pairs ({len(pairs) // 2} mistakes + their mirrors, "
+                 f"{unmatched} mistakes without a mirror left out)")
+              + f" (most common rejected: {', '.join(f'{k} {v}' for k, v in kinds.most_common(6)) or 'none'})")
         return _write(pairs, out, summary, model_dir, data, fields)
     answers = ev.generate(lm, tokenizer, [e.prompt_messages() for e in examples], max_new_tokens, batch_size,
                           desc="on-policy answers")
@@ -201,7 +240,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=MODES, default="answers",
                    help="answers: a pair for each wrong greedy answer (rejected = that answer; right answers are "
                    "skipped); hard: a pair for every prompt (rejected = the reference with one --fields value set to "
-                   "the wrong value the model ranks highest; balanced, see above) (default: %(default)s)")
+                   "the wrong value the model ranks highest); mirrored: each prompt where a wrong label outranks the "
+                   "reference, plus a mirror pair that rejects the right label of that prompt on another prompt "
+                   "(every label chosen as often as rejected) (default: %(default)s)")
     p.add_argument("--fields", default="category,product,urgency",
                    help="JSON fields of the answer that must match the reference (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=0, help="use the first N rows (0: all; default: %(default)s)")
