@@ -81,6 +81,9 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, pref_data, recipe, method):
             preference.REJECTED_KINDS)
     assert "reward_margin" in m["metrics"]["after"] and "reward_margin" not in m["metrics"]["before"]
     assert "preference accuracy" in m["metrics_table"] and "rejected-like" in m["metrics_table"]
+    kinds = {w: [p["rejected_like"] for p in read_jsonl(path / f"predictions_{w}.jsonl")] for w in ("before", "after")}
+    fixed = sum(b is not None and a is None for b, a in zip(kinds["before"], kinds["after"]))
+    assert m["metrics"]["after"]["answers_fixed"] == fixed and "sign_test_p" in m["metrics"]["after"]
     expected = {"manifest.json", "config.yaml", "data_report.json", "data_report.md", "metrics.json", "README.md",
                 "loss_curve.png", "token_lengths.png", "predictions_before.jsonl", "predictions_after.jsonl",
                 "merged"} | ({"adapter"} if method == "lora" else set())
@@ -273,6 +276,20 @@ def test_hard_negative_pairs_need_a_label_field(tmp_path, tiny_model_dir, tiny_d
 
 
 # ---------------------------------------------------------------- metric definitions
+@pytest.mark.parametrize("before,after", [("xx..x.", "..x..."), ("x" * 12 + "." * 7, "." * 12 + "x" * 7), ("..", ".."),
+                                          ("x" * 10, "." * 10)])
+def test_paired_change_counts_fixed_and_broken_answers_with_a_sign_test(before, after):
+    from scipy.stats import binomtest
+
+    rows = lambda marks: [{"rejected_like": "wrong_value" if c == "x" else None} for c in marks]  # noqa: E731
+    got = preference.paired_change(rows(before), rows(after))
+    fixed = sum(b == "x" and a == "." for b, a in zip(before, after))
+    broken = sum(b == "." and a == "x" for b, a in zip(before, after))
+    assert (got["answers_fixed"], got["answers_broken"]) == (fixed, broken)
+    want = binomtest(fixed, fixed + broken).pvalue if fixed + broken else 1.0
+    assert got["sign_test_p"] == pytest.approx(want, abs=1e-4)
+
+
 @pytest.mark.parametrize("prediction,kind", [
     ('{"category": "billing", "product": "orbit_app", "urgency": "low"}', None),
     ('{"category": "billing", "product": "orbit_app"', "invalid_json"),
