@@ -244,6 +244,30 @@ def test_mirrored_pairs_choose_each_label_as_often_as_they_reject_it(tmp_path, t
             rejected[(f, p["rejected_value"])] += 1
     assert chosen == rejected
     assert len({json.dumps(p["messages"]) for p in pairs[1::2]}) == len(pairs) // 2  # each prompt mirrors once
+    assert len({json.dumps([p["messages"], p["chosen"], p["rejected"]]) for p in pairs}) == len(pairs)  # no duplicates
+
+
+def test_mirrored_pairs_never_repeat_a_mistake_as_a_mirror():
+    """Two mistakes that mirror each other (low read as medium, medium read as low): the hardest mirror for each is
+    the other mistake prompt, which would repeat its row (and the data pipeline would drop the copy, unbalancing
+    the set); right prompts are taken instead."""
+    from types import SimpleNamespace
+
+    from training.onpolicy import mirrored_pairs
+
+    def item(name, true, logps):  # logps: the model's score of each urgency value; the reference is `true`
+        ref = json.dumps({"urgency": true})
+        return {"ex": SimpleNamespace(prompt_messages=lambda: [{"role": "user", "content": name}]), "ref": ref,
+                "obj": {"urgency": true}, "ref_logp": logps[true],
+                "variants": [("urgency", v, json.dumps({"urgency": v}), lp) for v, lp in logps.items() if v != true]}
+
+    scored = [item("A", "low", {"low": -3.0, "medium": -1.0}), item("B", "medium", {"low": -1.0, "medium": -2.0}),
+              item("C", "medium", {"low": -4.0, "medium": -1.0}), item("D", "low", {"low": -1.0, "medium": -5.0})]
+    pairs, unmatched = mirrored_pairs(scored)
+    rows = [(p["messages"][0]["content"], p["role"], json.loads(p["chosen"])["urgency"], p["rejected_value"])
+            for p in pairs]
+    assert unmatched == 0 and rows == [("A", "mistake", "low", "medium"), ("C", "mirror", "medium", "low"),
+                                       ("B", "mistake", "medium", "low"), ("D", "mirror", "low", "medium")]
 
 
 def test_answer_logps_with_a_shared_prompt_cache_match_the_full_forward(tiny_model_dir):

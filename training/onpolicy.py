@@ -133,15 +133,18 @@ def mirrored_pairs(scored: list[dict]) -> tuple[list[dict], int]:
     hardest). Every label is then chosen exactly as often as it is rejected, so DPO cannot lower the loss by shifting
     a label's prior — only by telling the prompts apart. Returns (pairs, mistakes left unmatched: no prompt with
     that label was left)."""
+    tops = [max(it["variants"], key=lambda x: x[3]) for it in scored]
+    mistakes = {i for i, it in enumerate(scored) if tops[i][3] > it["ref_logp"]}
     pairs, used, unmatched = [], set(), 0
-    for i, it in enumerate(scored):
-        top = max(it["variants"], key=lambda x: x[3])
-        if top[3] <= it["ref_logp"]:
-            continue
+    for i in sorted(mistakes):
+        it, top = scored[i], tops[i]
         f, u = top[0], top[1]
         v = it["obj"][f]
+        # a mistake prompt whose own mistake is exactly this mirror (u over v) is one already: as a mirror it would
+        # be a duplicate row (dropped by the data pipeline, which unbalances the set)
         mirrors = [(j, var) for j, other in enumerate(scored) if j != i and j not in used
-                   and other["obj"].get(f) == u for var in other["variants"] if var[0] == f and var[1] == v]
+                   and other["obj"].get(f) == u for var in other["variants"] if var[0] == f and var[1] == v
+                   and not (j in mistakes and tops[j][:2] == (f, v))]
         if not mirrors:
             unmatched += 1
             continue
