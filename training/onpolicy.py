@@ -249,9 +249,11 @@ def add_parser(sub) -> None:
     p.add_argument("--fields", default="category,product,urgency",
                    help="JSON fields of the answer that must match the reference (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=0, help="use the first N rows (0: all; default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="generation / scoring batch size (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="generation batch size, --mode answers (hard / mirrored score one prompt's variants "
+                   "in one batch) (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96,
-                   help="generation limit; a cut-off answer counts as invalid JSON (default: %(default)s)")
+                   help="generation limit, --mode answers; a cut-off answer counts as invalid JSON (default: "
+                   "%(default)s)")
     p.add_argument("--models-dir", default="models", help="where built-in models are provisioned "
                    "(default: %(default)s)")
     p.set_defaults(func=cmd)
