@@ -26,8 +26,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from llmstack import artifacts
 from llmstack.errors import DataError, collect
 
@@ -64,10 +62,16 @@ def swap_field(reference: str, name: str, value: str) -> str:
     return json.dumps(dict(parse_json(reference), **{name: value}), ensure_ascii=False)
 
 
-@torch.no_grad()
 def answer_logps(lm, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
     """Summed log-probability of each answer after one shared prompt: the prompt is run once and its key/value
     cache repeated for the answers (right-padded; causal attention keeps the padding out of the real tokens)."""
+    import torch  # here, not at import: the CLI imports this module to build its parser
+
+    with torch.no_grad():
+        return _answer_logps(torch, lm, prompt_ids, answers)
+
+
+def _answer_logps(torch, lm, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
     import copy
 
     lm.eval()
