@@ -84,6 +84,9 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, pref_data, recipe, method):
     kinds = {w: [p["rejected_like"] for p in read_jsonl(path / f"predictions_{w}.jsonl")] for w in ("before", "after")}
     fixed = sum(b is not None and a is None for b, a in zip(kinds["before"], kinds["after"]))
     assert m["metrics"]["after"]["answers_fixed"] == fixed and "sign_test_p" in m["metrics"]["after"]
+    for when in ("before", "after"):
+        assert m["metrics"][when]["format_errors"] == pytest.approx(
+            sum(k in preference.FORMAT_KINDS for k in kinds[when]) / len(kinds[when]), abs=1e-4)
     expected = {"manifest.json", "config.yaml", "data_report.json", "data_report.md", "metrics.json", "README.md",
                 "loss_curve.png", "token_lengths.png", "predictions_before.jsonl", "predictions_after.jsonl",
                 "merged"} | ({"adapter"} if method == "lora" else set())
@@ -312,6 +315,19 @@ def test_paired_change_counts_fixed_and_broken_answers_with_a_sign_test(before, 
     assert (got["answers_fixed"], got["answers_broken"]) == (fixed, broken)
     want = binomtest(fixed, fixed + broken).pvalue if fixed + broken else 1.0
     assert got["sign_test_p"] == pytest.approx(want, abs=1e-4)
+    assert (got["format_fixed"], got["format_broken"]) == (0, 0)  # every mistake here is a wrong label
+
+
+def test_format_errors_are_counted_apart_from_wrong_labels():
+    """invalid JSON -> wrong label is a format fix (not an answer fix); right -> prose is a format break."""
+    kinds = [("invalid_json", "wrong_value"), ("extra_text", None), ("missing_field", "missing_field"),
+             (None, "invalid_json"), ("wrong_value", "extra_text"), ("invalid_json", "wrong_value")]
+    got = preference.paired_change([{"rejected_like": b} for b, _ in kinds], [{"rejected_like": a} for _, a in kinds])
+    assert (got["answers_fixed"], got["answers_broken"]) == (1, 1)
+    assert (got["format_fixed"], got["format_broken"]) == (3, 2)
+    ref = '{"category": "billing", "product": "orbit_app", "urgency": "low"}'
+    preds = [ref, "no json", ref.replace("low", "high"), 'Sure: ' + ref]
+    assert preference.answer_metrics(preds, [ref] * 4, FIELDS)["format_errors"] == 0.5
 
 
 @pytest.mark.parametrize("prediction,kind", [

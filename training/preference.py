@@ -45,6 +45,7 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
 REJECTED_KINDS = ("invalid_json", "extra_text", "missing_field", "wrong_value")
+FORMAT_KINDS = REJECTED_KINDS[:3]  # the answer is not a bare JSON object with every scored field: a format error
 
 
 # ---------------------------------------------------------------- metrics
@@ -117,7 +118,8 @@ def answer_metrics(predictions: list[str], references: list[str], fields: list[s
     kinds = [rejected_kind(p, r, fields) for p, r in zip(predictions, references)]
     n = max(len(kinds), 1)
     return {"rejected_like": round(sum(k is not None for k in kinds) / n, 4),
-            "rejected_like_kinds": {k: round(kinds.count(k) / n, 4) for k in REJECTED_KINDS}}
+            "rejected_like_kinds": {k: round(kinds.count(k) / n, 4) for k in REJECTED_KINDS},
+            "format_errors": round(sum(k in FORMAT_KINDS for k in kinds) / n, 4)}
 
 
 def evaluate(model, tokenizer, rows: list[PrefRow], cfg: TrainConfig, *, ref: dict | None = None,
@@ -152,15 +154,21 @@ def paired_change(before_preds: list[dict], after_preds: list[dict]) -> dict:
     """Per held-out prompt (the same prompts before and after): answers that went from rejected-like to right
     (fixed) and from right to rejected-like (broken), and the exact two-sided sign test p-value of that split: how
     often a split at least this uneven comes from training that changed nothing on average. On 100 prompts a drop
-    of a few points is often p > 0.05."""
+    of a few points is often p > 0.05. The same for format errors alone (format_*: a format error before and none
+    after, whatever the labels), which separates learning the answer's shape from learning its labels."""
     from math import comb
 
-    pairs = list(zip(before_preds, after_preds))
-    fixed = sum(b["rejected_like"] is not None and a["rejected_like"] is None for b, a in pairs)
-    broken = sum(b["rejected_like"] is None and a["rejected_like"] is not None for b, a in pairs)
-    n, k = fixed + broken, min(fixed, broken)
-    p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return {"answers_fixed": fixed, "answers_broken": broken, "sign_test_p": round(p, 4)}
+    def split(bad) -> tuple[int, int, float]:
+        fixed = sum(bad(b) and not bad(a) for b, a in zip(before_preds, after_preds))
+        broken = sum(not bad(b) and bad(a) for b, a in zip(before_preds, after_preds))
+        n, k = fixed + broken, min(fixed, broken)
+        p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+        return fixed, broken, round(p, 4)
+
+    return dict(zip(("answers_fixed", "answers_broken", "sign_test_p"),
+                    split(lambda r: r["rejected_like"] is not None))) | \
+        dict(zip(("format_fixed", "format_broken", "format_sign_test_p"),
+                 split(lambda r: r["rejected_like"] in FORMAT_KINDS)))
 
 
 def table(before: dict | None, after: dict | None) -> str:
@@ -172,7 +180,11 @@ def table(before: dict | None, after: dict | None) -> str:
             ("reward_accuracy", "implicit reward accuracy"), ("reward_margin", "implicit reward margin"),
             ("answers_fixed", "answers fixed (rejected-like before, right after)"),
             ("answers_broken", "answers broken (right before, rejected-like after)"),
-            ("sign_test_p", "sign test p-value (fixed vs broken)")]
+            ("sign_test_p", "sign test p-value (fixed vs broken)"),
+            ("format_errors", "format errors (invalid_json, extra_text, missing_field)"),
+            ("format_fixed", "format errors fixed (whatever the labels)"),
+            ("format_broken", "format errors introduced"),
+            ("format_sign_test_p", "sign test p-value (format fixed vs introduced)")]
 
     def get(m, k):
         if m is None:
@@ -470,6 +482,11 @@ METRIC_DEFINITIONS = {
     "answers_broken": "held-out prompts whose greedy answer was right before training and rejected-like after",
     "sign_test_p": "exact two-sided sign test p-value of answers_fixed vs answers_broken (is the change more than "
                    "noise on these prompts?)",
+    "format_errors": "share of greedy answers with a format error: invalid_json, extra_text or missing_field "
+                     "(rejected_like without wrong_value)",
+    "format_fixed": "held-out prompts whose greedy answer had a format error before training and none after",
+    "format_broken": "held-out prompts whose greedy answer had no format error before training and one after",
+    "format_sign_test_p": "exact two-sided sign test p-value of format_fixed vs format_broken",
     "rejected_like": "share of greedy answers to the held-out prompts that are not a bare JSON object (invalid_json, "
                      "extra_text), miss a scored field (missing_field) or get a scored field wrong (wrong_value)",
 }
