@@ -175,13 +175,13 @@ def table(before: dict | None, after: dict | None) -> str:
     """The before/after table: the preference metrics, then the task metrics (evaluate.table)."""
     keys = [("rejected_like", "rejected-like answers (lower is better)"),
             *[(f"kind:{k}", f"  of which {k}") for k in REJECTED_KINDS],
+            ("format_errors", "format errors (invalid_json, extra_text, missing_field)"),
             ("pref_accuracy", "preference accuracy (logp chosen > rejected)"),
             ("logp_margin", "mean logp margin (chosen - rejected)"),
             ("reward_accuracy", "implicit reward accuracy"), ("reward_margin", "implicit reward margin"),
             ("answers_fixed", "answers fixed (rejected-like before, right after)"),
             ("answers_broken", "answers broken (right before, rejected-like after)"),
             ("sign_test_p", "sign test p-value (fixed vs broken)"),
-            ("format_errors", "format errors (invalid_json, extra_text, missing_field)"),
             ("format_fixed", "format errors fixed (whatever the labels)"),
             ("format_broken", "format errors introduced"),
             ("format_sign_test_p", "sign test p-value (format fixed vs introduced)")]
