@@ -13,7 +13,7 @@ import torch
 from conftest import BASE_MODEL, need_base_model, read_jsonl, run_cli, ticket_rows, tiny_config_dict, write_jsonl, write_yaml
 from llmstack.config import load
 from llmstack.errors import StackError
-from training import preference
+from training import preference, preference_metrics
 from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, pref_data, recipe, method):
         metrics = m["metrics"][when]
         assert metrics["pairs"] == 2 and 0 <= metrics["pref_accuracy"] <= 1
         assert 0 <= metrics["rejected_like"] <= 1 and set(metrics["rejected_like_kinds"]) == set(
-            preference.REJECTED_KINDS)
+            preference_metrics.REJECTED_KINDS)
     assert "reward_margin" in m["metrics"]["after"] and "reward_margin" not in m["metrics"]["before"]
     assert "preference accuracy" in m["metrics_table"] and "rejected-like" in m["metrics_table"]
     kinds = {w: [p["rejected_like"] for p in read_jsonl(path / f"predictions_{w}.jsonl")] for w in ("before", "after")}
@@ -86,7 +86,7 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, pref_data, recipe, method):
     assert m["metrics"]["after"]["answers_fixed"] == fixed and "sign_test_p" in m["metrics"]["after"]
     for when in ("before", "after"):
         assert m["metrics"][when]["format_errors"] == pytest.approx(
-            sum(k in preference.FORMAT_KINDS for k in kinds[when]) / len(kinds[when]), abs=1e-4)
+            sum(k in preference_metrics.FORMAT_KINDS for k in kinds[when]) / len(kinds[when]), abs=1e-4)
     expected = {"manifest.json", "config.yaml", "data_report.json", "data_report.md", "metrics.json", "README.md",
                 "loss_curve.png", "token_lengths.png", "predictions_before.jsonl", "predictions_after.jsonl",
                 "merged"} | ({"adapter"} if method == "lora" else set())
@@ -170,7 +170,7 @@ def test_onpolicy_pairs_from_the_models_own_mistakes(tmp_path, tiny_model_dir, t
     assert [p["messages"] for p in pairs] == prompts
     assert [p["chosen"] for p in pairs] == [t["output"] for t in tickets]
     assert [p["rejected"] for p in pairs] == own  # the model's own greedy answers
-    assert all(p["rejected_kind"] in preference.REJECTED_KINDS for p in pairs)
+    assert all(p["rejected_kind"] in preference_metrics.REJECTED_KINDS for p in pairs)
     cfg = load_cfg(tmp_path, pref_config(tiny_model_dir, dict(pref_data, train=out), tmp_path / "dpo",
                                          eval={"before": False}))
     assert json.loads((preference.run(cfg) / "manifest.json").read_text())["training"]["steps"] == 2
@@ -213,7 +213,7 @@ def test_hard_negative_pairs_reject_the_models_top_wrong_value(tmp_path, tiny_mo
         rows = [PrefRow(source="", prompt=pair["messages"], chosen=ticket["output"], rejected=v) for v in variants]
         for r in rows:
             _encode(tokenizer, r)
-        scores = preference.sequence_logps(model, tokenizer.pad_token_id, [(r.prompt_ids, r.rejected_ids) for r in rows])
+        scores = preference_metrics.sequence_logps(model, tokenizer.pad_token_id, [(r.prompt_ids, r.rejected_ids) for r in rows])
         assert pair["rejected"] == variants[max(range(len(rows)), key=scores.__getitem__)]
 
 
@@ -279,7 +279,7 @@ def test_answer_logps_with_a_shared_prompt_cache_match_the_full_forward(tiny_mod
 
     model = load_model(str(tiny_model_dir)).eval()
     prompt, answers = [1, 5, 9, 13], [[20, 21, 22], [30, 31, 32, 33, 34], [40]]
-    full = preference.sequence_logps(model, 0, [(prompt, a) for a in answers], batch_size=3)
+    full = preference_metrics.sequence_logps(model, 0, [(prompt, a) for a in answers], batch_size=3)
     assert answer_logps(model, prompt, answers) == pytest.approx(full, abs=1e-3)
 
 
@@ -309,7 +309,7 @@ def test_paired_change_counts_fixed_and_broken_answers_with_a_sign_test(before, 
     from scipy.stats import binomtest
 
     rows = lambda marks: [{"rejected_like": "wrong_value" if c == "x" else None} for c in marks]  # noqa: E731
-    got = preference.paired_change(rows(before), rows(after))
+    got = preference_metrics.paired_change(rows(before), rows(after))
     fixed = sum(b == "x" and a == "." for b, a in zip(before, after))
     broken = sum(b == "." and a == "x" for b, a in zip(before, after))
     assert (got["answers_fixed"], got["answers_broken"]) == (fixed, broken)
@@ -322,12 +322,12 @@ def test_format_errors_are_counted_apart_from_wrong_labels():
     """invalid JSON -> wrong label is a format fix (not an answer fix); right -> prose is a format break."""
     kinds = [("invalid_json", "wrong_value"), ("extra_text", None), ("missing_field", "missing_field"),
              (None, "invalid_json"), ("wrong_value", "extra_text"), ("invalid_json", "wrong_value")]
-    got = preference.paired_change([{"rejected_like": b} for b, _ in kinds], [{"rejected_like": a} for _, a in kinds])
+    got = preference_metrics.paired_change([{"rejected_like": b} for b, _ in kinds], [{"rejected_like": a} for _, a in kinds])
     assert (got["answers_fixed"], got["answers_broken"]) == (1, 1)
     assert (got["format_fixed"], got["format_broken"]) == (3, 2)
     ref = '{"category": "billing", "product": "orbit_app", "urgency": "low"}'
     preds = [ref, "no json", ref.replace("low", "high"), 'Sure: ' + ref]
-    assert preference.answer_metrics(preds, [ref] * 4, FIELDS)["format_errors"] == 0.5
+    assert preference_metrics.answer_metrics(preds, [ref] * 4, FIELDS)["format_errors"] == 0.5
 
 
 @pytest.mark.parametrize("prediction,kind", [
@@ -339,7 +339,7 @@ def test_format_errors_are_counted_apart_from_wrong_labels():
 ])
 def test_rejected_kind(prediction, kind):
     ref = '{"category": "billing", "product": "orbit_app", "urgency": "low", "summary": "x"}'
-    assert preference.rejected_kind(prediction, ref, FIELDS) == kind
+    assert preference_metrics.rejected_kind(prediction, ref, FIELDS) == kind
 
 
 def test_sequence_logps_match_the_full_forward(tiny_model_dir):
@@ -347,7 +347,7 @@ def test_sequence_logps_match_the_full_forward(tiny_model_dir):
 
     model = load_model(str(tiny_model_dir)).eval()
     rows = [([1, 5, 9, 13], [20, 21, 22]), ([1, 7], [30, 31, 32, 33, 34])]
-    got = preference.sequence_logps(model, 0, rows, batch_size=2)
+    got = preference_metrics.sequence_logps(model, 0, rows, batch_size=2)
     for (p, a), value in zip(rows, got):
         ids = torch.tensor([p + a])
         with torch.no_grad():
@@ -357,7 +357,7 @@ def test_sequence_logps_match_the_full_forward(tiny_model_dir):
 
 
 def test_pair_metrics():
-    m = preference.pair_metrics([-1.0, -5.0], [-2.0, -3.0], {"chosen_logps": [-1.0, -6.0],
+    m = preference_metrics.pair_metrics([-1.0, -5.0], [-2.0, -3.0], {"chosen_logps": [-1.0, -6.0],
                                                               "rejected_logps": [-1.0, -3.0]}, beta=0.5)
     assert m["pref_accuracy"] == 0.5 and m["logp_margin"] == -0.5
     assert m["reward_margin"] == pytest.approx(0.5 * ((0 + 1) + (1 - 0)) / 2) and m["reward_accuracy"] == 1.0

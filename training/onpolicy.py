@@ -3,7 +3,7 @@
 The shipped pairs (data/preference) reject random near misses; a fine-tuned model that already ranks those below the
 correct answer learns little from them (docs/preference.md). Here the model answers the prompts of an instruction
 dataset greedily, each answer is scored against the dataset's reference like the preference evaluation does
-(`preference.rejected_kind`: invalid JSON, text around the JSON, a missing or wrong scored field), and every wrong
+(`rejected_kind`: invalid JSON, text around the JSON, a missing or wrong scored field), and every wrong
 answer becomes a pair: chosen = the reference, rejected = what the model said. Rows the model gets right are
 skipped (`--mode answers`, the default).
 
@@ -165,7 +165,8 @@ def build(model: str, data: str, out: str, fields: list[str], *, mode: str = "an
     from . import evaluate as ev
     from .config import ModelCfg, TrainConfig
     from .model import load_model, load_tokenizer
-    from .preference import rejected_kind, resolve_model
+    from .preference import resolve_model
+    from .preference_metrics import rejected_kind
 
     rows, locs = data_mod.load_file(data)
     if not rows:
@@ -253,8 +254,9 @@ def add_parser(sub) -> None:
     p.add_argument("--fields", default="category,product,urgency",
                    help="JSON fields of the answer that must match the reference (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=0, help="use the first N rows (0: all; default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="generation batch size, --mode answers (hard / mirrored score one prompt's variants "
-                   "in one batch) (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="generation batch size, --mode answers (hard / mirrored score one prompt's variants in one "
+                   "batch) (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96,
                    help="generation limit, --mode answers; a cut-off answer counts as invalid JSON (default: "
                    "%(default)s)")
