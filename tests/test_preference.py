@@ -213,7 +213,8 @@ def test_hard_negative_pairs_reject_the_models_top_wrong_value(tmp_path, tiny_mo
         rows = [PrefRow(source="", prompt=pair["messages"], chosen=ticket["output"], rejected=v) for v in variants]
         for r in rows:
             _encode(tokenizer, r)
-        scores = preference_metrics.sequence_logps(model, tokenizer.pad_token_id, [(r.prompt_ids, r.rejected_ids) for r in rows])
+        scores = preference_metrics.sequence_logps(model, tokenizer.pad_token_id,
+                                                   [(r.prompt_ids, r.rejected_ids) for r in rows])
         assert pair["rejected"] == variants[max(range(len(rows)), key=scores.__getitem__)]
 
 
@@ -322,7 +323,8 @@ def test_format_errors_are_counted_apart_from_wrong_labels():
     """invalid JSON -> wrong label is a format fix (not an answer fix); right -> prose is a format break."""
     kinds = [("invalid_json", "wrong_value"), ("extra_text", None), ("missing_field", "missing_field"),
              (None, "invalid_json"), ("wrong_value", "extra_text"), ("invalid_json", "wrong_value")]
-    got = preference_metrics.paired_change([{"rejected_like": b} for b, _ in kinds], [{"rejected_like": a} for _, a in kinds])
+    got = preference_metrics.paired_change([{"rejected_like": b} for b, _ in kinds],
+                                           [{"rejected_like": a} for _, a in kinds])
     assert (got["answers_fixed"], got["answers_broken"]) == (1, 1)
     assert (got["format_fixed"], got["format_broken"]) == (3, 2)
     ref = '{"category": "billing", "product": "orbit_app", "urgency": "low"}'
@@ -358,7 +360,7 @@ def test_sequence_logps_match_the_full_forward(tiny_model_dir):
 
 def test_pair_metrics():
     m = preference_metrics.pair_metrics([-1.0, -5.0], [-2.0, -3.0], {"chosen_logps": [-1.0, -6.0],
-                                                              "rejected_logps": [-1.0, -3.0]}, beta=0.5)
+                                                                     "rejected_logps": [-1.0, -3.0]}, beta=0.5)
     assert m["pref_accuracy"] == 0.5 and m["logp_margin"] == -0.5
     assert m["reward_margin"] == pytest.approx(0.5 * ((0 + 1) + (1 - 0)) / 2) and m["reward_accuracy"] == 1.0
 

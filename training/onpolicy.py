@@ -65,27 +65,23 @@ def swap_field(reference: str, name: str, value: str) -> str:
 def answer_logps(lm, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
     """Summed log-probability of each answer after one shared prompt: the prompt is run once and its key/value
     cache repeated for the answers (right-padded; causal attention keeps the padding out of the real tokens)."""
-    import torch  # here, not at import: the CLI imports this module to build its parser
-
-    with torch.no_grad():
-        return _answer_logps(torch, lm, prompt_ids, answers)
-
-
-def _answer_logps(torch, lm, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
     import copy
 
+    import torch  # here, not at import: the CLI imports this module to build its parser
+
     lm.eval()
-    out = lm(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-    cache = copy.deepcopy(out.past_key_values)
-    cache.batch_repeat_interleave(len(answers))
-    width = max(len(a) for a in answers)
-    ids = torch.tensor([a + [a[-1]] * (width - len(a)) for a in answers])
-    mask = torch.ones(len(answers), len(prompt_ids) + width, dtype=torch.long)
-    logits = lm(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=False).logits
-    logits = torch.cat([out.logits[:, -1:].expand(len(answers), 1, -1), logits[:, :-1]], 1).float()
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
-    keep = torch.tensor([[j < len(a) for j in range(width)] for a in answers])
-    return (logp * keep).sum(1).tolist()
+    with torch.no_grad():
+        out = lm(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        cache = copy.deepcopy(out.past_key_values)
+        cache.batch_repeat_interleave(len(answers))
+        width = max(len(a) for a in answers)
+        ids = torch.tensor([a + [a[-1]] * (width - len(a)) for a in answers])
+        mask = torch.ones(len(answers), len(prompt_ids) + width, dtype=torch.long)
+        logits = lm(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=False).logits
+        logits = torch.cat([out.logits[:, -1:].expand(len(answers), 1, -1), logits[:, :-1]], 1).float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+        keep = torch.tensor([[j < len(a) for j in range(width)] for a in answers])
+        return (logp * keep).sum(1).tolist()
 
 
 def score_variants(lm, tokenizer, examples, values: dict[str, list[str]]) -> list[dict]:
