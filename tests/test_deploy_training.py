@@ -171,13 +171,13 @@ def _filled(zero: int, tmp_path, monkeypatch) -> tuple[dict, object]:
     """zero<N>.json as the Trainer completes it for a training config (batch 4, grad_accum 2, clipping 0.5, bf16)."""
     from transformers import LlamaConfig
 
-    from training import sft
+    from training import sft_trainer
     from training.config import TrainConfig
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # _training_args sets it; restored afterwards
     cfg = TrainConfig.model_validate({"train": {"batch_size": 4, "grad_accum": 2, "max_grad_norm": 0.5,
                                                 "mixed_precision": "bf16"}})
-    args = sft._training_args(cfg, tmp_path, 64)
+    args = sft_trainer._training_args(cfg, tmp_path, 64)
     ds = _hf_trainer_ds_config(json.loads((FOLDER / f"zero{zero}.json").read_text()))
     ds.trainer_config_process(args)
 

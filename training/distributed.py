@@ -107,7 +107,7 @@ def setup(backend: str | None = None) -> Dist:
         return Dist()
     from accelerate import PartialState
 
-    cpu = not torch.cuda.is_available()  # what sft._training_args passes as use_cpu
+    cpu = not torch.cuda.is_available()  # what sft_trainer._training_args passes as use_cpu
     kwargs: dict[str, Any] = {"cpu": True, "backend": backend} if cpu else {
         "backend": backend, "timeout": timedelta(seconds=TIMEOUT_S)}
     state = PartialState(**kwargs)

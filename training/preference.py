@@ -27,10 +27,11 @@ from llmstack.errors import ConfigError
 from llmstack.log import log
 
 from . import data as data_mod
-from . import methods, outputs, report, sft
+from . import methods, outputs, report
 from .config import TrainConfig, warn_poor_settings
 from .model import load_model, load_tokenizer, resolve
 from .preference_data import prepare, trl_rows
+from .sft_trainer import OPTIMIZERS
 from .preference_metrics import METRIC_DEFINITIONS, evaluate, paired_change, table
 
 RECIPES = ("dpo", "orpo", "kto")
@@ -65,7 +66,7 @@ def _trl_args(cfg: TrainConfig, work: Path, total: int):
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=cfg.effective_lr(), num_train_epochs=t.epochs, max_steps=t.max_steps,
         warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.scheduler, lr_scheduler_kwargs=sched_kwargs,
-        weight_decay=t.weight_decay, optim=sft.OPTIMIZERS[t.optimizer], max_grad_norm=t.max_grad_norm or 1e9,
+        weight_decay=t.weight_decay, optim=OPTIMIZERS[t.optimizer], max_grad_norm=t.max_grad_norm or 1e9,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed, use_cpu=not torch.cuda.is_available(),
         report_to=[], disable_tqdm=True, bf16=t.mixed_precision == "bf16", fp16=t.mixed_precision == "fp16",
