@@ -15,8 +15,8 @@ from llmstack.config import Section
 from training.config import DataCfg, EvalCfg
 
 PRUNE = ("none", "depth", "width", "depth+width", "sparsity")
-QUANTIZE = ("none", "int8_dynamic", "int8_static", "int4", "gptq", "bnb_int8", "bnb_nf4")
-ONNX_QUANT = ("int8_dynamic", "int8_static", "int4")
+QUANTIZE = ("none", "int8_block", "int8_dynamic", "int8_static", "int4", "gptq", "bnb_int8", "bnb_nf4")
+ONNX_QUANT = ("int8_block", "int8_dynamic", "int8_static", "int4")
 GPU_QUANT = ("gptq", "bnb_int8", "bnb_nf4")
 
 
@@ -31,9 +31,17 @@ class VariantCfg(Section):
     format: Literal["onnx", "pytorch"] = "onnx"
     """onnx: exported with KV cache through optimum (served by ONNX Runtime); pytorch: a HF safetensors folder
     (served by transformers or vLLM)."""
+    drop_layers: Optional[int] = Field(None, ge=0)
+    """This variant's number of layers to drop (overrides prune.drop_layers)."""
+    mlp_keep: Optional[float] = Field(None, gt=0, le=1)
+    """This variant's fraction of MLP channels kept (overrides prune.mlp_keep)."""
+    distill_steps: Optional[int] = Field(None, ge=1)
+    """This variant's distillation budget in steps (overrides distill.steps)."""
     quantize: Literal[QUANTIZE] = "none"
-    """int8_dynamic / int8_static / int4 (ONNX Runtime, needs format onnx); gptq / bnb_int8 / bnb_nf4 (GPU only,
-    format pytorch; skipped with a stated reason where no GPU exists)."""
+    """int8_block: 8-bit weights in blocks, int8 activations per block (MatMulNBits; the same scheme on every CPU);
+    int8_dynamic / int8_static: int8 weights per channel, activations per tensor (MatMulInteger; with SmoothQuant);
+    int4: 4-bit block weights (see quantize.int4_*). These need format onnx. gptq / bnb_int8 / bnb_nf4: GPU only,
+    format pytorch; skipped with a stated reason where no GPU exists."""
 
     @field_validator("name")
     @classmethod
@@ -52,9 +60,8 @@ class VariantCfg(Section):
 
 
 def _default_variants() -> list[VariantCfg]:
-    return [VariantCfg(name="onnx-fp32"), VariantCfg(name="onnx-int8", quantize="int8_dynamic"),
-            VariantCfg(name="onnx-int4", quantize="int4"),
-            VariantCfg(name="pruned-distilled-int8", prune="depth+width", distill=True, quantize="int8_dynamic")]
+    return [VariantCfg(name="onnx-fp32"), VariantCfg(name="onnx-int8", quantize="int8_block"),
+            VariantCfg(name="onnx-int4", quantize="int4")]
 
 
 class PruneCfg(Section):
@@ -90,24 +97,44 @@ class DistillCfg(Section):
 
 
 class QuantizeCfg(Section):
+    accuracy_level: Literal[0, 4] = 4
+    """int8_block / int4 (MatMulNBits): 4 quantizes the activations to int8 per block and multiplies in int8 (fast on
+    AVX2, AVX-512 VNNI, AMX and ARM); 0 computes in float (exact, but 8-bit weights are dequantized at every call)."""
+    int8_block_size: int = Field(32, ge=16)
+    """int8_block: weights per scale (a power of two; 32 is llama.cpp's Q8_0)."""
     preset: Literal["auto", "avx512_vnni", "avx2", "arm64"] = "auto"
-    """ONNX Runtime int8 preset; auto picks from this CPU's instruction set."""
+    """int8_dynamic / int8_static: ONNX Runtime int8 preset; auto picks from this CPU's instruction set."""
     per_channel: bool = True
-    """int8: one scale per output channel (better accuracy) instead of per tensor."""
+    """int8_dynamic / int8_static: one weight scale per output channel (better accuracy) instead of per tensor."""
     calibration_samples: int = Field(32, ge=1)
     """int8_static: training rows run through the model to calibrate activation ranges; SmoothQuant: rows whose
     activation ranges set the smoothing scales."""
     smooth_alpha: Optional[float] = Field(0.5, gt=0, lt=1)
-    """int8: SmoothQuant strength (0..1) applied to the PyTorch model before export, moving activation outliers into
-    the per-channel-quantized weights; null: off. Llama-style models only."""
+    """int8_dynamic / int8_static: SmoothQuant strength (0..1) applied to the PyTorch model before export, moving
+    activation outliers into the per-channel-quantized weights; null: off. Llama-style models only."""
     int4_block_size: int = Field(32, ge=16)
     """int4: weights per quantization block (a power of two)."""
-    int4_symmetric: bool = True
-    """int4: symmetric blocks (no zero point)."""
+    int4_algorithm: Literal["rtn", "k_quant", "hqq"] = "rtn"
+    """int4 without the base grid: round to nearest, llama.cpp's k-quant search, or HQQ (ONNX Runtime's quantizer)."""
+    int4_symmetric: bool = False
+    """int4 with rtn: symmetric blocks (no zero point) instead of asymmetric (a zero point per block)."""
     int4_embeddings: bool = True
     """int4: also quantize the token embedding and the LM head (a fifth of SmolLM2's weights)."""
+    int4_base_grid: bool = True
+    """int4 of an unpruned fine-tune whose base model is known (a training artifact): quantize the base model's
+    weights on their own asymmetric 4-bit grid and carry the fine-tune's change as a rank-`int4_correction_rank`
+    correction (the LM head and embedding at 8 bits); false: plain block quantization of the merged weights."""
+    int4_correction_rank: int = Field(16, ge=0)
+    """int4 base grid: rank of the correction per weight (a LoRA fine-tune needs its own rank to be exact)."""
+    int4_branch_bits: Literal[8, 32] = 8
+    """int4 base grid: storage of the correction and block-minimum branches (8-bit blocks or float)."""
+    int4_int8_layers: int = Field(0, ge=0)
+    """int4 without the base grid: keep this many decoder layers at 8 bits, those whose 4-bit rounding raises the
+    validation loss most (measured on `sensitivity_samples` validation rows)."""
+    sensitivity_samples: int = Field(16, ge=1)
+    """Validation rows that rank the layers by their 4-bit sensitivity (int4_int8_layers > 0)."""
 
-    @field_validator("int4_block_size")
+    @field_validator("int4_block_size", "int8_block_size")
     @classmethod
     def _pow2(cls, v: int) -> int:
         if v & (v - 1):
@@ -131,6 +158,27 @@ class GateCfg(Section):
     """A variant is fit when its task score is at most this much below the input model's (0.02 = 2 points)."""
     recommend: Literal["fastest", "smallest"] = "fastest"
     """Which fit variant the run manifest recommends for serving."""
+
+
+class FrontierCfg(Section):
+    drop_layers: list[int] = Field(default_factory=list)
+    """Depth points of the pruning frontier (layers dropped); each pairs with every `mlp_keep` into a variant named
+    `pruned-d<layers>-w<keep>` (prune, distill, export, quantize). Empty: no frontier."""
+    mlp_keep: list[float] = Field(default_factory=lambda: [1.0])
+    """Width points of the frontier (fraction of MLP channels kept)."""
+    quantize: Literal[QUANTIZE] = "int8_block"
+    """How every frontier point is quantized after distillation."""
+    distill_steps: int = Field(60, ge=0)
+    """Distillation budget of the point that removes the most parameters; smaller cuts get a share proportional to
+    the parameters they remove (at least `min_distill_steps`). 0: no distillation."""
+    min_distill_steps: int = Field(10, ge=0)
+    """The smallest distillation budget of a frontier point."""
+
+
+class FastCfg(Section):
+    variants: list[str] = Field(default_factory=lambda: ["onnx-int8", "onnx-fp32"])
+    """`llmstack compress --fast` (what `make serve` runs when there is no compress artifact yet): these variants, in
+    order, are built and gated until one is fit; the run recommends it. No other variant, no reference speed."""
 
 
 class OutputCfg(Section):
@@ -162,6 +210,11 @@ class CompressConfig(Section):
     """How every variant (and the input model) is measured."""
     gate: GateCfg = GateCfg()
     """The quality gate."""
+    frontier: FrontierCfg = FrontierCfg()
+    """The pruning frontier: a grid of depth x width points, each distilled and quantized, measured like the
+    variants (frontier.png)."""
+    fast: FastCfg = FastCfg()
+    """The fast path to a served model (`--fast`)."""
     output: OutputCfg = OutputCfg()
     """Where the run goes."""
 

@@ -92,8 +92,11 @@ def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id
     one = [gen(1) for _ in range(runs)]
     full = [gen(decode_tokens) for _ in range(runs)]
     t1, tn = statistics.median(one), statistics.median(full)
+    per_run = [(decode_tokens - 1) / max(t - t1, 1e-9) for t in full]
+    median = (decode_tokens - 1) / max(tn - t1, 1e-9)
     return {"prefill_ms": round(1000 * statistics.median(pre), 1), "prompt_tokens": len(prompt_ids),
-            "decode_tokens_per_s": round((decode_tokens - 1) / max(tn - t1, 1e-9), 1),
+            "decode_tokens_per_s": round(median, 1),
+            "decode_spread": round((max(per_run) - min(per_run)) / 2 / median, 3),  # half the range, relative
             "generate_seconds": round(tn, 3), "runs": runs}
 
 
@@ -114,10 +117,13 @@ def measure(spec: dict) -> dict:
            "load_rss_delta_mb": round(_rss_mb() - rss0, 1)}
     tok = load_tokenizer(spec["folder"])
     rows = spec["rows"]
+    t1 = time.perf_counter()
     out.update(_timings(model, rows[0]["prompt_ids"], spec["decode_tokens"], spec["runs"], tok.pad_token_id))
+    out["seconds"] = {"load": out["load_seconds"], "speed": round(time.perf_counter() - t1, 1)}
     if not spec.get("quality", True):  # the caller already has loss, task score and predictions for this model
         out["peak_rss_mb"] = round(_peak_mb(), 1)
         return out
+    t2 = time.perf_counter()
 
     nll, n = answer_nll(model, rows, tok.pad_token_id, spec["batch_size"])
     mean = nll / max(n, 1)
@@ -131,6 +137,7 @@ def measure(spec: dict) -> dict:
     out["task"] = json_metrics(preds, refs, fields) if fields else text_metrics(preds, refs)
     out["predictions"] = preds
     out["peak_rss_mb"] = round(_peak_mb(), 1)
+    out["seconds"]["quality"] = round(time.perf_counter() - t2, 1)
     return out
 
 

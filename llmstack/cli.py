@@ -96,7 +96,7 @@ def cmd_compress(args) -> int:
     overrides = list(args.overrides) + ([f"input={args.input}"] if args.input else [])
     cfg = load(CompressConfig, args.config, overrides)  # config errors before the heavy imports
     from compression import run
-    run.run(cfg)
+    run.run(cfg, fast=args.fast)
     return 0
 
 
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default="configs/compress.yaml", help="YAML config (default: %(default)s)")
     c.add_argument("--input", help="training artifact or HF model folder (overrides the config's input; default "
                    "artifacts/train/latest)")
+    c.add_argument("--fast", action="store_true", help="build only fast.variants (default onnx-int8, then onnx-fp32), "
+                   "in order, until one passes the quality gate, and recommend it; no reference speed run (what "
+                   "`make serve` runs when no compress artifact exists)")
     c.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. prune.drop_layers=6 "
                    "distill.steps=50 measure.eval_samples=50 gate.max_task_drop=0.05")
     c.set_defaults(func=cmd_compress)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_yaml
+from conftest import ROOT, run_cli, write_yaml
 
 
 def compress_config(tiny_model_dir: Path, tiny_data: dict, out: Path, **extra) -> dict:
@@ -15,9 +15,11 @@ def compress_config(tiny_model_dir: Path, tiny_data: dict, out: Path, **extra) -
         "data": {"train": [{"path": str(tiny_data["train"])}], "validation": [{"path": str(tiny_data["validation"])}],
                  "test": [{"path": str(tiny_data["test"])}], "max_seq_len": 384},
         "eval": {"max_new_tokens": 6, "batch_size": 4, "json_fields": ["category", "product", "urgency"]},
-        "variants": [{"name": "onnx-fp32"}, {"name": "onnx-int8", "quantize": "int8_dynamic"},
+        "variants": [{"name": "onnx-fp32"}, {"name": "onnx-int8", "quantize": "int8_block"},
+                     {"name": "onnx-int4", "quantize": "int4"},
                      {"name": "pt-depth", "prune": "depth", "distill": True, "format": "pytorch"},
                      {"name": "gpu-nf4", "format": "pytorch", "quantize": "bnb_nf4"}],
+        "frontier": {"drop_layers": [1], "mlp_keep": [1.0], "distill_steps": 2, "min_distill_steps": 1},
         "prune": {"drop_layers": 1, "calibration_samples": 4},
         "distill": {"steps": 2, "batch_size": 2},
         "measure": {"threads": 1, "decode_tokens": 8, "runs": 1, "eval_samples": 2},
@@ -34,7 +36,11 @@ def test_compress_end_to_end(tmp_path, tiny_model_dir, tiny_data):
     assert r.returncode == 0, r.stderr[-3000:]
     run = (out / "latest").resolve()
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["stage"] == "compress" and manifest["parent"]["model_dir"] == str(tiny_model_dir.resolve())
+    assert manifest["stage"] == "compress"
+    assert (ROOT / manifest["parent"]["model_dir"]).resolve() == tiny_model_dir.resolve()  # relative to the cwd
+    for f in run.rglob("*.json"):  # no absolute path of this machine in manifests and reports (but for the
+        text = json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "config"})  # user's config)
+        assert str(ROOT) not in text and str(tmp_path) not in text, f
     # every built variant: model files, its own manifest with measurements and a gate verdict
     int8 = json.loads((run / "onnx-int8" / "manifest.json").read_text())
     fp32 = json.loads((run / "onnx-fp32" / "manifest.json").read_text())
@@ -48,10 +54,20 @@ def test_compress_end_to_end(tmp_path, tiny_model_dir, tiny_data):
     assert json.loads((run / "pt-depth" / "config.json").read_text())["num_hidden_layers"] == 1
     assert depth["summary"]["params_m"] < json.loads((run / "report.json").read_text())["rows"][0]["params_m"]
     assert depth["build"]["distill"]["steps"] >= 1
+    # the frontier point: pruned by its own setting, distilled, quantized, in the report and the frontier plot
+    point = json.loads((run / "pruned-d1-w1-int8-block" / "manifest.json").read_text())
+    assert point["build"]["prune_depth"]["layers_after"] == 1 and point["build"]["quantize"]["method"] == "int8_block"
+    assert (run / "frontier.png").stat().st_size > 10_000
+    int4 = json.loads((run / "onnx-int4" / "manifest.json").read_text())
+    assert int4["build"]["quantize"]["scheme"] == "base_grid" and int4["summary"]["size_mb"] < fp32["summary"]["size_mb"]
+    # per-phase timings, summed over the run
+    assert {"export", "parity", "quantize", "prune", "distill", "measure speed", "measure quality"} <= set(
+        manifest["timings"]), manifest["timings"]
+    assert "time: " in r.stdout
     # no GPU here: the GPU variant is skipped with its reason, not built and not silently dropped
     assert "skipped" in manifest["variants"]["gpu-nf4"] and not (run / "gpu-nf4").exists()
     md = (run / "report.md").read_text()
-    for name in ("reference", "onnx-fp32", "onnx-int8", "pt-depth", "gpu-nf4"):
+    for name in ("reference", "onnx-fp32", "onnx-int8", "onnx-int4", "pt-depth", "gpu-nf4", "pruned-d1-w1-int8-block"):
         assert name in md
     assert (run / "report.png").stat().st_size > 10_000
     assert not (run / "_work").exists()

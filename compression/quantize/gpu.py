@@ -7,8 +7,8 @@ from pathlib import Path
 
 from llmstack.errors import CompressError
 
-from .config import GPU_QUANT
-from .export import SIDE_FILES, check_model_dir, copy_side_files, one_line
+from ..config import GPU_QUANT
+from ..export import SIDE_FILES, check_model_dir, copy_side_files, one_line
 
 
 class Unavailable(Exception):
