@@ -80,9 +80,9 @@ compress: setup  ## quantize / prune / distill the fine-tuned model (trains firs
 	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
 	$(CLI) compress --config configs/compress.yaml $(ARGS)
 
-serve: setup  ## OpenAI-compatible BentoML service on 127.0.0.1:3000 (trains and compresses first if needed); ARGS='--port 8080'
+serve: setup  ## OpenAI-compatible BentoML service on 127.0.0.1:3000 (trains first if needed; without a compress run, builds only what it serves: compress --fast); ARGS='--port 8080'
 	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
-	test -e artifacts/compress/latest/manifest.json || $(CLI) compress --config configs/compress.yaml
+	test -e artifacts/compress/latest/manifest.json || $(CLI) compress --fast --config configs/compress.yaml
 	$(CLI) serve --config configs/serve.yaml $(ARGS)
 
 drift-demo: setup  ## against a running `make serve`: in-distribution, then shifted traffic; drift verdicts flip (terminal, /dashboard); ARGS='--n 60'
@@ -92,7 +92,8 @@ monitor: setup system-deps  ## local Prometheus (rules loaded) scraping the serv
 	$(PY) deploy/prometheus/monitor.py $(ARGS)
 
 bento: setup  ## the Bento (served model + service) in the BentoML store (BENTOML_HOME, default ~/bentoml); ARGS='limits.max_running=16'
-	test -e artifacts/compress/latest/manifest.json || $(MAKE) compress
+	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
+	test -e artifacts/compress/latest/manifest.json || $(CLI) compress --fast --config configs/compress.yaml
 	$(CLI) bento --config configs/serve.yaml $(ARGS)
 
 containerize: bento  ## the Bento as the OCI image llmstack/bento:0.1.0 (needs a Docker engine)

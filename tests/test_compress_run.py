@@ -160,3 +160,49 @@ def test_reference_quality_is_reused_from_training_only_for_the_same_rows(tmp_pa
     assert training_quality(tmp_path, {"stage": "compress"}, rows, same_eval=True) is None
     (tmp_path / "predictions_after.jsonl").unlink()
     assert training_quality(tmp_path, manifest, rows, same_eval=True) is None
+
+
+def test_fast_path_builds_only_what_it_serves(tmp_path, tiny_model_dir, tiny_data):
+    """`compress --fast` (make serve without a compress run): the first fast variant that passes the gate, a normal
+    compress artifact that serving resolves to it."""
+    from serving.model_ref import resolve
+
+    out = tmp_path / "compress"
+    cfg = write_yaml(tmp_path / "c.yaml", compress_config(
+        tiny_model_dir, tiny_data, out, variants=[{"name": "onnx-fp32"}, {"name": "onnx-int8", "quantize": "int8_block"},
+                                                  {"name": "onnx-int4", "quantize": "int4"}]))
+    r = run_cli(["compress", "--fast", "--config", cfg], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = (out / "latest").resolve()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["fast"] is True and list(manifest["variants"]) == ["onnx-int8"]
+    assert manifest["recommended"] == "onnx-int8" and manifest["variants"]["onnx-int8"]["gate"]["fit"]
+    assert not (run / "onnx-fp32").exists() and not (run / "onnx-int4").exists()
+    variant = json.loads((run / "onnx-int8" / "manifest.json").read_text())
+    assert variant["parent"]["model_dir"] and variant["build"]["quantize"]["method"] == "int8_block"
+    ref = resolve(run)
+    assert ref.folder == (run / "onnx-int8") and ref.backend == "onnxruntime" and ref.lineage["variant"] == "onnx-int8"
+
+
+def test_fast_path_names_an_unknown_variant(tmp_path, tiny_model_dir, tiny_data):
+    cfg = write_yaml(tmp_path / "c.yaml", compress_config(tiny_model_dir, tiny_data, tmp_path / "o",
+                                                          fast={"variants": ["onnx-int3"]}))
+    r = run_cli(["compress", "--fast", "--config", cfg])
+    assert r.returncode == 2 and "fast.variants" in r.stderr and "onnx-int3" in r.stderr, r.stderr
+
+
+def test_frontier_points_and_their_budgets(tiny_model_dir, tiny_data, tmp_path):
+    """The frontier grid becomes variants; the deepest cut gets the whole distillation budget, smaller cuts a share."""
+    from compression.config import CompressConfig
+    from compression.run import variants
+    from llmstack.config import validate
+
+    cfg = validate(CompressConfig, {**compress_config(tiny_model_dir, tiny_data, tmp_path / "o"),
+                                    "frontier": {"drop_layers": [0, 1], "mlp_keep": [1.0, 0.5], "distill_steps": 40,
+                                                 "min_distill_steps": 5}})
+    points = {v.name: v for v in variants(cfg) if v.name.startswith("pruned-")}
+    assert set(points) == {"pruned-d0-w0.5-int8-block", "pruned-d1-w1-int8-block", "pruned-d1-w0.5-int8-block"}
+    deepest = points["pruned-d1-w0.5-int8-block"]
+    assert deepest.prune == "depth+width" and deepest.distill_steps == 40
+    assert points["pruned-d1-w1-int8-block"].prune == "depth" and 5 <= points["pruned-d1-w1-int8-block"].distill_steps < 40
+    assert points["pruned-d0-w0.5-int8-block"].prune == "width" and points["pruned-d0-w0.5-int8-block"].mlp_keep == 0.5
