@@ -91,7 +91,10 @@ class DistillCfg(Section):
     temperature: float = Field(2.0, gt=0)
     """Softening temperature of the teacher's and student's logits in the KL term (scaled by T^2)."""
     alpha: float = Field(0.5, ge=0, le=1)
-    """Weight of the KL term; 1 - alpha weighs the cross-entropy on the reference answer."""
+    """Weight of the KL term; 1 - alpha weighs the cross-entropy on the reference answer (0: no teacher at all)."""
+    train_layers: int = Field(0, ge=0)
+    """Train only the top N decoder layers (and the final norm); backpropagation stops below them. 0: every
+    weight."""
     seed: int = 42
     """Seed for the data order."""
 

@@ -75,11 +75,28 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     """(loss, kl, ce), each a mean over the given answer positions; kl is KL(teacher || student) at temperature T
     (not yet scaled by T^2)."""
     t = temperature
+    if teacher_logits is None:
+        ce = F.cross_entropy(student_logits, target)
+        return ce, torch.zeros((), dtype=ce.dtype), ce
     log_s = F.log_softmax(student_logits / t, dim=-1)
     log_t = F.log_softmax(teacher_logits / t, dim=-1)
     kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
     ce = F.cross_entropy(student_logits, target)
     return alpha * t * t * kl + (1 - alpha) * ce, kl, ce
+
+
+def _freeze_below_top(model, n: int) -> list:
+    """Freeze every weight but the top `n` decoder layers and the final norm (backpropagation then stops below
+    them); returns the parameters frozen here, to be unfrozen afterwards."""
+    from .prune import decoder_layers
+
+    trainable = {id(p) for layer in list(decoder_layers(model))[-n:] for p in layer.parameters()}
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    trainable |= {id(p) for p in (norm.parameters() if norm is not None else [])}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -104,6 +121,7 @@ def distill(student, teacher, rows, pad_id: int, cfg, max_len: int, *, progress:
     order = _order(len(feats), cfg.seed)
     teacher.eval()
     student.train()
+    frozen = _freeze_below_top(student, cfg.train_layers) if cfg.train_layers else []
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise CompressError("the student has no trainable parameters")
@@ -128,8 +146,10 @@ def distill(student, teacher, rows, pad_id: int, cfg, max_len: int, *, progress:
             batch = collate([feats[next(order)] for _ in range(cfg.batch_size)])
             target = batch["labels"][:, 1:]
             keep = target != -100
-            with torch.no_grad():
-                t_logits = _answer_logits(teacher, batch, keep)
+            t_logits = None
+            if cfg.alpha > 0:  # alpha 0: cross-entropy on the reference only, the teacher never runs
+                with torch.no_grad():
+                    t_logits = _answer_logits(teacher, batch, keep)
             s_logits = _answer_logits(student, batch, keep)
             loss, kl, ce = kd_loss(s_logits, t_logits, target[keep], cfg.alpha, cfg.temperature)
             opt.zero_grad(set_to_none=True)
@@ -158,6 +178,8 @@ def distill(student, teacher, rows, pad_id: int, cfg, max_len: int, *, progress:
         if bar is not None:
             bar.close()
         opt.zero_grad(set_to_none=True)
+        for p in frozen:
+            p.requires_grad_(True)
         student.eval()
     seconds = time.perf_counter() - t0
     if stopped_early:

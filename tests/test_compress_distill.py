@@ -116,3 +116,28 @@ def test_distillation_bad_input(make_model, pair, rows, tokenizer):
         distill(other, teacher, rows, pad, cfg, 384, progress=False)
     with pytest.raises(CompressError, match="same model object"):
         distill(teacher, teacher, rows, pad, cfg, 384, progress=False)
+
+
+def test_training_only_the_top_layers_leaves_the_rest_untouched(pair, rows, tokenizer):
+    teacher, student = pair
+    student = copy.deepcopy(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = DistillCfg(steps=3, batch_size=2, lr=5e-3, max_minutes=5, train_layers=1, seed=0)
+    distill(student, teacher, rows, tokenizer.pad_token_id, cfg, 384, progress=False)
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.layers.1.") or k == "model.norm.weight" for k in changed), changed
+    assert any(k.startswith("model.layers.1.mlp") for k in changed)
+    assert all(p.requires_grad for p in student.parameters())  # unfrozen again afterwards
+
+
+def test_alpha_zero_is_cross_entropy_without_the_teacher(pair, rows, tokenizer):
+    teacher, student = pair
+    teacher = copy.deepcopy(teacher)
+
+    def refuse(*_):
+        raise AssertionError("the teacher ran")
+
+    teacher.model.register_forward_pre_hook(refuse)
+    cfg = DistillCfg(steps=2, batch_size=2, lr=5e-3, max_minutes=5, alpha=0.0, seed=0)
+    res = distill(copy.deepcopy(student), teacher, rows, tokenizer.pad_token_id, cfg, 384, progress=False)
+    assert res["history"] == pytest.approx(res["history_ce"], rel=1e-6) and set(res["history_kl"]) == {0.0}
