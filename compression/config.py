@@ -95,6 +95,9 @@ class DistillCfg(Section):
     train_layers: int = Field(0, ge=0)
     """Train only the top N decoder layers (and the final norm); backpropagation stops below them. 0: every
     weight."""
+    lora_rank: int = Field(0, ge=0)
+    """Recover with LoRA adapters of this rank (on the `train_layers` top layers, 0: all) merged into the student
+    afterwards, instead of training the weights themselves (LLM-Pruner). 0: full weights."""
     seed: int = 42
     """Seed for the data order."""
 

@@ -99,6 +99,20 @@ def _freeze_below_top(model, n: int) -> list:
     return frozen
 
 
+def _add_lora(model, rank: int, top_layers: int):
+    """LoRA adapters (rank r, alpha 2r) on every linear layer of the top `top_layers` decoder layers (0: all), injected
+    into `model` in place (LLM-Pruner's recovery); returns the peft wrapper, whose merge_and_unload folds them in."""
+    from peft import LoraConfig, get_peft_model
+
+    from .prune import ATTN, MLP, decoder_layers
+
+    n = len(decoder_layers(model))
+    layers = list(range(n - top_layers, n)) if top_layers else list(range(n))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(ATTN + MLP),
+                        layers_to_transform=layers, layers_pattern="layers", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Multiplier of the base LR for optimizer step `step` (0-based): linear warmup, then cosine to 0."""
     if step < warmup:
@@ -121,7 +135,8 @@ def distill(student, teacher, rows, pad_id: int, cfg, max_len: int, *, progress:
     order = _order(len(feats), cfg.seed)
     teacher.eval()
     student.train()
-    frozen = _freeze_below_top(student, cfg.train_layers) if cfg.train_layers else []
+    peft_model = _add_lora(student, cfg.lora_rank, cfg.train_layers) if cfg.lora_rank else None
+    frozen = _freeze_below_top(student, cfg.train_layers) if cfg.train_layers and not peft_model else []
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise CompressError("the student has no trainable parameters")
@@ -180,6 +195,8 @@ def distill(student, teacher, rows, pad_id: int, cfg, max_len: int, *, progress:
         opt.zero_grad(set_to_none=True)
         for p in frozen:
             p.requires_grad_(True)
+        if peft_model is not None:
+            peft_model.merge_and_unload()  # the LoRA layers fold into the student's own Linear weights, in place
         student.eval()
     seconds = time.perf_counter() - t0
     if stopped_early:

@@ -141,3 +141,23 @@ def test_alpha_zero_is_cross_entropy_without_the_teacher(pair, rows, tokenizer):
     cfg = DistillCfg(steps=2, batch_size=2, lr=5e-3, max_minutes=5, alpha=0.0, seed=0)
     res = distill(copy.deepcopy(student), teacher, rows, tokenizer.pad_token_id, cfg, 384, progress=False)
     assert res["history"] == pytest.approx(res["history_ce"], rel=1e-6) and set(res["history_kl"]) == {0.0}
+
+
+def test_lora_recovery_merges_into_plain_weights(pair, rows, tokenizer, tmp_path):
+    teacher, student = pair
+    student = copy.deepcopy(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    kl_before = kl_on(student, teacher, rows)
+    cfg = DistillCfg(steps=6, batch_size=2, lr=2e-2, max_minutes=5, lora_rank=4, train_layers=1, alpha=1.0, seed=0)
+    distill(student, teacher, rows, tokenizer.pad_token_id, cfg, 384, progress=False)
+    assert set(student.state_dict()) == set(before)  # no lora_A / lora_B left: merged into the Linear weights
+    assert all(type(m).__name__ != "LoraLayer" and "lora" not in type(m).__name__.lower() for m in student.modules())
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed), changed
+    assert kl_on(student, teacher, rows) < kl_before
+    from compress_fixtures import reload
+    assert_close = torch.testing.assert_close
+    loaded = reload(student, tmp_path / "s")
+    ids = torch.tensor([rows[0].input_ids])
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, student(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -61,7 +61,7 @@ def test_compress_end_to_end(tmp_path, tiny_model_dir, tiny_data):
     int4 = json.loads((run / "onnx-int4" / "manifest.json").read_text())
     assert int4["build"]["quantize"]["scheme"] == "base_grid" and int4["summary"]["size_mb"] < fp32["summary"]["size_mb"]
     # per-phase timings, summed over the run
-    assert {"export", "parity", "quantize", "prune", "distill", "measure speed", "measure quality"} <= set(
+    assert {"export", "parity", "quantize", "prune", "distill", "measure speed", "measure generation"} <= set(
         manifest["timings"]), manifest["timings"]
     assert "time: " in r.stdout
     # no GPU here: the GPU variant is skipped with its reason, not built and not silently dropped
