@@ -132,8 +132,9 @@ class QuantizeCfg(Section):
     correction (the LM head and embedding at 8 bits); false: plain block quantization of the merged weights."""
     int4_correction_rank: int = Field(16, ge=0)
     """int4 base grid: rank of the correction per weight (a LoRA fine-tune needs its own rank to be exact)."""
-    int4_branch_bits: Literal[8, 32] = 8
-    """int4 base grid: storage of the correction and block-minimum branches (8-bit blocks or float)."""
+    int4_branch_bits: Literal[8, 16, 32] = 16
+    """int4 base grid: the correction and block-minimum branches as 8-bit blocks (int8 activations too), or float
+    weights stored as float16 (16) or float32 (32)."""
     int4_int8_layers: int = Field(0, ge=0)
     """int4 without the base grid: keep this many decoder layers at 8 bits, those whose 4-bit rounding raises the
     validation loss most (measured on `sensitivity_samples` validation rows)."""

@@ -46,24 +46,50 @@ def load(kind: str, folder: str, threads: int, file_name: str | None = None):
 
 
 def answer_nll(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[float, int]:
-    """Summed answer-token cross-entropy over right-padded batches through the model's own forward (any backend)."""
+    """Summed answer-token cross-entropy over right-padded batches through the model's own forward (PyTorch or ONNX
+    Runtime). Rows go in length order (less padding); the token prefix a batch shares (system prompt, instruction)
+    runs once and is handed to the rest of each row as past keys/values, positions continuing after it."""
     import torch
     import torch.nn.functional as F
 
+    from training.collate import shared_prefix
+
     total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        width = max(len(r["input_ids"]) for r in chunk)
-        ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in chunk])
-        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in chunk])
-        labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in chunk])
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    for i in range(0, len(order), batch_size):
+        chunk = [rows[j] for j in order[i:i + batch_size]]
+        p = shared_prefix([r["input_ids"] for r in chunk], [r["labels"] for r in chunk], 8)
+        width = max(len(r["input_ids"]) for r in chunk) - p
+        ids = torch.tensor([r["input_ids"][p:] + [pad_id] * (width + p - len(r["input_ids"])) for r in chunk])
+        mask = torch.tensor([[1] * (len(r["input_ids"])) + [0] * (width + p - len(r["input_ids"])) for r in chunk])
+        labels = torch.tensor([r["labels"][p:] + [-100] * (width + p - len(r["labels"])) for r in chunk])
+        kwargs = {}
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            if p:
+                kwargs["past_key_values"] = _expanded_past(model, chunk[0]["input_ids"][:p], len(chunk))
+                kwargs["position_ids"] = torch.arange(p, p + width).unsqueeze(0).expand(len(chunk), -1)
+            logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
         target = labels[:, 1:]
         keep = target != -100
         total += float(F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum"))
         count += int(keep.sum())
     return total, count
+
+
+def _expanded_past(model, prefix: list[int], n: int):
+    """The past keys/values of `prefix` (one forward) repeated for n rows: a DynamicCache for PyTorch models, a
+    tuple of (key, value) tuples for ONNX Runtime's."""
+    import torch
+
+    ids = torch.tensor([prefix])
+    past = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+    if hasattr(past, "layers"):  # transformers' DynamicCache
+        from transformers import DynamicCache
+        cache = DynamicCache()
+        for i, layer in enumerate(past.layers):
+            cache.update(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1), i)
+        return cache
+    return tuple(tuple(t.expand(n, -1, -1, -1).contiguous() for t in kv) for kv in past)
 
 
 def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id: int) -> dict:

@@ -187,3 +187,25 @@ def test_int8_block_report_entry(tmp_path):
     with pytest.raises(Exception, match="set format: onnx"):
         VariantCfg(name="x", quantize="int8_block", format="pytorch")
     json.dumps(VariantCfg(name="x", quantize="int8_block").model_dump())
+
+
+def test_answer_loss_with_a_shared_prefix_equals_row_by_row(tiny_model_dir, fp32_dir, rows):  # noqa: F811
+    """measure.answer_nll runs the shared prompt prefix once (PyTorch and ONNX Runtime): the same loss as a plain
+    forward of each row on its own."""
+    import torch.nn.functional as F
+
+    from compression.measure import answer_nll
+    from training.model import load_model
+
+    data = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in rows[:5]]
+    pt = load_model(str(tiny_model_dir)).eval()
+    expected = 0.0
+    with torch.no_grad():
+        for r in data:
+            logits = pt(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1]
+            target = torch.tensor(r["labels"][1:])
+            expected += float(F.cross_entropy(logits[target != -100], target[target != -100], reduction="sum"))
+    n = sum(sum(t != -100 for t in r["labels"][1:]) for r in data)
+    for model in (pt, load_ort(fp32_dir, threads=1)):
+        total, count = answer_nll(model, data, 0, batch_size=3)
+        assert count == n and total == pytest.approx(expected, rel=1e-4)

@@ -12,8 +12,8 @@ The grid is asymmetric round-to-nearest with a float minimum per block (llama.cp
 integer zero points, so the minimum is added back through the per-block sums of x, one small MatMul. Base weights
 that already lie on that grid (the demo's SmolLM2 ships as a Q4_1 GGUF) are reproduced exactly and the correction is
 exactly the LoRA product; any other base keeps round-to-nearest error on the base part while the fine-tune's change
-stays whole. Layers the fine-tune did not change get no correction branch. The two branch matrices are stored at 8
-bits (MatMulNBits too) unless `branch_bits` is 32. The LM head (tied to the embedding) becomes 8-bit symmetric blocks
+stays whole. Layers the fine-tune did not change get no correction branch. The branch matrices are stored as float16
+and cast to float32 once at load (`branch_bits` 16), or as 8-bit MatMulNBits blocks (8), or float32 (32). The LM head (tied to the embedding) becomes 8-bit symmetric blocks
 (llama.cpp's Q8_0) shared with the embedding lookup.
 
 This is the QLoRA serving recipe (a quantized base plus a float adapter) expressed in one ONNX graph; with no base
@@ -86,14 +86,19 @@ class _Graph:
         return helper.make_node("MatMulNBits", [x, self.const(name + "_q", codes), self.const(name + "_s", scales)],
                                 [out], name=name, domain="com.microsoft", **attrs)
 
-    def matmul(self, name: str, x: str, w: np.ndarray, out: str, bits: int):
-        """x @ w as a float MatMul (bits 32) or an 8-bit MatMulNBits (block 16 or 32 along K)."""
-        from onnx import helper
+    def matmul(self, name: str, x: str, w: np.ndarray, out: str, bits: int) -> list:
+        """x @ w as a float MatMul (bits 32; 16: the weight stored as float16 and cast once, which ONNX Runtime's
+        constant folding does at load) or an 8-bit MatMulNBits (block 16 or 32 along K)."""
+        from onnx import TensorProto, helper
         if bits == 32:
-            return helper.make_node("MatMul", [x, self.const(name + "_w", w.astype(np.float32))], [out], name=name)
+            return [helper.make_node("MatMul", [x, self.const(name + "_w", w.astype(np.float32))], [out], name=name)]
+        if bits == 16:
+            half = self.const(name + "_w16", w.astype(np.float16))
+            return [helper.make_node("Cast", [half], [name + "_w"], name=name + "_cast", to=TensorProto.FLOAT),
+                    helper.make_node("MatMul", [x, name + "_w"], [out], name=name)]
         block = 32 if w.shape[0] >= 32 else 16
         codes, scales, _ = q8_grid(w, block)
-        return self.nbits(name, x, out, codes, scales, w.shape[0], w.shape[1], 8, block)
+        return [self.nbits(name, x, out, codes, scales, w.shape[0], w.shape[1], 8, block)]
 
 
 def _base_weights(base_dir: Path | None) -> dict:
@@ -111,7 +116,7 @@ def _base_weights(base_dir: Path | None) -> dict:
 
 
 def int4_base_grid(onnx_dir, out_dir, base_dir: Path | None, rank: int = 16, block_size: int = 32,
-                   accuracy_level: int | None = 4, branch_bits: int = 8, tolerance: float = 1e-5) -> tuple[Path, dict]:
+                   accuracy_level: int | None = 4, branch_bits: int = 16, tolerance: float = 1e-5) -> tuple[Path, dict]:
     """Quantize the exported fine-tune in onnx_dir as described in the module docstring; returns (out_dir, info).
     base_dir: the HF folder of the base model it was fine-tuned from (None: the merged weights are the base)."""
     from onnx import helper
@@ -121,8 +126,8 @@ def int4_base_grid(onnx_dir, out_dir, base_dir: Path | None, rank: int = 16, blo
         raise CompressError(f"block size {block_size} is not 16, 32, 64 or 128", field="quantize.int4_block_size")
     if rank < 0:
         raise CompressError(f"correction rank {rank} is negative", field="quantize.int4_correction_rank")
-    if branch_bits not in (8, 32):
-        raise CompressError(f"branch bits {branch_bits} is not 8 or 32", field="quantize.int4_branch_bits")
+    if branch_bits not in (8, 16, 32):
+        raise CompressError(f"branch bits {branch_bits} is not 8, 16 or 32", field="quantize.int4_branch_bits")
     out = prepare_out(out_dir, src)
     base = _base_weights(base_dir)
     model = load_graph(graph)
@@ -156,8 +161,7 @@ def int4_base_grid(onnx_dir, out_dir, base_dir: Path | None, rank: int = 16, blo
                     new += [helper.make_node("Reshape", [x, shape], [x + "_blocks"], name=x + "_blocks"),
                             helper.make_node("ReduceSum", [x + "_blocks", g.const("axis_last", np.asarray([-1]))],
                                              [block_sums[x]], name=block_sums[x], keepdims=0)]
-                new.append(g.matmul(node.name + "_min", block_sums[x], (lo + 8 * d).T.copy(), y + "_min",
-                                    branch_bits))
+                new += g.matmul(node.name + "_min", block_sums[x], (lo + 8 * d).T.copy(), y + "_min", branch_bits)
                 change = w - deq
                 terms = [y + "_q4", y + "_min"]
                 if rank and np.abs(change).max() > tolerance * np.abs(w).max():
@@ -165,8 +169,8 @@ def int4_base_grid(onnx_dir, out_dir, base_dir: Path | None, rank: int = 16, blo
                     r = min(rank, len(s))
                     info["max_residual"] = max(info["max_residual"], float(s[r] / s[0]) if len(s) > r else 0.0)
                     root = np.sqrt(s[:r])
-                    new += [g.matmul(node.name + "_lora_a", x, u[:, :r] * root, y + "_la", branch_bits),
-                            g.matmul(node.name + "_lora_b", y + "_la", root[:, None] * vt[:r], y + "_lb", branch_bits)]
+                    new += g.matmul(node.name + "_lora_a", x, u[:, :r] * root, y + "_la", branch_bits)
+                    new += g.matmul(node.name + "_lora_b", y + "_la", root[:, None] * vt[:r], y + "_lb", branch_bits)
                     terms.append(y + "_lb")
                     info["corrected"] += 1
                 partial = terms[0]
