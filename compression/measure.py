@@ -113,7 +113,7 @@ def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id
             model(input_ids=ids, attention_mask=mask)
         return time.perf_counter() - t0
 
-    gen(decode_tokens)  # warm-up (allocations, ORT's first-run graph work)
+    gen(8)  # warm-up (allocations, ORT's first-run graph work)
     pre = [prefill() for _ in range(runs)]
     one = [gen(1) for _ in range(runs)]
     full = [gen(decode_tokens) for _ in range(runs)]
@@ -122,7 +122,8 @@ def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id
     median = (decode_tokens - 1) / max(tn - t1, 1e-9)
     return {"prefill_ms": round(1000 * statistics.median(pre), 1), "prompt_tokens": len(prompt_ids),
             "decode_tokens_per_s": round(median, 1),
-            "decode_spread": round((max(per_run) - min(per_run)) / 2 / median, 3),  # half the range, relative
+            "decode_spread": (round((max(per_run) - min(per_run)) / 2 / median, 3)  # half the range, relative
+                              if runs > 1 else None),
             "generate_seconds": round(tn, 3), "runs": runs}
 
 
