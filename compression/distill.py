@@ -7,17 +7,21 @@ Loss per batch, on answer tokens only (the positions whose next token is a refer
 
 Both models share the tokenizer, so one packed batch (training.collate.Collator with the shared prefix) feeds both;
 each runs the shared prefix once as a KV cache and its LM head only at answer positions (the 576 x 49152 head is a
-fifth of SmolLM2's FLOPs). The teacher runs in eval mode without gradients. All student weights train (AdamW, linear
-warmup over ~5% of the steps, then cosine decay to 0), until `cfg.steps` or `cfg.max_minutes`.
+fifth of SmolLM2's FLOPs). The teacher runs in eval mode without gradients. What trains is cfg's choice: every student weight, only
+the top `train_layers` decoder layers (backpropagation stops below them), or LoRA adapters on those layers
+(`lora_rank`, merged into the student afterwards); AdamW, linear warmup over ~5% of the steps, then cosine decay to
+0, until `cfg.steps` or `cfg.max_minutes`. alpha 0 is cross-entropy alone, without running the teacher.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from llmstack.errors import CompressError
 from llmstack.log import log
@@ -121,10 +125,64 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@contextlib.contextmanager
+def _trainable(student, cfg, keep_sparsity: bool):
+    """The student in train mode with only what cfg trains requiring gradients (LoRA adapters on the top layers,
+    the top cfg.train_layers layers, or every weight). Yields (params, masks): the trainable tensors and, with
+    keep_sparsity, the zero pattern of each sparse weight. On exit everything is restored, LoRA merged into the
+    student's own Linear weights, and the student is in eval mode."""
+    student.train()
+    peft_model = _add_lora(student, cfg.lora_rank, cfg.train_layers) if cfg.lora_rank else None
+    frozen = _freeze_below_top(student, cfg.train_layers) if cfg.train_layers and not peft_model else []
+    try:
+        params = [p for p in student.parameters() if p.requires_grad]
+        if not params:
+            raise CompressError("the student has no trainable parameters")
+        masks = {}
+        if keep_sparsity:
+            masks = {p: p.detach() != 0 for p in params if p.dim() == 2 and bool((p == 0).any())}
+        yield params, masks
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        if peft_model is not None:
+            peft_model.merge_and_unload()  # the LoRA layers fold into the student's own Linear weights, in place
+        student.eval()
+
+
+def _step(student, teacher, batch: dict, cfg, opt, sched, params: list, masks: dict) -> dict:
+    """One optimizer step on one packed batch; returns the step's losses and token counts."""
+    target = batch["labels"][:, 1:]
+    keep = target != -100
+    t_logits = None
+    if cfg.alpha > 0:  # alpha 0: cross-entropy on the reference only, the teacher never runs
+        with torch.no_grad():
+            t_logits = _answer_logits(teacher, batch, keep)
+    s_logits = _answer_logits(student, batch, keep)
+    loss, kl, ce = kd_loss(s_logits, t_logits, target[keep], cfg.alpha, cfg.temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if masks:
+        with torch.no_grad():
+            for p, m in masks.items():
+                p.mul_(m)
+    return {"loss": round(float(loss.detach()), 6), "kl": round(float(kl.detach()), 6),
+            "ce": round(float(ce.detach()), 6), "tokens": int(batch["n_tokens"]), "answer_tokens": int(keep.sum())}
+
+
+def _mean_last(values: list, n: int = 5) -> float:
+    return round(sum(values[-n:]) / len(values[-n:]), 6)
+
+
 def distill(student, teacher, rows, pad_id: int, cfg, max_len: int, *, progress: bool = True,
             keep_sparsity: bool = False) -> dict:
-    """Train all of the student's weights to match the teacher on the answer tokens of `rows` (tokenized
-    training.data.Example rows); see the module docstring for the loss. cfg: compression.config.DistillCfg.
+    """Train the student to match the teacher on the answer tokens of `rows` (tokenized training.data.Example rows);
+    see the module docstring for the loss. cfg: compression.config.DistillCfg (train_layers / lora_rank choose what
+    trains).
 
     keep_sparsity: re-apply the student's zero pattern after every step (after `sparsify`; otherwise the zeros fill
     in). At least one step runs; the run stops early when cfg.max_minutes have passed. The student is left in eval
@@ -134,83 +192,36 @@ def distill(student, teacher, rows, pad_id: int, cfg, max_len: int, *, progress:
     collate = Collator(pad_id, max_len, pack=True, share_prefix=True)
     order = _order(len(feats), cfg.seed)
     teacher.eval()
-    student.train()
-    peft_model = _add_lora(student, cfg.lora_rank, cfg.train_layers) if cfg.lora_rank else None
-    frozen = _freeze_below_top(student, cfg.train_layers) if cfg.train_layers and not peft_model else []
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise CompressError("the student has no trainable parameters")
-    masks = {}
-    if keep_sparsity:
-        masks = {p: p.detach() != 0 for p in params if p.dim() == 2 and bool((p == 0).any())}
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, math.ceil(WARMUP_RATIO * cfg.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, warmup))
-    budget = cfg.max_minutes * 60
-    history, kls, ces = [], [], []
-    tokens = answer_tokens = 0
+    steps: list[dict] = []
     stopped_early = False
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, desc="distill", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, desc="distill", unit="step", dynamic_ncols=True, disable=not progress)
     t0 = time.perf_counter()
-    step = 0
-    try:
-        while step < cfg.steps:
+    with _trainable(student, cfg, keep_sparsity) as (params, masks), bar:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, warmup))
+        while len(steps) < cfg.steps:
             batch = collate([feats[next(order)] for _ in range(cfg.batch_size)])
-            target = batch["labels"][:, 1:]
-            keep = target != -100
-            t_logits = None
-            if cfg.alpha > 0:  # alpha 0: cross-entropy on the reference only, the teacher never runs
-                with torch.no_grad():
-                    t_logits = _answer_logits(teacher, batch, keep)
-            s_logits = _answer_logits(student, batch, keep)
-            loss, kl, ce = kd_loss(s_logits, t_logits, target[keep], cfg.alpha, cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            opt.step()
-            sched.step()
-            if masks:
-                with torch.no_grad():
-                    for p, m in masks.items():
-                        p.mul_(m)
-            step += 1
-            history.append(round(float(loss.detach()), 6))
-            kls.append(round(float(kl.detach()), 6))
-            ces.append(round(float(ce.detach()), 6))
-            tokens += int(batch["n_tokens"])
-            answer_tokens += int(keep.sum())
-            del t_logits, s_logits, loss
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({"loss": f"{history[-1]:.4f}", "kl": f"{kls[-1]:.4f}"}, refresh=False)
-            if step < cfg.steps and time.perf_counter() - t0 >= budget:
+            steps.append(_step(student, teacher, batch, cfg, opt, sched, params, masks))
+            bar.update(1)
+            bar.set_postfix({"loss": f"{steps[-1]['loss']:.4f}", "kl": f"{steps[-1]['kl']:.4f}"}, refresh=False)
+            if len(steps) < cfg.steps and time.perf_counter() - t0 >= cfg.max_minutes * 60:
                 stopped_early = True
                 break
-    finally:
-        if bar is not None:
-            bar.close()
-        opt.zero_grad(set_to_none=True)
-        for p in frozen:
-            p.requires_grad_(True)
-        if peft_model is not None:
-            peft_model.merge_and_unload()  # the LoRA layers fold into the student's own Linear weights, in place
-        student.eval()
     seconds = time.perf_counter() - t0
+    done = len(steps)
+    stop_reason = (f"distill.max_minutes={cfg.max_minutes:g} elapsed after {done} of {cfg.steps} steps"
+                   if stopped_early else "all steps done")
     if stopped_early:
-        log.info(f"distillation stopped after {step} of {cfg.steps} steps: distill.max_minutes={cfg.max_minutes:g} "
-                 f"elapsed")
-    last = history[-5:]
-    return {"steps": step, "steps_planned": cfg.steps, "seconds": round(seconds, 1), "stopped_early": stopped_early,
-            "stop_reason": (f"distill.max_minutes={cfg.max_minutes:g} elapsed after {step} of {cfg.steps} steps"
-                            if stopped_early else "all steps done"),
-            "loss_first": history[0], "loss_last": round(sum(last) / len(last), 6),
-            "kl_first": kls[0], "kl_last": round(sum(kls[-5:]) / len(kls[-5:]), 6),
-            "ce_first": ces[0], "ce_last": round(sum(ces[-5:]) / len(ces[-5:]), 6),
+        log.info(f"distillation stopped: {stop_reason}")
+    history, kls, ces = ([s[k] for s in steps] for k in ("loss", "kl", "ce"))
+    tokens = sum(s["tokens"] for s in steps)
+    return {"steps": done, "steps_planned": cfg.steps, "seconds": round(seconds, 1), "stopped_early": stopped_early,
+            "stop_reason": stop_reason,
+            "loss_first": history[0], "loss_last": _mean_last(history),
+            "kl_first": kls[0], "kl_last": _mean_last(kls), "ce_first": ces[0], "ce_last": _mean_last(ces),
             "history": history, "history_kl": kls, "history_ce": ces,
-            "tokens": tokens, "answer_tokens": answer_tokens,
+            "tokens": tokens, "answer_tokens": sum(s["answer_tokens"] for s in steps),
             "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "warmup_steps": warmup,
             "lr": cfg.lr, "batch_size": cfg.batch_size, "alpha": cfg.alpha, "temperature": cfg.temperature,
             "keep_sparsity": bool(masks)}

@@ -115,19 +115,23 @@ def _base_weights(base_dir: Path | None) -> dict:
     return out
 
 
-def int4_base_grid(onnx_dir, out_dir, base_dir: Path | None, rank: int = 16, block_size: int = 32,
-                   accuracy_level: int | None = 4, branch_bits: int = 16, tolerance: float = 1e-5) -> tuple[Path, dict]:
-    """Quantize the exported fine-tune in onnx_dir as described in the module docstring; returns (out_dir, info).
-    base_dir: the HF folder of the base model it was fine-tuned from (None: the merged weights are the base)."""
-    from onnx import helper
-
-    src, graph = source(onnx_dir)
+def _check_settings(rank: int, block_size: int, branch_bits: int) -> None:
     if block_size not in (16, 32, 64, 128):
         raise CompressError(f"block size {block_size} is not 16, 32, 64 or 128", field="quantize.int4_block_size")
     if rank < 0:
         raise CompressError(f"correction rank {rank} is negative", field="quantize.int4_correction_rank")
     if branch_bits not in (8, 16, 32):
         raise CompressError(f"branch bits {branch_bits} is not 8, 16 or 32", field="quantize.int4_branch_bits")
+
+
+def int4_base_grid(onnx_dir, out_dir, base_dir: Path | None, rank: int = 16, block_size: int = 32,
+                   accuracy_level: int | None = 4, branch_bits: int = 16, tolerance: float = 1e-5) -> tuple[Path, dict]:
+    """Quantize the exported fine-tune in onnx_dir as described in the module docstring; returns (out_dir, info).
+    base_dir: the HF folder of the base model it was fine-tuned from (None: the merged weights are the base)."""
+    from onnx import helper, numpy_helper
+
+    src, graph = source(onnx_dir)
+    _check_settings(rank, block_size, branch_bits)
     out = prepare_out(out_dir, src)
     base = _base_weights(base_dir)
     model = load_graph(graph)
@@ -138,46 +142,17 @@ def int4_base_grid(onnx_dir, out_dir, base_dir: Path | None, rank: int = 16, blo
     info = {"rank": rank, "block_size": block_size, "branch_bits": branch_bits, "base": bool(base), "matmuls": 0,
             "corrected": 0, "exact_base": 0, "max_residual": 0.0}
     block_sums: dict[str, str] = {}
-    from onnx import numpy_helper
     with failing_as("4-bit base-grid quantization", src):
         for node in [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]:
             w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)  # [K, N]
-            k, n = w.shape
-            y, x = node.output[0], node.input[0]
-            new = []
-            if y in heads or k % block_size:  # the LM head (and odd shapes): 8-bit blocks of the merged weight
-                codes, scales, _ = q8_grid(w, 32 if k % 32 == 0 else 16)
-                new.append(g.nbits(node.name + "_Q8", x, y, codes, scales, k, n, 8, 32 if k % 32 == 0 else 16))
+            if node.output[0] in heads or w.shape[0] % block_size:  # the LM head (and odd shapes): 8-bit blocks
+                q8_block = 32 if w.shape[0] % 32 == 0 else 16
+                codes, scales, _ = q8_grid(w, q8_block)
+                new = [g.nbits(node.name + "_Q8", node.input[0], node.output[0], codes, scales, *w.shape, 8,
+                               q8_block)]
             else:
-                w_base = _base_for(node.name, base, w)
-                packed, d, lo, deq = q4_grid(w_base, block_size)
-                info["matmuls"] += 1
-                info["exact_base"] += int(np.abs(deq - w_base).max() <= tolerance * max(np.abs(w_base).max(), 1e-12))
-                new.append(g.nbits(node.name + "_Q4", x, y + "_q4", packed, d, k, n, 4, block_size))
-                if x not in block_sums:
-                    block_sums[x] = x + "_block_sums"
-                    shape = g.const(f"block_sum_shape_{k // block_size}x{block_size}",
-                                    np.asarray([0, 0, k // block_size, block_size], dtype=np.int64))
-                    new += [helper.make_node("Reshape", [x, shape], [x + "_blocks"], name=x + "_blocks"),
-                            helper.make_node("ReduceSum", [x + "_blocks", g.const("axis_last", np.asarray([-1]))],
-                                             [block_sums[x]], name=block_sums[x], keepdims=0)]
-                new += g.matmul(node.name + "_min", block_sums[x], (lo + 8 * d).T.copy(), y + "_min", branch_bits)
-                change = w - deq
-                terms = [y + "_q4", y + "_min"]
-                if rank and np.abs(change).max() > tolerance * np.abs(w).max():
-                    u, s, vt = np.linalg.svd(change, full_matrices=False)
-                    r = min(rank, len(s))
-                    info["max_residual"] = max(info["max_residual"], float(s[r] / s[0]) if len(s) > r else 0.0)
-                    root = np.sqrt(s[:r])
-                    new += g.matmul(node.name + "_lora_a", x, u[:, :r] * root, y + "_la", branch_bits)
-                    new += g.matmul(node.name + "_lora_b", y + "_la", root[:, None] * vt[:r], y + "_lb", branch_bits)
-                    terms.append(y + "_lb")
-                    info["corrected"] += 1
-                partial = terms[0]
-                for i, t in enumerate(terms[1:]):
-                    target = y if i == len(terms) - 2 else f"{y}_sum{i}"
-                    new.append(helper.make_node("Add", [partial, t], [target], name=f"{node.name}_add{i}"))
-                    partial = target
+                new = _on_base_grid(g, node, w, _base_for(node.name, base, w), block_sums, info, rank, block_size,
+                                    branch_bits, tolerance)
             at = list(model.graph.node).index(node)
             model.graph.node.remove(node)
             for j, nn in enumerate(new):
@@ -190,6 +165,46 @@ def int4_base_grid(onnx_dir, out_dir, base_dir: Path | None, rank: int = 16, blo
     expect_graph(out)
     info["max_residual"] = round(info["max_residual"], 6)
     return out, info
+
+
+def _on_base_grid(g: "_Graph", node, w: np.ndarray, w_base: np.ndarray, block_sums: dict, info: dict, rank: int,
+                  block_size: int, branch_bits: int, tolerance: float) -> list:
+    """The nodes that replace one MatMul x @ w: 4-bit codes of w_base on its Q4_1 grid, the blocksum branch for the
+    grid's minimum, and the rank-`rank` correction of (w - the base's grid), summed into the MatMul's output.
+    block_sums caches the blocksum of each input (shared by the MatMuls reading it); info counts what was done."""
+    from onnx import helper
+
+    k, n = w.shape
+    y, x = node.output[0], node.input[0]
+    packed, d, lo, deq = q4_grid(w_base, block_size)
+    info["matmuls"] += 1
+    info["exact_base"] += int(np.abs(deq - w_base).max() <= tolerance * max(np.abs(w_base).max(), 1e-12))
+    new = [g.nbits(node.name + "_Q4", x, y + "_q4", packed, d, k, n, 4, block_size)]
+    if x not in block_sums:
+        block_sums[x] = x + "_block_sums"
+        shape = g.const(f"block_sum_shape_{k // block_size}x{block_size}",
+                        np.asarray([0, 0, k // block_size, block_size], dtype=np.int64))
+        new += [helper.make_node("Reshape", [x, shape], [x + "_blocks"], name=x + "_blocks"),
+                helper.make_node("ReduceSum", [x + "_blocks", g.const("axis_last", np.asarray([-1]))],
+                                 [block_sums[x]], name=block_sums[x], keepdims=0)]
+    new += g.matmul(node.name + "_min", block_sums[x], (lo + 8 * d).T.copy(), y + "_min", branch_bits)
+    change = w - deq
+    terms = [y + "_q4", y + "_min"]
+    if rank and np.abs(change).max() > tolerance * np.abs(w).max():
+        u, s, vt = np.linalg.svd(change, full_matrices=False)
+        r = min(rank, len(s))
+        info["max_residual"] = max(info["max_residual"], float(s[r] / s[0]) if len(s) > r else 0.0)
+        root = np.sqrt(s[:r])
+        new += g.matmul(node.name + "_lora_a", x, u[:, :r] * root, y + "_la", branch_bits)
+        new += g.matmul(node.name + "_lora_b", y + "_la", root[:, None] * vt[:r], y + "_lb", branch_bits)
+        terms.append(y + "_lb")
+        info["corrected"] += 1
+    partial = terms[0]
+    for i, t in enumerate(terms[1:]):
+        target = y if i == len(terms) - 2 else f"{y}_sum{i}"
+        new.append(helper.make_node("Add", [partial, t], [target], name=f"{node.name}_add{i}"))
+        partial = target
+    return new
 
 
 def _base_for(node_name: str, base: dict, merged: np.ndarray) -> np.ndarray:
