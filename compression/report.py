@@ -88,17 +88,23 @@ def frontier_plot(rows: list[dict], path: Path, metric: str, floor: float) -> No
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in ((axes[0], "decode_tokens_per_s", "decode tokens/s, batch 1 (higher is better)"),
                            (axes[1], "size_mb", "size on disk, MB (lower is better)")):
+        xs = [r[key] for r in rows]
+        span = (max(xs) - min(xs)) or 1.0
+        placed: list[tuple[float, float]] = []
         for r in rows:
             pruned = (r.get("params_m") or 0) < (rows[0].get("params_m") or 0) - 0.01
             color = "#777777" if r["name"] == "reference" else ("#264653" if pruned else "#2a9d8f")
             ax.scatter(r[key], r["task_score"], s=60, color=color, edgecolor="black" if r.get("fit") else "none",
                        zorder=3)
-            ax.annotate(r["name"], (r[key], r["task_score"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            near = sum(abs(x - r[key]) < 0.06 * span and abs(y - r["task_score"]) < 0.02 for x, y in placed)
+            placed.append((r[key], r["task_score"]))  # labels of points on top of each other go one under another
+            ax.annotate(r["name"], (r[key], r["task_score"]), textcoords="offset points", xytext=(5, 5 - 11 * near),
+                        fontsize=8)
         ax.axhline(floor, color="#e76f51", linestyle="--", linewidth=1, label=f"gate: {metric} >= {floor:.2f}")
         ax.set_xlabel(label)
         ax.set_ylabel(f"task: {metric}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.suptitle("compression frontier (dark: pruned, teal: quantized only, grey: input model; outlined: fit)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
