@@ -126,12 +126,12 @@ def build_app(state: State | None = None) -> FastAPI:
         monitor = getattr(st, "monitor", None)
         return monitor.snapshot() if monitor is not None else {"enabled": False}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **oa.openapi_route(errors=(401, 503)))
     async def models(request: Request):
         st = _state(request)
         return oa.model_list(st.names)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **oa.openapi_route(oa.ChatRequest))
     async def chat(request: Request):
         st = _state(request)
         req = await _parse(request, oa.ChatRequest)
@@ -147,7 +147,7 @@ def build_app(state: State | None = None) -> FastAPI:
                        "\n".join(str(m["content"] or "") for m in messages), ids)
         return await _generate(request, st, req, ids, adapter, chat=True, trace=trace)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **oa.openapi_route(oa.CompletionRequest))
     async def completions(request: Request):
         st = _state(request)
         req = await _parse(request, oa.CompletionRequest)
@@ -177,10 +177,31 @@ async def _parse(request: Request, model):
         raise oa.APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise oa.APIError(400, "the JSON body must be an object", code="invalid_json")
+    bad = _lone_surrogate(data)
+    if bad is not None:  # JSON allows the escape, the tokenizer (and UTF-8) not the character
+        field = ".".join(str(x) for x in bad)
+        raise oa.APIError(400, f"{field}: not valid text: a lone surrogate (a \\ud800-\\udfff escape without its "
+                          "pair)", param=field, code="invalid_value")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise oa.validation_error(exc) from None
+
+
+def _lone_surrogate(data, path: tuple = ()) -> tuple | None:
+    """The path of the first string in a parsed JSON body that UTF-8 cannot encode, or None."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _lone_surrogate(value, path + (key,))
+        if found is not None:
+            return found
+    return None
 
 
 def _adapter(st: State, model: str) -> str:

@@ -2,21 +2,49 @@
 
 Requests are pydantic models that reject unknown types and out-of-range values with a message naming the field;
 fields OpenAI defines that this server does not implement (tools, logprobs, n > 1, ...) are refused by name rather
-than silently ignored.
+than silently ignored. Types are strict, as OpenAI's are ("0.5" is not a temperature), and numbers finite. Their JSON
+schemas, with what the validators add (at most 4 stop sequences, penalties only 0, ...), are the request bodies of the
+OpenAPI document (`openapi_route`).
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+
+# Unknown fields are ignored (clients send OpenAI fields this server has no use for, e.g. `metadata`).
+REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+def _documented(*schemas: dict, nullable: bool = True) -> WithJsonSchema:
+    """A field's schema in the OpenAPI document where a validator narrows what its type alone accepts: any of
+    `schemas`, or null when `nullable`."""
+    options = list(schemas) + ([{"type": "null"}] if nullable else [])
+    return WithJsonSchema(options[0] if len(options) == 1 else {"anyOf": options})
+
+
+_TEXT = {"type": "string", "minLength": 1}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+_ONLY_ZERO = {"minimum": 0, "maximum": 0, "description": "accepted for compatibility; only 0 is supported"}
+# OpenAI takes any integer seed; numpy's generators take non-negative ones and vLLM int64 ones. The engines get the
+# seed modulo 2**63: every seed from 0 to 2**63 - 1 as it is, any other deterministically.
+SEED_RANGE = 1 << 63
+
+
+def _above(schema: dict) -> None:
+    """`exclusiveMinimum: x` is "above x" in OpenAPI 3.1 but malformed in 3.0, which BentoML's /docs.json declares;
+    `not: {maximum: x}` says the same in both."""
+    schema["not"] = {"maximum": schema.pop("exclusiveMinimum")}
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[dict]]
+    content: Annotated[Union[str, list[dict]],
+                       _documented({"type": "string"}, {"type": "array", "items": _TEXT_PART}, nullable=False)]
     name: Optional[str] = None
 
     @field_validator("content")
@@ -33,18 +61,20 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = REQUEST_CONFIG
     include_usage: bool = False
 
 
 class Sampling(BaseModel):
     """The generation parameters chat and text completions share."""
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    model_config = REQUEST_CONFIG
+    model: str = Field(description="a name from GET /v1/models")
+    max_tokens: Optional[int] = Field(None, ge=1, description="at most the server's limits.max_tokens")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    top_p: float = Field(1.0, gt=0.0, le=1.0, json_schema_extra=_above)
+    stop: Annotated[Union[str, list[str], None], _documented(
+        _TEXT, {"type": "array", "items": _TEXT, "maxItems": 4})] = None
+    seed: Optional[int] = Field(None, description="any integer: the same seed and parameters give the same text")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
@@ -52,10 +82,10 @@ class Sampling(BaseModel):
     ignore_eos: bool = False
     """vLLM's extension: keep generating past the end-of-sequence token (benchmarks with a fixed output length)."""
     # accepted for compatibility, refused when set to something this server cannot honour
-    logprobs: Optional[bool] = None
-    tools: Optional[list] = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logprobs: Annotated[Optional[bool], _documented({"type": "boolean", "enum": [False]})] = None
+    tools: Annotated[Optional[list], _documented({"type": "array", "maxItems": 0})] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, json_schema_extra=_ONLY_ZERO)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, json_schema_extra=_ONLY_ZERO)
 
     @field_validator("stop")
     @classmethod
@@ -66,6 +96,11 @@ class Sampling(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
+
+    @field_validator("seed")
+    @classmethod
+    def _engine_seed(cls, v):
+        return None if v is None else v % SEED_RANGE
 
     @field_validator("logprobs")
     @classmethod
@@ -103,9 +138,10 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: Union[str, list[str]]
+    prompt: Annotated[Union[str, list[str]], _documented(
+        _TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1}, nullable=False)]
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for /v1/completions
-    echo: bool = False
+    echo: Annotated[bool, _documented({"type": "boolean", "enum": [False]}, nullable=False)] = False
 
     @field_validator("prompt")
     @classmethod
@@ -140,6 +176,59 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = Field(description="the request field at fault, dotted (messages.0.role)")
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error JSON."""
+    error: ErrorDetail
+
+
+ERRORS = {400: "malformed JSON, a wrong type or a value out of range (`param` names the field), or a prompt too long",
+          401: "missing or wrong API key (when the server has one)",
+          404: "no such model",
+          413: "body larger than the server's limits.max_body_bytes",
+          429: "overloaded: every batch slot and queue place is taken; retry after Retry-After seconds",
+          503: "the model is still loading; retry after Retry-After seconds"}
+# A server-sent event as OpenAPI before 3.2 describes one (3.2's `itemSchema`): `data` is a chunk's JSON or [DONE].
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a chunk as JSON, or [DONE] at the end"}}}
+_COMPLETION = {"description": "the completion, or with `stream: true` its chunks as server-sent events",
+               "content": {"application/json": {"schema": {"type": "object"}},
+                           "text/event-stream": {"schema": _SSE_EVENT}}}
+
+
+def openapi_route(body: type[BaseModel] | None = None, errors=tuple(ERRORS)) -> dict:
+    """FastAPI route arguments that document a route whose handler parses its own body: the request body (the
+    model's JSON schema, nested models inlined since FastAPI adds no components for it), the success response and
+    the errors in OpenAI's error JSON."""
+    responses: dict[int, dict] = {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in errors}
+    if body is None:
+        return {"responses": responses}
+    schema = _inline_defs(body.model_json_schema())
+    request_body = {"required": True, "content": {"application/json": {"schema": schema}}}
+    return {"responses": {200: _COMPLETION, **responses}, "openapi_extra": {"requestBody": request_body}}
+
+
+def _inline_defs(schema: dict) -> dict:
+    """The schema with every `$ref` to its own `$defs` replaced by the definition (no recursive models here)."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [resolve(x) for x in node]
+        return node
+    return resolve(schema)
 
 
 def validation_error(exc: ValidationError) -> APIError:

@@ -11,10 +11,12 @@ def sample(logits: np.ndarray, params, rng: np.random.Generator) -> tuple[int, f
     logits = np.asarray(logits, dtype=np.float32)
     top = float(logits.max())
     logz = top + float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
-    if params.temperature == 0:
+    temperature = np.float32(params.temperature)
+    if temperature == 0:  # also a positive temperature under float32's range (1e-50): 0/0 would be NaN
         tok = int(np.argmax(logits))
         return tok, float(logits[tok]) - logz
-    p = np.exp((logits - top) / params.temperature)
+    with np.errstate(over="ignore"):  # a tiny temperature sends unlikely tokens to -inf: probability 0
+        p = np.exp((logits - top) / temperature)
     p /= p.sum(dtype=np.float64)
     if params.top_p < 1.0:
         keep = _nucleus(p, params.top_p)
