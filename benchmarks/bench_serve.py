@@ -6,10 +6,14 @@ wall time, TTFT p50/p99, TPOT p50 (time per output token after the first), e2e p
 answers). Targets, in the same run:
 - ours: `llmstack serve` (BentoML + our continuous-batching engine) on the compress run's recommended variant;
 - direct: the same engine called in-process (no HTTP, no BentoML), to show what the service layer adds;
+- openvino: `llmstack serve` with model.backend=openvino (OpenVINO GenAI's continuous-batching pipeline, int8
+  weights) on the merged fine-tune, when the OpenVINO environment exists (`make openvino-env`);
 - vllm: a bare vLLM OpenAI server on the fp32 merged model, when a vLLM environment exists (`make vllm-env`).
+Each HTTP target also answers the first --quality-rows test tickets greedily (no ignore_eos), scored by exact match
+of the JSON fields as the training evaluation scores them: speed is compared at a known task score.
 
     python benchmarks/bench_serve.py [--model artifacts/compress/latest] [--concurrency 1,8,16,32]
-        [--requests 0] [--targets ours,direct,vllm] [--out benchmarks/results]
+        [--requests 0] [--targets ours,direct,openvino,vllm] [--quality-rows 100] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -110,6 +114,30 @@ async def http_level(base: str, model: str, c: int, n: int, out_tokens: int, key
     return summarize(results, wall, out_tokens)
 
 
+async def http_quality(base: str, rows: int, c: int = 8) -> dict | None:
+    """Exact match of greedy answers to the first `rows` test tickets (the demo's JSON fields)."""
+    if rows <= 0:
+        return None
+    from training.evaluate import json_metrics
+
+    tickets = [json.loads(line) for line in TICKETS.read_text(encoding="utf-8").splitlines()][:rows]
+    answers: dict[int, str] = {}
+    queue = list(range(len(tickets)))
+
+    async def client(http: httpx.AsyncClient):
+        while queue:
+            i = queue.pop()
+            body = {"model": "bench", "messages": PROMPTS[i], "max_tokens": 64, "temperature": 0}
+            r = await http.post(base + "/v1/chat/completions", json=body)
+            answers[i] = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else ""
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10)) as http:
+        await asyncio.gather(*(client(http) for _ in range(c)))
+    preds = [answers[i] for i in range(len(tickets))]
+    metrics = json_metrics(preds, [t["output"] for t in tickets], ["category", "product", "urgency"])
+    return {"rows": len(tickets), "exact_match": metrics["exact_match"], "json_valid": metrics["json_valid"]}
+
+
 def wait_ready(base: str, proc: subprocess.Popen, path: str, timeout: float = 900) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -139,7 +167,11 @@ def measure_server(proc: subprocess.Popen, base: str, health: str, args, levels)
     try:
         wait_ready(base, proc, health)
         asyncio.run(http_level(base, "bench", 1, 2, 8, None))  # warm-up
-        return {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None)) for c, n in levels}
+        out = {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None)) for c, n in levels}
+        quality = asyncio.run(http_quality(base, args.quality_rows))
+        if quality:
+            out["task"] = quality
+        return out
     finally:
         stop(proc)
 
@@ -153,6 +185,24 @@ def run_ours(args, levels) -> dict:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     return measure_server(proc, f"http://127.0.0.1:{port}", "/readyz", args, levels)
+
+
+def run_openvino(args, levels) -> dict | str:
+    from serving.config import ServeConfig
+    cfg = ServeConfig()
+    if not Path(cfg.openvino.python).exists():
+        return f"skipped: no OpenVINO environment ({cfg.openvino.python}; `make openvino-env` installs it)"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llmstack", "serve", "--model", args.baseline_model, "--port", str(port),
+           "model.backend=openvino", f"limits.max_running={args.max_running}", "limits.max_waiting=256",
+           "model.name=bench"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("LLMSTACK_API_KEY", None)
+    log = Path(args.out) / "openvino-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    return measure_server(proc, f"http://127.0.0.1:{port}", "/readyz", args, levels)  # the first run exports
 
 
 def run_vllm(args, levels) -> dict | str:
@@ -226,13 +276,21 @@ def markdown(report: dict) -> str:
             rows.append(f"| {target} | {levels} | | | | | | |")
             continue
         for c, r in levels.items():
+            if c == "task":
+                continue
             rows.append(f"| {target} | {c} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | "
                         f"{r['tpot_p50_ms']} | {r['e2e_p99_ms']} | {r['errors']}/{r['requests']} |")
+    tasks = {t: v["task"] for t, v in report["targets"].items() if isinstance(v, dict) and "task" in v}
+    if tasks:
+        rows += ["", "| target | task: exact match (greedy, test tickets) | JSON valid | rows |", "|---|---|---|---|"]
+        rows += [f"| {t} | {q['exact_match']} | {q['json_valid']} | {q['rows']} |" for t, q in tasks.items()]
     ratios = report.get("ratios", {})
     if ratios:
-        rows += ["", "| concurrency | ours / direct engine (tok/s) | ours / vLLM (tok/s) |", "|---|---|---|"]
+        rows += ["", "| concurrency | ours / direct engine (tok/s) | ours / OpenVINO GenAI (tok/s) | ours / vLLM (tok/s) |",
+                 "|---|---|---|---|"]
         for c, r in ratios.items():
-            rows.append(f"| {c} | {r.get('ours_over_direct')} | {r.get('ours_over_vllm', 'n/a')} |")
+            rows.append(f"| {c} | {r.get('ours_over_direct', 'n/a')} | {r.get('ours_over_openvino', 'n/a')} | "
+                        f"{r.get('ours_over_vllm', 'n/a')} |")
     return "\n".join(rows) + "\n"
 
 
@@ -247,7 +305,10 @@ def main() -> None:
                    help="requests per level (0: max(8, 2 x concurrency))")
     p.add_argument("--output-tokens", type=int, default=64, help="tokens generated per request (ignore_eos)")
     p.add_argument("--max-running", type=int, default=16, help="our engine's batch slots (limits.max_running)")
-    p.add_argument("--targets", default="ours,direct,vllm", help="which of ours,direct,vllm to run")
+    p.add_argument("--targets", default="ours,direct,openvino,vllm",
+                   help="which of ours,direct,openvino,vllm to run")
+    p.add_argument("--quality-rows", type=int, default=100,
+                   help="test tickets each HTTP target answers greedily for its exact match (0: none)")
     p.add_argument("--out", default="benchmarks/results", help="folder for serve.json and serve.md")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -256,7 +317,7 @@ def main() -> None:
     targets = args.targets.split(",")
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
               "output_tokens": args.output_tokens, "max_running": args.max_running, "targets": {}}
-    runners = {"ours": run_ours, "direct": run_direct, "vllm": run_vllm}
+    runners = {"ours": run_ours, "direct": run_direct, "openvino": run_openvino, "vllm": run_vllm}
     for t in targets:
         print(f"benchmarking {t} ...", flush=True)
         try:
@@ -264,14 +325,15 @@ def main() -> None:
         except (SystemExit, Exception) as exc:  # one failing target must not lose the others' figures
             report["targets"][t] = f"failed: {exc}"
         print(json.dumps(report["targets"][t], indent=1), flush=True)
-    ours, direct, vllm = (report["targets"].get(k) for k in ("ours", "direct", "vllm"))
+    ours = report["targets"].get("ours")
     if isinstance(ours, dict):
         for c in conc:
             r = {}
-            if isinstance(direct, dict):
-                r["ours_over_direct"] = round(ours[c]["output_tokens_per_s"] / direct[c]["output_tokens_per_s"], 3)
-            if isinstance(vllm, dict):
-                r["ours_over_vllm"] = round(ours[c]["output_tokens_per_s"] / vllm[c]["output_tokens_per_s"], 3)
+            for other in ("direct", "openvino", "vllm"):
+                theirs = report["targets"].get(other)
+                if isinstance(theirs, dict):
+                    r[f"ours_over_{other}"] = round(ours[c]["output_tokens_per_s"] /
+                                                    theirs[c]["output_tokens_per_s"], 3)
             report.setdefault("ratios", {})[c] = r
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

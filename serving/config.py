@@ -17,9 +17,10 @@ class ModelCfg(Section):
     (its merged model) or any HF model folder (safetensors) / ONNX export folder."""
     name: Optional[str] = None
     """The model id clients send and /v1/models lists (default: the artifact's variant or folder name)."""
-    backend: Literal["auto", "onnxruntime", "transformers", "vllm"] = "auto"
+    backend: Literal["auto", "onnxruntime", "transformers", "vllm", "openvino"] = "auto"
     """auto: what the artifact's manifest names (ONNX variants: onnxruntime; HF folders: vllm on a GPU machine,
-    transformers otherwise)."""
+    transformers otherwise; OpenVINO IR folders: openvino). openvino: OpenVINO GenAI's continuous-batching pipeline
+    on an HF folder (exported once, see `openvino`) or an IR folder."""
     file_name: Optional[str] = None
     """ONNX file inside the folder (default: the manifest's, else model.onnx)."""
     threads: int = Field(0, ge=0)
@@ -106,6 +107,29 @@ class VllmCfg(Section):
     """More vLLM server arguments, passed through."""
 
 
+class OpenVinoCfg(Section):
+    python: str = ".venv-openvino/bin/python"
+    """Python of the separate OpenVINO environment (`make openvino-env`; optimum-intel pins other transformers /
+    optimum releases than the compression stack)."""
+    weight_format: Literal["int8", "int4", "fp16", "fp32"] = "int8"
+    """Weights of the export made from an HF folder (optimum-intel + NNCF weight compression; int8: asymmetric
+    per-channel). An IR folder is served as it is."""
+    export_dir: str = "artifacts/serve/openvino"
+    """Where exports are kept (one folder per source and weight format, reused while the source is unchanged)."""
+    inference_precision: Literal["auto", "f32", "bf16", "f16"] = "auto"
+    """Activation precision (OpenVINO's INFERENCE_PRECISION_HINT); auto: bf16 on CPUs with AVX-512 BF16 / AMX, else
+    f32. f32 gives transformers' exact greedy tokens."""
+    kv_cache_precision: Literal["auto", "u8", "f16", "bf16", "f32"] = "auto"
+    """KV cache element type (KV_CACHE_PRECISION); auto: OpenVINO's default for the CPU (u8 on recent releases)."""
+    kv_cache_gib: int = Field(1, ge=1)
+    """KV cache size (GiB; paged blocks shared by all sequences and the prefix cache)."""
+    max_batched_tokens: int = Field(256, ge=16)
+    """Per-step token budget: decode tokens plus chunks of arriving prompts (prefill split across steps so it does
+    not stall decoding; OpenVINO's dynamic split-fuse)."""
+    startup_timeout_s: int = Field(600, ge=10)
+    """How long to wait for the worker to load and warm up the model."""
+
+
 class AdapterCfg(Section):
     name: str
     """The model id that selects this adapter."""
@@ -168,6 +192,8 @@ class ServeConfig(Section):
     """The API key."""
     vllm: VllmCfg = VllmCfg()
     """The supervised vLLM server (backend vllm)."""
+    openvino: OpenVinoCfg = OpenVinoCfg()
+    """The supervised OpenVINO GenAI worker (backend openvino)."""
     monitoring: MonitoringCfg = MonitoringCfg()
     """Drift detection and the request log."""
     adapters: list[AdapterCfg] = []

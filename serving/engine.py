@@ -20,19 +20,16 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from .kvcache import Batch, PrefixCache
+from .requests import Event, Overloaded, Params, Request  # noqa: F401 - Event, Params: the engine's API
 from .sampling import sample
+from .token_stream import TokenStream
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    """Every batch slot is busy and the waiting queue is full."""
 
 
 class Backend(Protocol):
@@ -45,57 +42,11 @@ class Backend(Protocol):
         as float32 and the new cache arrays (B, kv_heads, past + T, head_dim)."""
 
 
-@dataclass
-class Params:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stops: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-
-
-@dataclass
-class Event:
-    """What a request's stream receives: new text (possibly empty), the running token count, and at the end the
-    finish reason ("stop", "length", "abort") or an error message; the last event carries the sum of the generated
-    tokens' log-probabilities when the backend knows it (drift monitoring)."""
-    text: str
-    completion_tokens: int
-    finish: Optional[str] = None
-    error: Optional[str] = None
-    logprob_sum: Optional[float] = None
-
-
-class Request:
-    def __init__(self, rid: str, prompt_ids: list[int], params: Params, loop: asyncio.AbstractEventLoop,
-                 labels: dict):
-        self.id, self.prompt_ids, self.params, self.loop, self.labels = rid, list(prompt_ids), params, loop, labels
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
-        self.arrival = time.perf_counter()
-        self.started: float | None = None  # prefill start (end of queueing)
-        self.first_token: float | None = None
-        self.last_token: float | None = None
-        self.generated: list[int] = []
-        self.sent = 0  # characters of the decoded text already streamed
-        self.logprob_sum = 0.0
-        self.finish: str | None = None
-        self.rng = np.random.default_rng(params.seed)
-        self.adapter: str | None = labels.get("adapter") or None
-        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
-
-    def push(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the client's event loop is gone
-            self.cancelled = True
-
-
 class Engine:
     def __init__(self, backend: Backend, tokenizer, eos_ids: set[int], *, max_running: int = 8,
                  max_waiting: int = 32, metrics=None, prefix_cache_mb: int = 0):
         self.backend, self.tok, self.eos = backend, tokenizer, set(eos_ids)
+        self.out = TokenStream(tokenizer, self.eos, metrics)
         self.prefix = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         self.max_running, self.max_waiting, self.metrics = max_running, max_waiting, metrics
         self.waiting: collections.deque[Request] = collections.deque()
@@ -234,56 +185,11 @@ class Engine:
     def _accept(self, req: Request, logits: np.ndarray) -> int:
         """Sample the next token of `req`, stream its text, finish the request when it is done."""
         tok, lp = sample(logits, req.params, req.rng)
-        now = time.perf_counter()
-        if self.metrics:
-            self.metrics.token(req, now)
-        if req.first_token is None:
-            req.first_token = now
-        req.last_token = now
-        req.logprob_sum += lp
-        if tok in self.eos and not req.params.ignore_eos:
-            self._emit(req, final=True)
-            self._finish(req, "stop")
-            return tok
-        req.generated.append(tok)
-        stopped = self._emit(req, final=False)
-        if stopped:
-            self._finish(req, "stop")
-        elif len(req.generated) >= req.params.max_tokens:
-            self._emit(req, final=True)
-            self._finish(req, "length")
+        self.out.accept(req, tok, lp)
         return tok
 
-    def _emit(self, req: Request, final: bool) -> bool:
-        """Stream the new text of `req`; True when a stop sequence appeared (text cut before it)."""
-        text = self.tok.decode(req.generated, skip_special_tokens=True)
-        stops = req.params.stops
-        hit = -1
-        if stops:
-            start = max(0, req.sent - max(len(s) for s in stops))
-            found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-            hit = min(found) if found else -1
-        if hit >= 0:
-            text, final = text[:hit], True
-        end = len(text)
-        if not final:
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-                end = len(text.rstrip("\ufffd"))
-            if stops:  # hold back what could be the start of a stop sequence
-                hold = max(len(s) for s in stops) - 1
-                end = min(end, max(req.sent, len(text) - hold))
-        if end > req.sent:
-            req.push(Event(text[req.sent:end], len(req.generated)))
-            req.sent = end
-        return hit >= 0
-
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
-        if req.finish is not None:
-            return
-        req.finish = reason
-        if self.metrics:
-            self.metrics.finished(req, error)
-        req.push(Event("", len(req.generated), finish=reason, error=error, logprob_sum=req.logprob_sum))
+        self.out.finish(req, reason, error)
 
     def _gauges(self) -> None:
         if self.metrics:

@@ -14,7 +14,7 @@ from llmstack.errors import ArtifactError
 class ModelRef:
     folder: Path
     name: str
-    backend: str  # onnxruntime | transformers | vllm
+    backend: str  # onnxruntime | transformers | vllm | openvino
     file_name: str | None = None
     lineage: dict = field(default_factory=dict)  # stage, run ids and parent paths, for /v1/models and the info metric
 
@@ -28,6 +28,8 @@ def gpu_available() -> bool:
 
 
 def _format(folder: Path) -> str:
+    if (folder / "openvino_model.xml").is_file():
+        return "openvino"
     if any(folder.glob("*.onnx")):
         return "onnx"
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
@@ -74,8 +76,17 @@ def resolve(path: str | Path, backend: str = "auto", name: str | None = None, fi
             return ref
     fmt = _format(folder)
     if served_backend is None:
-        served_backend = "onnxruntime" if fmt == "onnx" else ("vllm" if gpu_available() else "transformers")
+        served_backend = {"onnx": "onnxruntime", "openvino": "openvino"}.get(fmt) or (
+            "vllm" if gpu_available() else "transformers")
     chosen = served_backend if backend == "auto" else backend
+    if chosen == "openvino" and fmt == "onnx":
+        raise ArtifactError("backend openvino needs an HF model folder (exported with optimum-intel) or an OpenVINO "
+                            "IR folder, this folder holds an ONNX export", file=folder, field="model.backend",
+                            hint="serve the training artifact (model.path=artifacts/train/latest) on openvino: "
+                            "openvino.weight_format compresses its weights")
+    if fmt == "openvino" and chosen != "openvino":
+        raise ArtifactError(f"this folder holds an OpenVINO IR model, which backend {chosen} cannot load",
+                            file=folder, field="model.backend", hint="use backend openvino (or auto)")
     if chosen == "onnxruntime" and fmt != "onnx":
         raise ArtifactError("backend onnxruntime needs an ONNX export, this folder holds an HF model", file=folder,
                             field="model.backend", hint="use backend transformers or vllm, or serve an ONNX variant")

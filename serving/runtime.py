@@ -73,9 +73,9 @@ def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
         ref.lineage = bundle.get("lineage") or ref.lineage
         ref.name = cfg.model.name or bundle.get("name") or ref.name
     adapters = {a.name: a.path for a in cfg.adapters}
-    if adapters and ref.backend == "onnxruntime":
-        raise ConfigError("LoRA adapters need an HF base model on the transformers or vllm backend; ONNX exports are "
-                          "merged models", field="adapters", hint="serve a merged variant instead, or set "
+    if adapters and ref.backend in ("onnxruntime", "openvino"):
+        raise ConfigError(f"LoRA adapters need an HF base model on the transformers or vllm backend; "
+                          f"{ref.backend} serves merged models", field="adapters", hint="serve a merged variant instead, or set "
                           "model.path to the base model folder and model.backend to transformers/vllm")
     for a in cfg.adapters:
         if not (Path(a.path) / "adapter_config.json").is_file():
@@ -91,6 +91,9 @@ def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
         from .backends.vllm import VllmGenerator
         gen = VllmGenerator(cfg, ref.folder, ref.name, adapters, gpu_available() or _vllm_sees_gpu(cfg.vllm.python),
                             metrics, _context(ref.folder)).start()
+    elif ref.backend == "openvino":
+        from .backends.openvino import OpenVinoGenerator
+        gen = OpenVinoGenerator(cfg, ref.folder, tok, _eos_ids(ref.folder, tok), metrics).start()
     else:
         if ref.backend == "onnxruntime":
             from .backends.onnx import OnnxBackend

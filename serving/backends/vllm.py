@@ -20,7 +20,7 @@ import httpx
 
 from llmstack.errors import ConfigError, StackError
 
-from ..engine import Event, Overloaded, Params, Request
+from ..requests import Event, Overloaded, Params, Request
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,217 @@
+"""OpenVINO GenAI backend: the service supervises a worker process (openvino_worker.py) that runs in OpenVINO's own
+environment (`make openvino-env`: optimum-intel pins transformers / optimum releases the compression stack cannot
+use) and drives `openvino_genai.ContinuousBatchingPipeline`. The service never imports openvino.
+
+The worker hands back token ids; the service turns them into text, stop sequences, finish reasons and metrics with
+the same `TokenStream` as our own engine, so both backends answer alike. Sampling (greedy, temperature, top_p, seed)
+runs in OpenVINO. The model: an OpenVINO IR folder, or an HF folder (a training artifact's merged model) that is
+exported once with optimum-intel into `openvino.export_dir` with `openvino.weight_format` (NNCF weight compression)
+and reused while the source is unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from llmstack.errors import ConfigError, StackError
+
+from ..requests import Overloaded, Params, Request
+from ..token_stream import TokenStream
+
+log = logging.getLogger(__name__)
+
+WORKER = Path(__file__).parents[1] / "workers" / "openvino_worker.py"  # a folder of its own: nothing there shadows a package
+IR_FILE = "openvino_model.xml"
+
+
+def _python(cfg) -> str:
+    if not Path(cfg.openvino.python).exists():
+        raise ConfigError(f"no OpenVINO environment: {cfg.openvino.python} does not exist", field="openvino.python",
+                          hint="run `make openvino-env`, or point openvino.python at a Python with openvino-genai "
+                          "and optimum-intel")
+    return cfg.openvino.python
+
+
+def _source_key(folder: Path, weight_format: str) -> str:
+    """What the export depends on: the source folder's path, its files' sizes and times, the weight format."""
+    h = hashlib.sha256(f"{folder.resolve()}|{weight_format}".encode())
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:12]
+
+
+def prepare(cfg, folder: Path) -> Path:
+    """The OpenVINO IR folder to serve: `folder` itself when it is one, else its export (built once, atomically)."""
+    if (folder / IR_FILE).is_file():
+        return folder
+    fmt = cfg.openvino.weight_format
+    out = Path(cfg.openvino.export_dir) / f"{folder.name}-{fmt}-{_source_key(folder, fmt)}"
+    if (out / IR_FILE).is_file():
+        log.info(f"OpenVINO: reusing the export {out}")
+        return out
+    python = _python(cfg)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [python, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(folder), "--task",
+           "text-generation-with-past", "--weight-format", fmt, str(tmp)]
+    log.info(f"OpenVINO: exporting {folder} ({fmt} weights) with optimum-intel")
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not (tmp / IR_FILE).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise StackError(f"optimum-intel could not export {folder} to OpenVINO: {' | '.join(tail)}",
+                         file=folder, field="openvino.weight_format")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    log.info(f"OpenVINO: exported in {time.perf_counter() - t0:.0f} s to {out}")
+    return out
+
+
+def command(cfg, folder: Path) -> list[str]:
+    """The worker's command line for the IR in `folder`."""
+    o, lim = cfg.openvino, cfg.limits
+    return [_python(cfg), str(WORKER), "--model", str(folder), "--max-running", str(lim.max_running),
+            "--batched-tokens", str(o.max_batched_tokens), "--cache-gib", str(o.kv_cache_gib),
+            "--prefix-caching", str(int(lim.prefix_cache_mb > 0)), "--threads", str(cfg.model.threads),
+            "--inference-precision", o.inference_precision, "--kv-cache-precision", o.kv_cache_precision]
+
+
+class OpenVinoGenerator:
+    """The API's `Generator` over a supervised OpenVINO GenAI worker."""
+
+    def __init__(self, cfg, folder: Path, tokenizer, eos_ids: set[int], metrics=None):
+        self.cfg, self.metrics = cfg, metrics
+        self.cmd = command(cfg, prepare(cfg, folder))
+        self.out = TokenStream(tokenizer, eos_ids, metrics)
+        self.proc: subprocess.Popen | None = None
+        self.ready = False
+        self.reqs: dict[int, Request] = {}
+        self._ids = 0
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> "OpenVinoGenerator":
+        log.info("starting the OpenVINO GenAI worker: %s", " ".join(self.cmd))
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        first: list[str] = []
+        reader = threading.Thread(target=lambda: first.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(self.cfg.openvino.startup_timeout_s)
+        hello = json.loads(first[0]) if first and first[0].strip() else {}
+        if not hello.get("ready"):
+            self.stop()
+            why = hello.get("fatal") or (f"no answer within {self.cfg.openvino.startup_timeout_s} s" if not first
+                                         else f"it exited with code {self.proc.poll()}")
+            raise StackError(f"the OpenVINO GenAI worker did not start: {why}", field="model.backend")
+        self.ready = True
+        threading.Thread(target=self._read, name="openvino-reader", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.ready = False
+        self._stopping = True
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # the worker exits when its input ends
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+    # ------------------------------------------------------------ requests
+    def _send(self, msg: dict) -> None:
+        with self._lock:
+            self.proc.stdin.write(json.dumps(msg, separators=(",", ":")) + "\n")
+            self.proc.stdin.flush()
+
+    def _report_load(self) -> None:
+        """The worker runs at most max_running sequences; the requests in flight beyond that wait in its queue."""
+        if self.metrics:
+            cap, n = self.cfg.limits.max_running, len(self.reqs)
+            self.metrics.load(min(n, cap), max(0, n - cap))
+
+    def _submit(self, req: Request) -> int:
+        lim = self.cfg.limits
+        with self._lock:
+            if len(self.reqs) >= lim.max_running + lim.max_waiting:
+                raise Overloaded(f"{len(self.reqs)} requests in flight (limit {lim.max_running + lim.max_waiting})")
+            self._ids += 1
+            wid = self._ids
+            self.reqs[wid] = req
+        req.started = time.perf_counter()  # the worker queues internally: queue time is what the service adds
+        if self.metrics:
+            self.metrics.queue_time(req)
+        p = req.params
+        self._send({"op": "add", "id": wid, "ids": req.prompt_ids, "max_tokens": p.max_tokens,
+                    "temperature": p.temperature, "top_p": p.top_p, "seed": p.seed, "ignore_eos": p.ignore_eos})
+        self._report_load()
+        return wid
+
+    def _done(self, wid: int) -> None:
+        """The request's stream is over: forget it, and stop its sequence in the worker when the worker has not
+        finished it (a stop sequence, max_tokens seen first here, or the client gone)."""
+        with self._lock:
+            running = self.reqs.pop(wid, None) is not None
+        if running and self.ready:
+            try:
+                self._send({"op": "cancel", "id": wid})
+            except OSError:  # the worker is gone; the reader reports it
+                pass
+        self._report_load()
+
+    async def stream(self, rid: str, prompt_ids: list[int], params: Params, adapter: str = ""):
+        if not self.ready:
+            raise StackError("the OpenVINO GenAI worker is not running", field="model.backend")
+        req = Request(rid, prompt_ids, params, asyncio.get_running_loop(), {})
+        wid = self._submit(req)  # Overloaded propagates to the caller's first anext()
+        finished = False
+        try:
+            while True:
+                ev = await req.events.get()
+                yield ev
+                if ev.finish is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the client went away: count it once, stop the worker's sequence
+                self.out.finish(req, "abort")
+            self._done(wid)
+
+    # ------------------------------------------------------------ the worker's output (reader thread)
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            wid = msg.get("id")
+            req = self.reqs.get(wid)
+            if req is None:
+                continue
+            if "error" in msg or msg["finish"]:
+                with self._lock:  # the worker is done with it: nothing to cancel
+                    self.reqs.pop(wid, None)
+            if req.finish is not None:
+                continue
+            if "error" in msg:
+                self.out.finish(req, "abort", error=f"OpenVINO GenAI: {msg['error']}")
+                continue
+            for tok, lp in zip(msg["tokens"], msg["logprobs"] or [0.0] * len(msg["tokens"])):
+                if self.out.accept(req, tok, lp):
+                    break  # EOS, a stop sequence or max_tokens: the service's verdict
+            if msg["finish"]:
+                self.out.finish(req, msg["finish"], flush=True)
+        self.ready = False
+        code = self.proc.wait()
+        if not self._stopping:
+            log.error(f"the OpenVINO GenAI worker exited with code {code}")
+        for req in list(self.reqs.values()):
+            self.out.finish(req, "abort", error=f"the OpenVINO GenAI worker exited with code {code}")
