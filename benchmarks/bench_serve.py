@@ -1,8 +1,10 @@
-"""Load benchmark of the serving stack: closed-loop streaming clients at several concurrencies.
+"""Load benchmark of the serving stack: closed-loop streaming clients at several concurrencies and workloads.
 
-For each concurrency c, c clients each send streaming chat requests back to back (the demo's test tickets: prompts
-of ~130-180 tokens sharing a ~60-token instruction; 64 output tokens with ignore_eos) until the level's request count is done. Reported per level: output tokens/s over the level's
-wall time, TTFT p50/p99, TPOT p50 (time per output token after the first), e2e p99, errors (non-200 or short
+For each workload and concurrency c, c clients each send streaming chat requests back to back until the level's
+request count is done, 64 output tokens each (ignore_eos). Workloads: tickets (the demo's test tickets: prompts of
+~130-180 tokens sharing a ~60-token instruction, what a prefix cache reuses), random (~130 tokens of random words, no
+shared prefix), long (~1,000 tokens of random words: prefill-heavy). Reported per level: output tokens/s over the
+level's wall time, TTFT p50/p99, TPOT p50 (time per output token after the first), e2e p99, errors (non-200 or short
 answers). Targets, in the same run:
 - ours: `llmstack serve` (BentoML + our continuous-batching engine) on the compress run's recommended variant;
 - direct: the same engine called in-process (no HTTP, no BentoML), to show what the service layer adds;
@@ -52,6 +54,27 @@ def prompts() -> list[list[dict]]:
 PROMPTS = prompts()
 
 
+def random_prompts(tokens: int, n: int = 64) -> list[list[dict]]:
+    """n chat prompts of about `tokens` tokens (SmolLM2's template included) made of random words from the tickets'
+    vocabulary, each with its own random system message: no two share a prefix beyond the template's first tokens."""
+    import random
+    import re
+
+    words = sorted(set(re.findall(r"[a-z]+", TICKETS.read_text(encoding="utf-8").lower())))
+    count = max(8, round((tokens - 12) / 1.35))  # ~1.35 tokens per word here, ~12 for the template
+    out = []
+    for i in range(n):
+        rng = random.Random(i)
+        text = [rng.choice(words) for _ in range(count)]
+        out.append([{"role": "system", "content": " ".join(text[:6])}, {"role": "user", "content": " ".join(text[6:])}])
+    return out
+
+
+WORKLOADS = {"tickets": lambda: PROMPTS, "random": lambda: random_prompts(130), "long": lambda: random_prompts(1000)}
+WORKLOAD_HELP = ("tickets: the demo's test tickets (~130-180 tokens, a shared ~60-token instruction); random: ~130 "
+                 "tokens of random words, no shared prefix; long: ~1,000 tokens of random words (prefill-heavy)")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,7 +100,8 @@ def summarize(results: list[dict], wall: float, expected: int) -> dict:
 
 
 # ---------------------------------------------------------------- HTTP clients (ours and vLLM)
-async def http_level(base: str, model: str, c: int, n: int, out_tokens: int, key: str | None) -> dict:
+async def http_level(base: str, model: str, c: int, n: int, out_tokens: int, key: str | None,
+                     prompts: list[list[dict]] = PROMPTS) -> dict:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     queue = list(range(n))
     results: list[dict] = []
@@ -85,7 +109,7 @@ async def http_level(base: str, model: str, c: int, n: int, out_tokens: int, key
     async def client(http: httpx.AsyncClient):
         while queue:
             i = queue.pop()
-            body = {"model": model, "messages": PROMPTS[i % len(PROMPTS)],
+            body = {"model": model, "messages": prompts[i % len(prompts)],
                     "max_tokens": out_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}
             t0 = time.perf_counter()
@@ -167,7 +191,11 @@ def measure_server(proc: subprocess.Popen, base: str, health: str, args, levels)
     try:
         wait_ready(base, proc, health)
         asyncio.run(http_level(base, "bench", 1, 2, 8, None))  # warm-up
-        out = {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None)) for c, n in levels}
+        out = {}
+        for w in args.workloads:
+            prompts = WORKLOADS[w]()
+            out[w] = {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None, prompts))
+                      for c, n in levels}
         quality = asyncio.run(http_quality(base, args.quality_rows))
         if quality:
             out["task"] = quality
@@ -237,14 +265,14 @@ def run_direct(args, levels) -> dict:
     state, _ = build_state(cfg, registry=CollectorRegistry())
     tok = state.tok
 
-    async def level(c: int, n: int) -> dict:
+    async def level(c: int, n: int, prompts: list[list[dict]]) -> dict:
         queue = list(range(n))
         results: list[dict] = []
 
         async def client():
             while queue:
                 i = queue.pop()
-                ids = tok(tok.apply_chat_template(PROMPTS[i % len(PROMPTS)], tokenize=False,
+                ids = tok(tok.apply_chat_template(prompts[i % len(prompts)], tokenize=False,
                                                   add_generation_prompt=True),
                           add_special_tokens=False)["input_ids"]
                 t0 = time.perf_counter()
@@ -262,36 +290,62 @@ def run_direct(args, levels) -> dict:
         return summarize(results, time.perf_counter() - t0, args.output_tokens)
 
     try:
-        asyncio.run(level(1, 2))
-        return {c: asyncio.run(level(c, n)) for c, n in levels}
+        asyncio.run(level(1, 2, PROMPTS))
+        return {w: {c: asyncio.run(level(c, n, WORKLOADS[w]())) for c, n in levels} for w in args.workloads}
     finally:
         close_state(state)
 
 
 def markdown(report: dict) -> str:
-    rows = ["| target | concurrency | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | e2e p99 (ms) | "
-            "errors |", "|---|---|---|---|---|---|---|---|"]
-    for target, levels in report["targets"].items():
-        if isinstance(levels, str):
-            rows.append(f"| {target} | {levels} | | | | | | |")
+    rows = ["| target | workload | concurrency | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | "
+            "e2e p99 (ms) | errors |", "|---|---|---|---|---|---|---|---|---|"]
+    for target, result in report["targets"].items():
+        if isinstance(result, str):
+            rows.append(f"| {target} | {result} | | | | | | | |")
             continue
-        for c, r in levels.items():
-            if c == "task":
+        for w, levels in result.items():
+            if w == "task":
                 continue
-            rows.append(f"| {target} | {c} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | "
-                        f"{r['tpot_p50_ms']} | {r['e2e_p99_ms']} | {r['errors']}/{r['requests']} |")
+            for c, r in levels.items():
+                rows.append(f"| {target} | {w} | {c} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | "
+                            f"{r['ttft_p99_ms']} | {r['tpot_p50_ms']} | {r['e2e_p99_ms']} | "
+                            f"{r['errors']}/{r['requests']} |")
     tasks = {t: v["task"] for t, v in report["targets"].items() if isinstance(v, dict) and "task" in v}
     if tasks:
         rows += ["", "| target | task: exact match (greedy, test tickets) | JSON valid | rows |", "|---|---|---|---|"]
         rows += [f"| {t} | {q['exact_match']} | {q['json_valid']} | {q['rows']} |" for t, q in tasks.items()]
     ratios = report.get("ratios", {})
     if ratios:
-        rows += ["", "| concurrency | ours / direct engine (tok/s) | ours / OpenVINO GenAI (tok/s) | ours / vLLM (tok/s) |",
-                 "|---|---|---|---|"]
-        for c, r in ratios.items():
-            rows.append(f"| {c} | {r.get('ours_over_direct', 'n/a')} | {r.get('ours_over_openvino', 'n/a')} | "
-                        f"{r.get('ours_over_vllm', 'n/a')} |")
+        others = sorted({k for per_c in ratios.values() for r in per_c.values() for k in r})
+        rows += ["", "| workload | concurrency | " + " | ".join(k.replace("_", " ") for k in others) + " |",
+                 "|---|---|" + "---|" * len(others)]
+        for w, per_c in ratios.items():
+            for c, r in per_c.items():
+                rows.append(f"| {w} | {c} | " + " | ".join(str(r.get(k, "n/a")) for k in others) + " |")
     return "\n".join(rows) + "\n"
+
+
+def ratios(report: dict, workloads: list[str], conc: list[int]) -> dict:
+    """Per workload and concurrency: ours over every other target (output tok/s), and ours on each workload over
+    ours on the tickets."""
+    targets = report["targets"]
+    ours = targets.get("ours")
+    if not isinstance(ours, dict):
+        return {}
+    out: dict = {}
+    for w in workloads:
+        for c in conc:
+            r = {}
+            for other in ("direct", "openvino", "vllm"):
+                theirs = targets.get(other)
+                if isinstance(theirs, dict) and w in theirs:
+                    r[f"ours_over_{other}"] = round(ours[w][c]["output_tokens_per_s"] /
+                                                    max(theirs[w][c]["output_tokens_per_s"], 1e-9), 3)
+            if w != "tickets" and "tickets" in ours:
+                r["ours_over_ours_on_tickets"] = round(ours[w][c]["output_tokens_per_s"] /
+                                                       max(ours["tickets"][c]["output_tokens_per_s"], 1e-9), 3)
+            out.setdefault(w, {})[c] = r
+    return out
 
 
 def main() -> None:
@@ -307,15 +361,21 @@ def main() -> None:
     p.add_argument("--max-running", type=int, default=16, help="our engine's batch slots (limits.max_running)")
     p.add_argument("--targets", default="ours,direct,openvino,vllm",
                    help="which of ours,direct,openvino,vllm to run")
+    p.add_argument("--workloads", default="tickets,random,long", help=f"comma-separated: {WORKLOAD_HELP}")
     p.add_argument("--quality-rows", type=int, default=100,
                    help="test tickets each HTTP target answers greedily for its exact match (0: none)")
     p.add_argument("--out", default="benchmarks/results", help="folder for serve.json and serve.md")
     args = p.parse_args()
+    args.workloads = args.workloads.split(",")
+    unknown = set(args.workloads) - set(WORKLOADS)
+    if unknown:
+        p.error(f"--workloads: unknown {', '.join(sorted(unknown))} (known: {', '.join(WORKLOADS)})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     conc = [int(x) for x in args.concurrency.split(",")]
     levels = [(c, args.requests or max(8, 2 * c)) for c in conc]
     targets = args.targets.split(",")
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
+              "workloads": {w: WORKLOAD_HELP.split("; ")[i] for i, w in enumerate(WORKLOADS) if w in args.workloads},
               "output_tokens": args.output_tokens, "max_running": args.max_running, "targets": {}}
     runners = {"ours": run_ours, "direct": run_direct, "openvino": run_openvino, "vllm": run_vllm}
     for t in targets:
@@ -325,16 +385,7 @@ def main() -> None:
         except (SystemExit, Exception) as exc:  # one failing target must not lose the others' figures
             report["targets"][t] = f"failed: {exc}"
         print(json.dumps(report["targets"][t], indent=1), flush=True)
-    ours = report["targets"].get("ours")
-    if isinstance(ours, dict):
-        for c in conc:
-            r = {}
-            for other in ("direct", "openvino", "vllm"):
-                theirs = report["targets"].get(other)
-                if isinstance(theirs, dict):
-                    r[f"ours_over_{other}"] = round(ours[c]["output_tokens_per_s"] /
-                                                    theirs[c]["output_tokens_per_s"], 3)
-            report.setdefault("ratios", {})[c] = r
+    report["ratios"] = ratios(report, args.workloads, conc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
