@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_train import machine  # noqa: E402
+from roofline import ceiling  # noqa: E402
 
 TICKETS = ROOT / "data" / "tickets" / "test.jsonl"
 
@@ -310,6 +311,13 @@ def markdown(report: dict) -> str:
                 rows.append(f"| {target} | {w} | {c} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | "
                             f"{r['ttft_p99_ms']} | {r['tpot_p50_ms']} | {r['e2e_p99_ms']} | "
                             f"{r['errors']}/{r['requests']} |")
+    roof = report.get("roofline")
+    if isinstance(roof, dict):
+        w = roof["weights"]
+        rows += ["", f"Roofline ({roof['method']}; weights {w['kind']} {w['bits']}-bit, {roof['weight_mb']} MB; copy "
+                 f"bandwidth {roof['bandwidth_gbps']} GB/s):", "",
+                 "| concurrency | roofline tok/s | bound | weight MatMuls per step (ms) |", "|---|---|---|---|"]
+        rows += [f"| {c} | {r['tokens_per_s']} | {r['bound']} | {r['matrix_ms']} |" for c, r in roof["levels"].items()]
     tasks = {t: v["task"] for t, v in report["targets"].items() if isinstance(v, dict) and "task" in v}
     if tasks:
         rows += ["", "| target | task: exact match (greedy, test tickets) | JSON valid | rows |", "|---|---|---|---|"]
@@ -341,6 +349,9 @@ def ratios(report: dict, workloads: list[str], conc: list[int]) -> dict:
                 if isinstance(theirs, dict) and w in theirs:
                     r[f"ours_over_{other}"] = round(ours[w][c]["output_tokens_per_s"] /
                                                     max(theirs[w][c]["output_tokens_per_s"], 1e-9), 3)
+            roof = (report.get("roofline") or {}).get("levels", {}).get(c)
+            if roof:
+                r["ours_over_roofline"] = round(ours[w][c]["output_tokens_per_s"] / roof["tokens_per_s"], 3)
             if w != "tickets" and "tickets" in ours:
                 r["ours_over_ours_on_tickets"] = round(ours[w][c]["output_tokens_per_s"] /
                                                        max(ours["tickets"][c]["output_tokens_per_s"], 1e-9), 3)
@@ -377,6 +388,12 @@ def main() -> None:
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
               "workloads": {w: WORKLOAD_HELP.split("; ")[i] for i, w in enumerate(WORKLOADS) if w in args.workloads},
               "output_tokens": args.output_tokens, "max_running": args.max_running, "targets": {}}
+    if "ours" in targets:  # the machine's ceiling for the variant ours serves (benchmarks/roofline.py)
+        from serving.model_ref import resolve
+        ref = resolve(args.model)
+        report["roofline"] = ceiling(ref.folder, conc) if ref.backend == "onnxruntime" else (
+            f"skipped: the roofline is for ONNX variants, {args.model} is served on {ref.backend}")
+        print(json.dumps({"roofline": report["roofline"]}, indent=1), flush=True)
     runners = {"ours": run_ours, "direct": run_direct, "openvino": run_openvino, "vllm": run_vllm}
     for t in targets:
         print(f"benchmarking {t} ...", flush=True)
