@@ -187,6 +187,15 @@ class Builder:
         t0 = time.time()
         pt_folder, steps = self.student(v)
         record.update(steps)
+        if v.format == "openvino":
+            from runtimes.openvino import check_python, export_ir
+            log.info(f"[{v.name}] exporting to OpenVINO ({v.openvino_weights} weights, optimum-intel + NNCF)")
+            with self.clock("export"):
+                seconds = export_ir(check_python(self.cfg.openvino.python, "openvino.python"), pt_folder, out,
+                                    v.openvino_weights, field=f"variants.{v.name}.openvino_weights")
+            record.update({"export_seconds": round(seconds, 1), "weights": v.openvino_weights,
+                           "seconds": round(time.time() - t0, 1)})
+            return record
         if v.format == "pytorch":
             if v.quantize in GPU_QUANT:
                 calib_texts = [e.flat_text() for e in self.prepared.train[:q.calibration_samples]]

@@ -28,9 +28,12 @@ class VariantCfg(Section):
     by activation importance), both, or unstructured sparsity (zeros only: saves nothing on dense kernels)."""
     distill: bool = False
     """Knowledge distillation from the input model (the teacher) after pruning, to win back what pruning lost."""
-    format: Literal["onnx", "pytorch"] = "onnx"
+    format: Literal["onnx", "pytorch", "openvino"] = "onnx"
     """onnx: exported with KV cache through optimum (served by ONNX Runtime); pytorch: a HF safetensors folder
-    (served by transformers or vLLM)."""
+    (served by transformers or vLLM); openvino: an OpenVINO IR folder exported by optimum-intel in the OpenVINO
+    environment (`make openvino-env`), weights compressed by NNCF (`openvino_weights`), served by OpenVINO GenAI."""
+    openvino_weights: Literal["int8", "int4", "fp16", "fp32"] = "int8"
+    """Weights of an openvino variant (NNCF weight compression at export; int8: asymmetric per channel)."""
     drop_layers: Optional[int] = Field(None, ge=0)
     """This variant's number of layers to drop (overrides prune.drop_layers)."""
     mlp_keep: Optional[float] = Field(None, gt=0, le=1)
@@ -52,6 +55,9 @@ class VariantCfg(Section):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.format == "openvino" and self.quantize != "none":
+            raise ValueError("an openvino variant's weights are set by openvino_weights (NNCF at export): leave "
+                             "quantize at none")
         if self.quantize in ONNX_QUANT and self.format != "onnx":
             raise ValueError(f"quantize {self.quantize} is an ONNX Runtime method: set format: onnx")
         if self.quantize in GPU_QUANT and self.format != "pytorch":
@@ -195,6 +201,14 @@ class OutputCfg(Section):
     """Run folder name; default: timestamp + random suffix."""
 
 
+class OpenVinoCfg(Section):
+    python: str = ".venv-openvino/bin/python"
+    """Python of the OpenVINO environment (`make openvino-env`) that exports and measures openvino variants."""
+    inference_precision: Literal["auto", "f32", "bf16", "f16"] = "auto"
+    """Activation precision while measuring (as serve's openvino.inference_precision; auto: bf16 on CPUs with
+    AVX-512 BF16 / AMX). Measure with what you will serve."""
+
+
 class CompressConfig(Section):
     """Compression run: the input model, the variants to build, and how they are measured and gated."""
     input: str = "artifacts/train/latest"
@@ -222,6 +236,8 @@ class CompressConfig(Section):
     variants (frontier.png)."""
     fast: FastCfg = FastCfg()
     """The fast path to a served model (`--fast`)."""
+    openvino: OpenVinoCfg = OpenVinoCfg()
+    """The OpenVINO environment (variants with format openvino)."""
     output: OutputCfg = OutputCfg()
     """Where the run goes."""
 

@@ -42,7 +42,7 @@ def load(kind: str, folder: str, threads: int, file_name: str | None = None):
     if kind == "onnx":
         from compression.export import load_ort
         return load_ort(folder, threads=threads, file_name=file_name)
-    raise CompressError(f"unknown variant kind '{kind}' (pytorch or onnx)")
+    raise CompressError(f"unknown variant kind '{kind}' (pytorch or onnx; openvino is measured by its worker)")
 
 
 def answer_nll(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[float, int]:
@@ -129,6 +129,9 @@ def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id
 
 def measure(spec: dict) -> dict:
     """Run every measurement of one variant described by `spec` (see `measure_in_child`)."""
+    if spec["kind"] == "openvino":
+        from .measure_openvino import measure_openvino
+        return measure_openvino(spec)
     import torch
 
     from training.data import Example
@@ -187,14 +190,17 @@ def spec_rows(examples, n: int, tokenizer) -> list[dict]:
 
 
 def measure_in_child(name: str, kind: str, folder: Path, rows: list[dict], eval_cfg, measure_cfg, work: Path,
-                     file_name: str | None = None, quality: bool = True) -> dict:
+                     file_name: str | None = None, quality: bool = True, openvino: dict | None = None) -> dict:
     """Measure a variant in a fresh Python process; return its measurements plus the size on disk. quality=False:
-    speed and memory only (no perplexity, no generation)."""
+    speed and memory only (no perplexity, no generation). kind: pytorch, onnx, or openvino (measured through the
+    OpenVINO worker: `openvino` holds its python and inference_precision)."""
     work.mkdir(parents=True, exist_ok=True)
     spec = {"name": name, "kind": kind, "folder": str(folder), "file_name": file_name, "rows": rows,
             "threads": measure_cfg.threads, "decode_tokens": measure_cfg.decode_tokens, "runs": measure_cfg.runs,
             "max_new_tokens": eval_cfg.max_new_tokens, "batch_size": eval_cfg.batch_size,
-            "json_fields": list(eval_cfg.json_fields), "quality": quality}
+            "json_fields": list(eval_cfg.json_fields), "quality": quality,
+            "openvino_python": (openvino or {}).get("python"),
+            "openvino_precision": (openvino or {}).get("inference_precision", "auto")}
     spec_file, out_file = work / f"{name}.spec.json", work / f"{name}.measured.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

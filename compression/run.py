@@ -27,7 +27,7 @@ from .build import Builder, PhaseClock, distill_steps, prune_setting
 from .config import CompressConfig, VariantCfg
 from .report import frontier_plot, markdown, plot, summary, task_score
 
-BACKEND = {"onnx": "onnxruntime", "pytorch": "transformers"}
+BACKEND = {"onnx": "onnxruntime", "pytorch": "transformers", "openvino": "openvino"}
 DRIFT_REFERENCE = "drift_reference.json"  # written by training (monitoring.drift.FILE)
 
 
@@ -239,8 +239,8 @@ def build_and_measure(cfg, v, builder, reference, rows, eval_cfg, out, parent, r
         return {"name": v.name, "skipped": str(exc)}, {"skipped": str(exc), "method": v.model_dump()}
     log.info(f"[{v.name}] built in {record['seconds']:.0f} s; measuring")
     measure_cfg = cfg.measure.model_copy(update={"runs": speed_runs})
-    measured = measure_in_child(v.name, "onnx" if v.format == "onnx" else "pytorch", vdir, rows, eval_cfg,
-                                measure_cfg, out / "_work" / "measure")
+    measured = measure_in_child(v.name, v.format, vdir, rows, eval_cfg, measure_cfg, out / "_work" / "measure",
+                                openvino=cfg.openvino.model_dump())
     _clock_measure(clock, measured)
     measured["params_m"] = _params(builder.student(v)[0])
     json_fields = list(eval_cfg.json_fields)

@@ -1,6 +1,6 @@
-"""OpenVINO GenAI backend: the service supervises a worker process (openvino_worker.py) that runs in OpenVINO's own
-environment (`make openvino-env`: optimum-intel pins transformers / optimum releases the compression stack cannot
-use) and drives `openvino_genai.ContinuousBatchingPipeline`. The service never imports openvino.
+"""OpenVINO GenAI backend: the service supervises a worker process (runtimes/openvino/worker.py) that runs in
+OpenVINO's own environment (`make openvino-env`: optimum-intel pins transformers / optimum releases the compression
+stack cannot use) and drives `openvino_genai.ContinuousBatchingPipeline`. The service never imports openvino.
 
 The worker hands back token ids; the service turns them into text, stop sequences, finish reasons and metrics with
 the same `TokenStream` as our own engine, so both backends answer alike. Sampling (greedy, temperature, top_p, seed)
@@ -12,32 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import os
-import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-from llmstack.errors import ConfigError, StackError
+from llmstack.errors import StackError
+from runtimes.openvino import WorkerProcess, check_python, exit_status, export_ir, is_ir, worker_command
 
 from ..requests import Overloaded, Params, Request
 from ..token_stream import TokenStream
 
 log = logging.getLogger(__name__)
-
-WORKER = Path(__file__).parents[1] / "workers" / "openvino_worker.py"  # a folder of its own: nothing there shadows a package
-IR_FILE = "openvino_model.xml"
-
-
-def _python(cfg) -> str:
-    if not Path(cfg.openvino.python).exists():
-        raise ConfigError(f"no OpenVINO environment: {cfg.openvino.python} does not exist", field="openvino.python",
-                          hint="run `make openvino-env`, or point openvino.python at a Python with openvino-genai "
-                          "and optimum-intel")
-    return cfg.openvino.python
 
 
 def _source_key(folder: Path, weight_format: str) -> str:
@@ -52,39 +38,27 @@ def _source_key(folder: Path, weight_format: str) -> str:
 
 def prepare(cfg, folder: Path) -> Path:
     """The OpenVINO IR folder to serve: `folder` itself when it is one, else its export (built once, atomically)."""
-    if (folder / IR_FILE).is_file():
+    if is_ir(folder):
         return folder
     fmt = cfg.openvino.weight_format
     out = Path(cfg.openvino.export_dir) / f"{folder.name}-{fmt}-{_source_key(folder, fmt)}"
-    if (out / IR_FILE).is_file():
+    if is_ir(out):
         log.info(f"OpenVINO: reusing the export {out}")
         return out
-    python = _python(cfg)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [python, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(folder), "--task",
-           "text-generation-with-past", "--weight-format", fmt, str(tmp)]
+    python = check_python(cfg.openvino.python, "openvino.python")
     log.info(f"OpenVINO: exporting {folder} ({fmt} weights) with optimum-intel")
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not (tmp / IR_FILE).is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise StackError(f"optimum-intel could not export {folder} to OpenVINO: {' | '.join(tail)}",
-                         file=folder, field="openvino.weight_format")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    log.info(f"OpenVINO: exported in {time.perf_counter() - t0:.0f} s to {out}")
+    seconds = export_ir(python, folder, out, fmt)
+    log.info(f"OpenVINO: exported in {seconds:.0f} s to {out}")
     return out
 
 
 def command(cfg, folder: Path) -> list[str]:
     """The worker's command line for the IR in `folder`."""
     o, lim = cfg.openvino, cfg.limits
-    return [_python(cfg), str(WORKER), "--model", str(folder), "--max-running", str(lim.max_running),
-            "--batched-tokens", str(o.max_batched_tokens), "--cache-gib", str(o.kv_cache_gib),
-            "--prefix-caching", str(int(lim.prefix_cache_mb > 0)), "--threads", str(cfg.model.threads),
-            "--inference-precision", o.inference_precision, "--kv-cache-precision", o.kv_cache_precision]
+    return worker_command(check_python(o.python, "openvino.python"), folder, max_running=lim.max_running,
+                          batched_tokens=o.max_batched_tokens, cache_gib=o.kv_cache_gib,
+                          prefix_caching=lim.prefix_cache_mb > 0, threads=cfg.model.threads,
+                          inference_precision=o.inference_precision, kv_cache_precision=o.kv_cache_precision)
 
 
 class OpenVinoGenerator:
@@ -92,49 +66,25 @@ class OpenVinoGenerator:
 
     def __init__(self, cfg, folder: Path, tokenizer, eos_ids: set[int], metrics=None):
         self.cfg, self.metrics = cfg, metrics
-        self.cmd = command(cfg, prepare(cfg, folder))
+        self.worker = WorkerProcess(command(cfg, prepare(cfg, folder)), self._on_message, self._on_exit)
         self.out = TokenStream(tokenizer, eos_ids, metrics)
-        self.proc: subprocess.Popen | None = None
         self.ready = False
         self.reqs: dict[int, Request] = {}
         self._ids = 0
         self._lock = threading.Lock()
-        self._stopping = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "OpenVinoGenerator":
-        log.info("starting the OpenVINO GenAI worker: %s", " ".join(self.cmd))
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        first: list[str] = []
-        reader = threading.Thread(target=lambda: first.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(self.cfg.openvino.startup_timeout_s)
-        hello = json.loads(first[0]) if first and first[0].strip() else {}
-        if not hello.get("ready"):
-            self.stop()
-            why = hello.get("fatal") or (f"no answer within {self.cfg.openvino.startup_timeout_s} s" if not first
-                                         else f"it exited with code {self.proc.poll()}")
-            raise StackError(f"the OpenVINO GenAI worker did not start: {why}", field="model.backend")
+        log.info("starting the OpenVINO GenAI worker: %s", " ".join(self.worker.cmd))
+        self.worker.start(self.cfg.openvino.startup_timeout_s)
         self.ready = True
-        threading.Thread(target=self._read, name="openvino-reader", daemon=True).start()
         return self
 
     def stop(self) -> None:
         self.ready = False
-        self._stopping = True
-        if self.proc and self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()  # the worker exits when its input ends
-                self.proc.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
+        self.worker.stop()
 
     # ------------------------------------------------------------ requests
-    def _send(self, msg: dict) -> None:
-        with self._lock:
-            self.proc.stdin.write(json.dumps(msg, separators=(",", ":")) + "\n")
-            self.proc.stdin.flush()
-
     def _report_load(self) -> None:
         """The worker runs at most max_running sequences; the requests in flight beyond that wait in its queue."""
         if self.metrics:
@@ -153,7 +103,7 @@ class OpenVinoGenerator:
         if self.metrics:
             self.metrics.queue_time(req)
         p = req.params
-        self._send({"op": "add", "id": wid, "ids": req.prompt_ids, "max_tokens": p.max_tokens,
+        self.worker.send({"op": "add", "id": wid, "ids": req.prompt_ids, "max_tokens": p.max_tokens,
                     "temperature": p.temperature, "top_p": p.top_p, "seed": p.seed, "ignore_eos": p.ignore_eos})
         self._report_load()
         return wid
@@ -165,7 +115,7 @@ class OpenVinoGenerator:
             running = self.reqs.pop(wid, None) is not None
         if running and self.ready:
             try:
-                self._send({"op": "cancel", "id": wid})
+                self.worker.send({"op": "cancel", "id": wid})
             except OSError:  # the worker is gone; the reader reports it
                 pass
         self._report_load()
@@ -188,30 +138,28 @@ class OpenVinoGenerator:
                 self.out.finish(req, "abort")
             self._done(wid)
 
-    # ------------------------------------------------------------ the worker's output (reader thread)
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            msg = json.loads(line)
-            wid = msg.get("id")
-            req = self.reqs.get(wid)
-            if req is None:
-                continue
-            if "error" in msg or msg["finish"]:
-                with self._lock:  # the worker is done with it: nothing to cancel
-                    self.reqs.pop(wid, None)
-            if req.finish is not None:
-                continue
-            if "error" in msg:
-                self.out.finish(req, "abort", error=f"OpenVINO GenAI: {msg['error']}")
-                continue
-            for tok, lp in zip(msg["tokens"], msg["logprobs"] or [0.0] * len(msg["tokens"])):
-                if self.out.accept(req, tok, lp):
-                    break  # EOS, a stop sequence or max_tokens: the service's verdict
-            if msg["finish"]:
-                self.out.finish(req, msg["finish"], flush=True)
+    # ------------------------------------------------------------ the worker's output (its reader thread)
+    def _on_message(self, msg: dict) -> None:
+        wid = msg.get("id")
+        req = self.reqs.get(wid)
+        if req is None:
+            return
+        if "error" in msg or msg["finish"]:
+            with self._lock:  # the worker is done with it: nothing to cancel
+                self.reqs.pop(wid, None)
+        if req.finish is not None:
+            return
+        if "error" in msg:
+            self.out.finish(req, "abort", error=f"OpenVINO GenAI: {msg['error']}")
+            return
+        for tok, lp in zip(msg["tokens"], msg["logprobs"] or [0.0] * len(msg["tokens"])):
+            if self.out.accept(req, tok, lp):
+                break  # EOS, a stop sequence or max_tokens: the service's verdict
+        if msg["finish"]:
+            self.out.finish(req, msg["finish"], flush=True)
+
+    def _on_exit(self, code: int) -> None:
         self.ready = False
-        code = self.proc.wait()
-        if not self._stopping:
-            log.error(f"the OpenVINO GenAI worker exited with code {code}")
+        log.error(f"the OpenVINO GenAI worker exited with {exit_status(code)}")
         for req in list(self.reqs.values()):
-            self.out.finish(req, "abort", error=f"the OpenVINO GenAI worker exited with code {code}")
+            self.out.finish(req, "abort", error=f"the OpenVINO GenAI worker exited with {exit_status(code)}")

@@ -1,6 +1,7 @@
-"""The OpenVINO GenAI worker: runs in OpenVINO's own environment (`make openvino-env`, .venv-openvino), started and
-supervised by the service (serving/backends/openvino.py) by path. It imports nothing from this project: only the standard
-library, numpy and openvino_genai.
+"""The OpenVINO GenAI worker: runs in OpenVINO's own environment (`make openvino-env`, .venv-openvino), started by
+path and supervised through `runtimes.openvino.WorkerProcess` (by the service's openvino backend and by compression's
+measurement of OpenVINO variants). It imports nothing from this project: only the standard library, numpy and
+openvino_genai.
 
 It drives `openvino_genai.ContinuousBatchingPipeline` (paged attention, continuous batching, prefix caching, prefill
 split across steps under a per-step token budget) one `step()` at a time and talks JSON lines over its pipes:
@@ -14,16 +15,20 @@ split across steps under a per-step token budget) one `step()` at a time and tal
          {"id": 7, "error": "..."}                                           a request the pipeline refused
          {"fatal": "..."}                                                    the worker cannot go on (then exits 1)
 
-    python openvino_worker.py --model DIR [--max-running 16] [--batched-tokens 256] [--cache-gib 1] ...
+    python worker.py --model DIR [--max-running 16] [--batched-tokens 256] [--cache-gib 1] ...
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import random
 import sys
 import threading
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # this folder's modules must not shadow installed packages (openvino, ...)
 
 FINISH = {"STOP": "stop", "LENGTH": "length", "NONE": None}
 

@@ -1,0 +1,108 @@
+"""Measure an OpenVINO variant like every other (compression/measure.py), through the OpenVINO GenAI worker in its
+own environment (runtimes/openvino): the worker's peak RAM after loading, time to the first token for the fixed
+prompt, decode tokens/s at batch 1 from the arrival times of forced tokens, and the task metric on greedy
+generations of the test rows (all submitted at once: the pipeline batches them). OpenVINO GenAI does not expose
+logits, so there is no answer perplexity (reported as "-")."""
+from __future__ import annotations
+
+import queue
+import statistics
+import time
+
+from llmstack.errors import CompressError
+from runtimes.openvino import WorkerProcess, check_python, exit_status, worker_command
+
+
+class _Runner:
+    """Blocking requests to a worker: each request's messages land in its own queue with their arrival time."""
+
+    def __init__(self, cmd: list[str]):
+        self.queues: dict[int, queue.Queue] = {}
+        self.ids = 0
+        self.worker = WorkerProcess(cmd, self._on_message, self._on_exit, field="variants")
+
+    def _on_message(self, msg: dict) -> None:
+        q = self.queues.get(msg.get("id"))
+        if q is not None:
+            q.put((time.perf_counter(), msg))
+
+    def _on_exit(self, code: int) -> None:
+        for q in self.queues.values():
+            q.put((time.perf_counter(), {"error": f"the OpenVINO GenAI worker exited with {exit_status(code)}"}))
+
+    def submit(self, ids: list[int], max_tokens: int, ignore_eos: bool = False) -> int:
+        self.ids += 1
+        self.queues[self.ids] = queue.Queue()
+        self.worker.send({"op": "add", "id": self.ids, "ids": ids, "max_tokens": max_tokens, "temperature": 0.0,
+                          "ignore_eos": ignore_eos})
+        return self.ids
+
+    def collect(self, wid: int) -> tuple[list[int], list[float]]:
+        """The request's tokens and the arrival time of each, once it has finished."""
+        tokens, stamps = [], []
+        while True:
+            at, msg = self.queues[wid].get(timeout=600)
+            if "error" in msg:
+                raise CompressError(f"OpenVINO GenAI: {msg['error']}")
+            tokens += msg["tokens"]
+            stamps += [at] * len(msg["tokens"])
+            if msg["finish"]:
+                del self.queues[wid]
+                return tokens, stamps
+
+
+def _speed(run: _Runner, prompt: list[int], decode_tokens: int, runs: int) -> dict:
+    run.collect(run.submit(prompt, 8, ignore_eos=True))  # warm-up
+    first = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run.collect(run.submit(prompt, 1, ignore_eos=True))
+        first.append(time.perf_counter() - t0)
+    rates = []
+    for _ in range(runs):
+        _, stamps = run.collect(run.submit(prompt, decode_tokens, ignore_eos=True))
+        rates.append((len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9))
+    median = statistics.median(rates)
+    return {"prefill_ms": round(1000 * statistics.median(first), 1), "prompt_tokens": len(prompt),
+            "decode_tokens_per_s": round(median, 1),
+            "decode_spread": round((max(rates) - min(rates)) / 2 / median, 3) if runs > 1 else None, "runs": runs}
+
+
+def measure_openvino(spec: dict) -> dict:
+    """The measurements of the OpenVINO variant described by `spec` (see compression.measure.measure_in_child)."""
+    from training.data import Example
+    from training.evaluate import json_metrics, text_metrics
+    from training.model import load_tokenizer
+
+    python = check_python(spec["openvino_python"], "openvino.python")
+    cmd = worker_command(python, spec["folder"], max_running=spec["batch_size"], threads=spec["threads"],
+                         batched_tokens=max(256, spec["batch_size"]), prefix_caching=False,
+                         inference_precision=spec["openvino_precision"])  # the same prompt is
+    # timed several times: a prefix cache would turn its prefill into a lookup
+    run = _Runner(cmd)
+    t0 = time.perf_counter()
+    run.worker.start(600)
+    try:
+        out = {"load_seconds": round(time.perf_counter() - t0, 2), "load_peak_rss_mb": run.worker.peak_rss_mb(),
+               "load_rss_delta_mb": run.worker.peak_rss_mb()}
+        rows = spec["rows"]
+        t1 = time.perf_counter()
+        out.update(_speed(run, rows[0]["prompt_ids"], spec["decode_tokens"], spec["runs"]))
+        out["generate_seconds"] = None
+        out["seconds"] = {"load": out["load_seconds"], "speed": round(time.perf_counter() - t1, 1)}
+        if not spec.get("quality", True):
+            out["peak_rss_mb"] = run.worker.peak_rss_mb()
+            return out
+        t2 = time.perf_counter()
+        wids = [run.submit(r["prompt_ids"], spec["max_new_tokens"]) for r in rows]
+        tok = load_tokenizer(spec["folder"])
+        preds = [tok.decode(run.collect(w)[0], skip_special_tokens=True).strip() for w in wids]
+        refs = [Example(source=r["source"], messages=r["messages"]).reference() for r in rows]
+        fields = spec["json_fields"]
+        out.update({"loss": None, "perplexity": None, "answer_tokens": None, "predictions": preds,
+                    "task": json_metrics(preds, refs, fields) if fields else text_metrics(preds, refs),
+                    "peak_rss_mb": run.worker.peak_rss_mb()})
+        out["seconds"]["generation"] = round(time.perf_counter() - t2, 1)
+        return out
+    finally:
+        run.worker.stop()
