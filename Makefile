@@ -154,6 +154,7 @@ $(OV_STAMP): $(OV_LOCK)
 	$(OV_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OV_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(OV_VENV)/bin/python -m pip install -q -r $(OV_LOCK)
+	$(OV_VENV)/bin/python -m pip uninstall -q -y torchvision  # optimum-intel asks for it; its build breaks imports here
 	touch $@
 
 clean:  ## remove artifacts (keeps the venv and the provisioned model)
