@@ -27,7 +27,7 @@ from conftest import PY, ROOT, cli_env
 RUN_ID = "20260101-000000-bento1"
 VARIANT = "onnx-int8"
 LOCK = ROOT / "deploy" / "requirements" / "serve-cpu.txt"
-FIRST_PARTY = {"llmstack", "serving", "monitoring", "training", "compression"}
+FIRST_PARTY = {"llmstack", "serving", "monitoring", "runtimes", "training", "compression"}
 
 
 def lock_pins(path: Path = LOCK) -> dict[str, str]:
@@ -179,7 +179,8 @@ def test_bento_holds_the_service_the_model_and_pinned_requirements(bento):
     assert {"serving/service.py", "serving/runtime.py", "serving/backends/onnx.py", "serving/static/dashboard.html",
             "llmstack/cli.py", "monitoring/live.py", "configs/serve.yaml"} <= files
     top = {f.split("/")[0] for f in files}
-    assert top <= {"serving", "llmstack", "monitoring", "configs", "bentofile.yaml"}, top
+    assert top <= {"serving", "llmstack", "monitoring", "runtimes", "configs", "bentofile.yaml"}, top
+    assert "runtimes/openvino/worker.py" in files  # model.backend=openvino
     assert not [f for f in files if "__pycache__" in f or f.endswith((".pyc", ".onnx", ".safetensors"))]
     # the stored model: the variant's files, its drift reference and what `llmstack serve` knew about it
     store = bento["home"] / "models" / "llmstack-model" / bento["model_tag"].split(":")[1]

@@ -31,6 +31,7 @@ COPY pyproject.toml README.md ./
 COPY llmstack ./llmstack
 COPY serving ./serving
 COPY monitoring ./monitoring
+COPY runtimes ./runtimes
 COPY training ./training
 COPY compression ./compression
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
