@@ -129,14 +129,19 @@ def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id
 
 def measure(spec: dict) -> dict:
     """Run every measurement of one variant described by `spec` (see `measure_in_child`)."""
-    if spec["kind"] == "openvino":
-        from .measure_openvino import measure_openvino
-        return measure_openvino(spec)
-    import torch
-
     from training.data import Example
-    from training.evaluate import generate, json_metrics, text_metrics
+    from training.evaluate import generate
     from training.model import load_tokenizer
+
+    if spec["kind"] == "openvino":  # measured through its worker; decoded and scored here like the others
+        from .measure_openvino import measure_openvino
+        out = measure_openvino(spec)
+        if "generated_ids" in out:
+            tok = load_tokenizer(spec["folder"])
+            preds = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out.pop("generated_ids")]
+            out.update(_task(spec, preds))
+        return out
+    import torch
 
     threads = spec["threads"] or os.cpu_count()
     torch.set_num_threads(threads)
@@ -163,13 +168,20 @@ def measure(spec: dict) -> dict:
     examples = [Example(source=r["source"], messages=r["messages"]) for r in rows]
     preds = generate(model, tok, [e.prompt_messages() for e in examples], spec["max_new_tokens"], spec["batch_size"],
                      desc=f"generate {spec['name']}", share_prefix=spec["kind"] == "pytorch")
-    refs = [e.reference() for e in examples]
-    fields = spec["json_fields"]
-    out["task"] = json_metrics(preds, refs, fields) if fields else text_metrics(preds, refs)
-    out["predictions"] = preds
+    out.update(_task(spec, preds))
     out["peak_rss_mb"] = round(_peak_mb(), 1)
     out["seconds"]["generation"] = round(time.perf_counter() - t3, 1)
     return out
+
+
+def _task(spec: dict, preds: list[str]) -> dict:
+    """The task metric of the greedy generations `preds` of spec's rows (the training stage's metric), with them."""
+    from training.data import Example
+    from training.evaluate import json_metrics, text_metrics
+
+    refs = [Example(source=r["source"], messages=r["messages"]).reference() for r in spec["rows"]]
+    fields = spec["json_fields"]
+    return {"task": json_metrics(preds, refs, fields) if fields else text_metrics(preds, refs), "predictions": preds}
 
 
 def spec_rows(examples, n: int, tokenizer) -> list[dict]:

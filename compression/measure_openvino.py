@@ -1,8 +1,9 @@
 """Measure an OpenVINO variant like every other (compression/measure.py), through the OpenVINO GenAI worker in its
 own environment (runtimes/openvino): the worker's peak RAM after loading, time to the first token for the fixed
 prompt, decode tokens/s at batch 1 from the arrival times of forced tokens, and the task metric on greedy
-generations of the test rows (all submitted at once: the pipeline batches them). OpenVINO GenAI does not expose
-logits, so there is no answer perplexity (reported as "-")."""
+generations of the test rows (all submitted at once: the pipeline batches them; compression.measure decodes and
+scores them like every other variant's). OpenVINO GenAI does not expose logits, so there is no answer perplexity
+(reported as "-")."""
 from __future__ import annotations
 
 import queue
@@ -69,11 +70,8 @@ def _speed(run: _Runner, prompt: list[int], decode_tokens: int, runs: int) -> di
 
 
 def measure_openvino(spec: dict) -> dict:
-    """The measurements of the OpenVINO variant described by `spec` (see compression.measure.measure_in_child)."""
-    from training.data import Example
-    from training.evaluate import json_metrics, text_metrics
-    from training.model import load_tokenizer
-
+    """The measurements of the OpenVINO variant described by `spec` (see compression.measure.measure_in_child), with
+    the generated token ids of every test row under "generated_ids"."""
     python = check_python(spec["openvino_python"], "openvino.python")
     cmd = worker_command(python, spec["folder"], max_running=spec["batch_size"], threads=spec["threads"],
                          batched_tokens=max(256, spec["batch_size"]), prefix_caching=False,
@@ -95,13 +93,8 @@ def measure_openvino(spec: dict) -> dict:
             return out
         t2 = time.perf_counter()
         wids = [run.submit(r["prompt_ids"], spec["max_new_tokens"]) for r in rows]
-        tok = load_tokenizer(spec["folder"])
-        preds = [tok.decode(run.collect(w)[0], skip_special_tokens=True).strip() for w in wids]
-        refs = [Example(source=r["source"], messages=r["messages"]).reference() for r in rows]
-        fields = spec["json_fields"]
-        out.update({"loss": None, "perplexity": None, "answer_tokens": None, "predictions": preds,
-                    "task": json_metrics(preds, refs, fields) if fields else text_metrics(preds, refs),
-                    "peak_rss_mb": run.worker.peak_rss_mb()})
+        out.update({"loss": None, "perplexity": None, "answer_tokens": None,
+                    "generated_ids": [run.collect(w)[0] for w in wids], "peak_rss_mb": run.worker.peak_rss_mb()})
         out["seconds"]["generation"] = round(time.perf_counter() - t2, 1)
         return out
     finally:
