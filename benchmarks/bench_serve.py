@@ -205,15 +205,22 @@ def measure_server(proc: subprocess.Popen, base: str, health: str, args, levels)
         stop(proc)
 
 
-def run_ours(args, levels) -> dict:
+def run_service(args, levels, model: str, overrides: list[str], log: Path | None = None) -> dict:
+    """`llmstack serve` on `model` as users start it (no API key), measured at every level, then stopped."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "llmstack", "serve", "--model", args.model, "--port", str(port),
-           f"limits.max_running={args.max_running}", "limits.max_waiting=256", "model.name=bench"]
+    cmd = [sys.executable, "-m", "llmstack", "serve", "--model", model, "--port", str(port),
+           f"limits.max_running={args.max_running}", "limits.max_waiting=256", "model.name=bench", *overrides]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("LLMSTACK_API_KEY", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log or os.devnull, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     return measure_server(proc, f"http://127.0.0.1:{port}", "/readyz", args, levels)
+
+
+def run_ours(args, levels) -> dict:
+    return run_service(args, levels, args.model, [])
 
 
 def run_openvino(args, levels) -> dict | str:
@@ -221,17 +228,8 @@ def run_openvino(args, levels) -> dict | str:
     cfg = ServeConfig()
     if not Path(cfg.openvino.python).exists():
         return f"skipped: no OpenVINO environment ({cfg.openvino.python}; `make openvino-env` installs it)"
-    port = _free_port()
-    cmd = [sys.executable, "-m", "llmstack", "serve", "--model", args.baseline_model, "--port", str(port),
-           "model.backend=openvino", f"limits.max_running={args.max_running}", "limits.max_waiting=256",
-           "model.name=bench"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("LLMSTACK_API_KEY", None)
-    log = Path(args.out) / "openvino-server.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    return measure_server(proc, f"http://127.0.0.1:{port}", "/readyz", args, levels)  # the first run exports
+    return run_service(args, levels, args.baseline_model, ["model.backend=openvino"],  # the first run exports
+                       Path(args.out) / "openvino-server.log")
 
 
 def run_vllm(args, levels) -> dict | str:
