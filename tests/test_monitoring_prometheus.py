@@ -5,6 +5,7 @@ tiny ONNX model, with the rules evaluated on what it scraped."""
 from __future__ import annotations
 
 import json
+import functools
 import math
 import os
 import re
@@ -281,13 +282,14 @@ class PromAPI:
         assert r.status_code == 200 and body["status"] == "success", f"{path} {params}: {r.status_code} {body}"
         return body["data"]
 
-    def query(self, expr: str) -> list[tuple[dict, float]]:
-        data = self.get("/api/v1/query", query=expr)
+    def query(self, expr: str, at: float | None = None) -> list[tuple[dict, float]]:
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        data = self.get("/api/v1/query", **params)
         return [(s["metric"], float(s["value"][1])) for s in data["result"]]
 
-    def value(self, expr: str) -> float | None:
-        """The single value `expr` returns now, None while it returns nothing or NaN."""
-        result = self.query(expr)
+    def value(self, expr: str, at: float | None = None) -> float | None:
+        """The single value `expr` returns now (or at unix time `at`), None while it returns nothing or NaN."""
+        result = self.query(expr, at)
         assert len(result) <= 1, f"{expr}: {result}"
         return result[0][1] if result and not math.isnan(result[0][1]) else None
 
@@ -369,20 +371,24 @@ def test_real_prometheus_scrapes_the_real_server_and_evaluates_the_rules(tiny_on
 
         # recording rules, evaluated on the scraped increases
         def recorded():
+            # One instant for every rule, two evaluation intervals back: read "now", two rules of one group can come
+            # from different evaluations (the rates move as the 5m window fills), e.g. success/s > requests/s.
+            at = time.time() - 2
+            value = functools.partial(prom.value, at=at)
             got = {
-                "requests/s": prom.value('model:llm_requests:rate5m{model="tiny"}'),
-                "success/s": prom.value('model_status:llm_requests:rate5m{model="tiny",status="success"}'),
-                "tokens/s": prom.value('model:llm_generation_tokens:rate5m{model="tiny"}'),
-                "errors": prom.value('model:llm_requests_errors:ratio_rate5m{model="tiny"}'),
-                "ttft p95": prom.value('model_quantile:llm_time_to_first_token_seconds:histogram_quantile_5m'
-                                       '{model="tiny",quantile="0.95"}'),
-                "itl p50": prom.value('model_quantile:llm_inter_token_latency_seconds:histogram_quantile_5m'
-                                      '{model="tiny",quantile="0.5"}'),
-                "slow ttft": prom.value('model:llm_time_to_first_token_seconds_slow:ratio_rate5m{model="tiny"}'),
+                "requests/s": value('model:llm_requests:rate5m{model="tiny"}'),
+                "success/s": value('model_status:llm_requests:rate5m{model="tiny",status="success"}'),
+                "tokens/s": value('model:llm_generation_tokens:rate5m{model="tiny"}'),
+                "errors": value('model:llm_requests_errors:ratio_rate5m{model="tiny"}'),
+                "ttft p95": value('model_quantile:llm_time_to_first_token_seconds:histogram_quantile_5m'
+                                  '{model="tiny",quantile="0.95"}'),
+                "itl p50": value('model_quantile:llm_inter_token_latency_seconds:histogram_quantile_5m'
+                                  '{model="tiny",quantile="0.5"}'),
+                "slow ttft": value('model:llm_time_to_first_token_seconds_slow:ratio_rate5m{model="tiny"}'),
             }
             return got if all(v is not None for v in got.values()) else None
         got = _wait("the recording rules to have values", recorded, 30, logs)
-        assert got["requests/s"] > 0 and got["success/s"] == got["requests/s"] and got["tokens/s"] > 0, got
+        assert got["requests/s"] > 0 and got["success/s"] == pytest.approx(got["requests/s"]) and got["tokens/s"] > 0, got
         assert got["errors"] == 0, got  # only successes: 0, not absent
         assert 0 < got["ttft p95"] <= 180 and 0 < got["itl p50"] <= 180 and 0 <= got["slow ttft"] <= 1, got
 
