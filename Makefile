@@ -76,11 +76,11 @@ eval-report: setup  ## base vs fine-tuned vs compressed side by side (report.md 
 	$(CLI) report --models base=smollm2-135m-instruct finetuned=artifacts/train/latest \
 	    compressed=artifacts/compress/latest --limit 40 --out artifacts/reports/eval $(ARGS)
 
-compress: setup  ## quantize / prune / distill the fine-tuned model (trains first if needed); report in artifacts/compress/latest
+compress: setup openvino-env  ## quantize / prune / distill the fine-tuned model (trains first if needed); report in artifacts/compress/latest
 	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
 	$(CLI) compress --config configs/compress.yaml $(ARGS)
 
-serve: setup  ## OpenAI-compatible BentoML service on 127.0.0.1:3000 (trains first if needed; without a compress run, builds only what it serves: compress --fast); ARGS='--port 8080'
+serve: setup openvino-env  ## OpenAI-compatible BentoML service on 127.0.0.1:3000 (trains first if needed; without a compress run, builds only what it serves: compress --fast); ARGS='--port 8080'
 	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
 	test -e artifacts/compress/latest/manifest.json || $(CLI) compress --fast --config configs/compress.yaml
 	$(CLI) serve --config configs/serve.yaml $(ARGS)
@@ -91,7 +91,7 @@ drift-demo: setup  ## against a running `make serve`: in-distribution, then shif
 monitor: setup system-deps  ## local Prometheus (rules loaded) scraping the service on 127.0.0.1:3000; UI on 127.0.0.1:9090; ARGS='--target 127.0.0.1:8080 --port 9091'
 	$(PY) deploy/prometheus/monitor.py $(ARGS)
 
-bento: setup  ## the Bento (served model + service) in the BentoML store (BENTOML_HOME, default ~/bentoml); ARGS='limits.max_running=16'
+bento: setup openvino-env  ## the Bento (served model + service) in the BentoML store (BENTOML_HOME, default ~/bentoml); ARGS='limits.max_running=16'
 	test -e artifacts/train/latest/manifest.json || $(CLI) train --config configs/train.yaml
 	test -e artifacts/compress/latest/manifest.json || $(CLI) compress --fast --config configs/compress.yaml
 	$(CLI) bento --config configs/serve.yaml $(ARGS)
@@ -131,7 +131,7 @@ test-fast: setup system-deps openvino-env  ## tests without the real base model
 bench-train: setup  ## our trainer vs a plain TRL SFTTrainer + peft baseline; JSON + Markdown in benchmarks/results/
 	$(PY) benchmarks/bench_train.py $(ARGS)
 
-bench-serve: setup  ## load benchmark: our service vs the engine in-process (and bare vLLM when .venv-vllm exists); ARGS='--concurrency 1,8'
+bench-serve: setup openvino-env  ## load benchmark: our service vs the engine in-process (and bare vLLM when .venv-vllm exists); ARGS='--concurrency 1,8'
 	test -e artifacts/compress/latest/manifest.json || $(MAKE) compress
 	$(PY) benchmarks/bench_serve.py $(ARGS)
 

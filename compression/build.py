@@ -185,6 +185,9 @@ class Builder:
         q = self.cfg.quantize
         record: dict = {}
         t0 = time.time()
+        if v.format == "openvino" and not Path(self.cfg.openvino.python).exists():
+            raise qz.Unavailable(f"no OpenVINO environment ({self.cfg.openvino.python}; `make openvino-env` "
+                                 "installs it, openvino.python points at another)")
         pt_folder, steps = self.student(v)
         record.update(steps)
         if v.format == "openvino":

@@ -160,6 +160,9 @@ class MeasureCfg(Section):
     """CPU threads for every measurement (0: all cores); the same for every variant."""
     decode_tokens: int = Field(64, ge=8)
     """Tokens generated per timing run at batch 1."""
+    batch: int = Field(8, ge=0)
+    """Decode throughput is also timed with this many identical prompts at once (what a served model meets at this
+    many concurrent requests); `gate.recommend: fastest` ranks by it. 0: batch 1 only."""
     runs: int = Field(5, ge=1)
     """Timing runs after one warm-up; medians are reported."""
     eval_samples: int = Field(100, ge=0)
@@ -170,7 +173,8 @@ class GateCfg(Section):
     max_task_drop: float = Field(0.02, ge=0)
     """A variant is fit when its task score is at most this much below the input model's (0.02 = 2 points)."""
     recommend: Literal["fastest", "smallest"] = "fastest"
-    """Which fit variant the run manifest recommends for serving."""
+    """Which fit variant the run manifest recommends for serving: fastest = most decode tokens/s at `measure.batch`
+    requests at once (at batch 1 when that is 0), smallest = least size on disk."""
 
 
 class FrontierCfg(Section):

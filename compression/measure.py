@@ -92,39 +92,46 @@ def _expanded_past(model, prefix: list[int], n: int):
     return tuple(tuple(t.expand(n, -1, -1, -1).contiguous() for t in kv) for kv in past)
 
 
-def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id: int) -> dict:
+def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id: int, batch: int) -> dict:
     """Prefill latency (one forward over the prompt) and decode tokens/s at batch 1: (N-1) / (t(N) - t(1)), where
-    t(n) is the time `generate` takes for n new tokens (forced: no early stop). Medians after one warm-up."""
+    t(n) is the time `generate` takes for n new tokens (forced: no early stop); with `batch` > 1 the same for that many
+    copies of the prompt at once: batch * (N-1) / (t(N) - t(1)), from at most 2 runs. Medians after one warm-up."""
     import torch
 
-    ids = torch.tensor([prompt_ids])
-    mask = torch.ones_like(ids)
-
-    def gen(n: int) -> float:
+    def gen(n: int, rows: int = 1) -> float:
+        ids = torch.tensor([prompt_ids] * rows)
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           num_beams=1, pad_token_id=pad_id)
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, num_beams=1, pad_token_id=pad_id)
         return time.perf_counter() - t0
 
     def prefill() -> float:
+        ids = torch.tensor([prompt_ids])
         t0 = time.perf_counter()
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
         return time.perf_counter() - t0
+
+    def rate(rows: int, n: int = runs) -> tuple[float, list[float], float]:
+        one = [gen(1, rows) for _ in range(n)]
+        full = [gen(decode_tokens, rows) for _ in range(n)]
+        t1, tn = statistics.median(one), statistics.median(full)
+        return (rows * (decode_tokens - 1) / max(tn - t1, 1e-9),
+                [rows * (decode_tokens - 1) / max(t - t1, 1e-9) for t in full], tn)
 
     gen(8)  # warm-up (allocations, ORT's first-run graph work)
     pre = [prefill() for _ in range(runs)]
-    one = [gen(1) for _ in range(runs)]
-    full = [gen(decode_tokens) for _ in range(runs)]
-    t1, tn = statistics.median(one), statistics.median(full)
-    per_run = [(decode_tokens - 1) / max(t - t1, 1e-9) for t in full]
-    median = (decode_tokens - 1) / max(tn - t1, 1e-9)
-    return {"prefill_ms": round(1000 * statistics.median(pre), 1), "prompt_tokens": len(prompt_ids),
-            "decode_tokens_per_s": round(median, 1),
-            "decode_spread": (round((max(per_run) - min(per_run)) / 2 / median, 3)  # half the range, relative
-                              if runs > 1 else None),
-            "generate_seconds": round(tn, 3), "runs": runs}
+    median, per_run, tn = rate(1)
+    out = {"prefill_ms": round(1000 * statistics.median(pre), 1), "prompt_tokens": len(prompt_ids),
+           "decode_tokens_per_s": round(median, 1),
+           "decode_spread": (round((max(per_run) - min(per_run)) / 2 / median, 3)  # half the range, relative
+                             if runs > 1 else None),
+           "generate_seconds": round(tn, 3), "runs": runs}
+    if batch > 1:
+        gen(8, batch)
+        out.update(batch=batch, batch_decode_tokens_per_s=round(rate(batch, min(runs, 2))[0], 1))  # 2 runs: a ranking
+    return out
 
 
 def measure(spec: dict) -> dict:
@@ -153,7 +160,8 @@ def measure(spec: dict) -> dict:
     tok = load_tokenizer(spec["folder"])
     rows = spec["rows"]
     t1 = time.perf_counter()
-    out.update(_timings(model, rows[0]["prompt_ids"], spec["decode_tokens"], spec["runs"], tok.pad_token_id))
+    out.update(_timings(model, rows[0]["prompt_ids"], spec["decode_tokens"], spec["runs"], tok.pad_token_id,
+                        spec.get("batch", 0)))
     out["seconds"] = {"load": out["load_seconds"], "speed": round(time.perf_counter() - t1, 1)}
     if not spec.get("quality", True):  # the caller already has loss, task score and predictions for this model
         out["peak_rss_mb"] = round(_peak_mb(), 1)
@@ -209,6 +217,7 @@ def measure_in_child(name: str, kind: str, folder: Path, rows: list[dict], eval_
     work.mkdir(parents=True, exist_ok=True)
     spec = {"name": name, "kind": kind, "folder": str(folder), "file_name": file_name, "rows": rows,
             "threads": measure_cfg.threads, "decode_tokens": measure_cfg.decode_tokens, "runs": measure_cfg.runs,
+            "batch": measure_cfg.batch,
             "max_new_tokens": eval_cfg.max_new_tokens, "batch_size": eval_cfg.batch_size,
             "json_fields": list(eval_cfg.json_fields), "quality": quality,
             "openvino_python": (openvino or {}).get("python"),

@@ -1,6 +1,6 @@
 """Measure an OpenVINO variant like every other (compression/measure.py), through the OpenVINO GenAI worker in its
 own environment (runtimes/openvino): the worker's peak RAM after loading, time to the first token for the fixed
-prompt, decode tokens/s at batch 1 from the arrival times of forced tokens, and the task metric on greedy
+prompt, decode tokens/s at batch 1 and at `measure.batch` requests at once from the arrival times of forced tokens, and the task metric on greedy
 generations of the test rows (all submitted at once: the pipeline batches them; compression.measure decodes and
 scores them like every other variant's). OpenVINO GenAI does not expose logits, so there is no answer perplexity
 (reported as "-")."""
@@ -52,7 +52,15 @@ class _Runner:
                 return tokens, stamps
 
 
-def _speed(run: _Runner, prompt: list[int], decode_tokens: int, runs: int) -> dict:
+def _batch_rate(run: _Runner, prompt: list[int], decode_tokens: int, batch: int) -> float:
+    """Decode tokens/s of `batch` copies of the prompt submitted at once: the tokens that arrived after every request
+    had its first one, over the time from then to the last."""
+    stamps = [run.collect(w)[1] for w in [run.submit(prompt, decode_tokens, ignore_eos=True) for _ in range(batch)]]
+    start, end = max(s[0] for s in stamps), max(s[-1] for s in stamps)
+    return sum(t > start for s in stamps for t in s) / max(end - start, 1e-9)
+
+
+def _speed(run: _Runner, prompt: list[int], decode_tokens: int, runs: int, batch: int) -> dict:
     run.collect(run.submit(prompt, 8, ignore_eos=True))  # warm-up
     first = []
     for _ in range(runs):
@@ -64,17 +72,23 @@ def _speed(run: _Runner, prompt: list[int], decode_tokens: int, runs: int) -> di
         _, stamps = run.collect(run.submit(prompt, decode_tokens, ignore_eos=True))
         rates.append((len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9))
     median = statistics.median(rates)
-    return {"prefill_ms": round(1000 * statistics.median(first), 1), "prompt_tokens": len(prompt),
-            "decode_tokens_per_s": round(median, 1),
-            "decode_spread": round((max(rates) - min(rates)) / 2 / median, 3) if runs > 1 else None, "runs": runs}
+    out = {"prefill_ms": round(1000 * statistics.median(first), 1), "prompt_tokens": len(prompt),
+           "decode_tokens_per_s": round(median, 1),
+           "decode_spread": round((max(rates) - min(rates)) / 2 / median, 3) if runs > 1 else None, "runs": runs}
+    if batch > 1:
+        _batch_rate(run, prompt, 8, batch)  # warm-up at this batch
+        rate = statistics.median(_batch_rate(run, prompt, decode_tokens, batch) for _ in range(min(runs, 2)))
+        out.update(batch=batch, batch_decode_tokens_per_s=round(rate, 1))
+    return out
 
 
 def measure_openvino(spec: dict) -> dict:
     """The measurements of the OpenVINO variant described by `spec` (see compression.measure.measure_in_child), with
     the generated token ids of every test row under "generated_ids"."""
     python = check_python(spec["openvino_python"], "openvino.python")
-    cmd = worker_command(python, spec["folder"], max_running=spec["batch_size"], threads=spec["threads"],
-                         batched_tokens=max(256, spec["batch_size"]), prefix_caching=False,
+    slots = max(spec["batch_size"], spec.get("batch", 0))
+    cmd = worker_command(python, spec["folder"], max_running=slots, threads=spec["threads"],
+                         batched_tokens=max(256, slots), prefix_caching=False,
                          inference_precision=spec["openvino_precision"])  # the same prompt is
     # timed several times: a prefix cache would turn its prefill into a lookup
     run = _Runner(cmd)
@@ -85,7 +99,7 @@ def measure_openvino(spec: dict) -> dict:
                "load_rss_delta_mb": run.worker.peak_rss_mb()}
         rows = spec["rows"]
         t1 = time.perf_counter()
-        out.update(_speed(run, rows[0]["prompt_ids"], spec["decode_tokens"], spec["runs"]))
+        out.update(_speed(run, rows[0]["prompt_ids"], spec["decode_tokens"], spec["runs"], spec.get("batch", 0)))
         out["generate_seconds"] = None
         out["seconds"] = {"load": out["load_seconds"], "speed": round(time.perf_counter() - t1, 1)}
         if not spec.get("quality", True):

@@ -18,7 +18,7 @@ def agreement(preds: list[str], ref_preds: list[str]) -> float:
 REPORT_COLUMNS = [("size (MB)", "size_mb", "{:.0f}"), ("x smaller", "x_smaller", "{:.2f}"),
                   ("params (M)", "params_m", "{:.1f}"), ("load peak RSS (MB)", "load_peak_rss_mb", "{:.0f}"),
                   ("prefill (ms)", "prefill_ms", "{:.0f}"), ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
-                  ("spread", "decode_spread", "±{:.0%}"),
+                  ("spread", "decode_spread", "±{:.0%}"), ("batched tok/s", "batch_decode_tokens_per_s", "{:.1f}"),
                   ("x decode", "x_decode", "{:.2f}"), ("perplexity", "perplexity", "{:.3f}"),
                   ("task", "task_score", "{:.3f}"), ("agreement", "agreement", "{:.2f}")]
 
@@ -36,6 +36,7 @@ def markdown(rows: list[dict], recommended: str | None, metric: str) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
     lines.append("")
     lines.append(f"task = {metric} on the test rows; agreement = greedy outputs identical to the input model's; "
+                 f"batched = decode tokens/s of `measure.batch` identical requests at once; "
                  f"x = ratio to the input model (PyTorch fp32). Recommended: {recommended or 'none (no variant fit)'}.")
     return "\n".join(lines) + "\n"
 
@@ -71,6 +72,7 @@ def summary(m: dict, ref: dict, json_fields: list[str]) -> dict:
     return {"size_mb": m["size_mb"], "x_smaller": round(ref["size_mb"] / m["size_mb"], 2),
             "params_m": m.get("params_m"), "load_peak_rss_mb": m["load_peak_rss_mb"], "prefill_ms": m["prefill_ms"],
             "decode_tokens_per_s": m["decode_tokens_per_s"], "decode_spread": m.get("decode_spread"),
+            "batch_decode_tokens_per_s": m.get("batch_decode_tokens_per_s"),
             "x_decode": (round(m["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 2)
                          if ref.get("decode_tokens_per_s") else None),  # the fast path does not time the input
             "perplexity": m["perplexity"], "task_score": task_score(m, json_fields),

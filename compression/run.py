@@ -69,7 +69,7 @@ def run(cfg: CompressConfig, fast: bool = False) -> Path:
         built: dict[str, dict] = {}
         for v in plan:
             row, entry = build_and_measure(cfg, v, builder, reference, rows, eval_cfg, out, parent, run_id, clock,
-                                           speed_runs=1 if fast else cfg.measure.runs)
+                                           fast=fast)
             report_rows.append(row)
             built[v.name] = entry
             if fast and row.get("fit"):
@@ -216,7 +216,8 @@ def measure_reference(cfg, model_dir, parent_manifest, rows, eval_cfg, work, clo
     else:
         log.info("measuring the input model (PyTorch fp32)" + (": speed only, its quality is the training run's "
                                                                "evaluation of the same rows" if known else ""))
-        reference = measure_in_child("reference", "pytorch", model_dir, rows, eval_cfg, cfg.measure, work / "measure",
+        reference = measure_in_child("reference", "pytorch", model_dir, rows, eval_cfg,
+                                     cfg.measure.model_copy(update={"batch": 0}), work / "measure",
                                      quality=known is None)
         _clock_measure(clock, reference)
     reference.update(known or {})
@@ -224,7 +225,7 @@ def measure_reference(cfg, model_dir, parent_manifest, rows, eval_cfg, work, clo
     return reference
 
 
-def build_and_measure(cfg, v, builder, reference, rows, eval_cfg, out, parent, run_id, clock, speed_runs):
+def build_and_measure(cfg, v, builder, reference, rows, eval_cfg, out, parent, run_id, clock, fast: bool):
     """Build variant `v` into `out/<name>`, measure it, gate it and write its manifest; returns (report row,
     run-manifest entry). A variant that cannot be built here (a GPU method) is recorded as skipped."""
     from .measure import measure_in_child
@@ -238,7 +239,8 @@ def build_and_measure(cfg, v, builder, reference, rows, eval_cfg, out, parent, r
         shutil.rmtree(vdir, ignore_errors=True)
         return {"name": v.name, "skipped": str(exc)}, {"skipped": str(exc), "method": v.model_dump()}
     log.info(f"[{v.name}] built in {record['seconds']:.0f} s; measuring")
-    measure_cfg = cfg.measure.model_copy(update={"runs": speed_runs})
+    # the fast path takes the first fit variant whatever its speed: one timing run, no batched one
+    measure_cfg = cfg.measure.model_copy(update={"runs": 1, "batch": 0}) if fast else cfg.measure
     measured = measure_in_child(v.name, v.format, vdir, rows, eval_cfg, measure_cfg, out / "_work" / "measure",
                                 openvino=cfg.openvino.model_dump())
     _clock_measure(clock, measured)
@@ -282,7 +284,9 @@ def recommend(rows: list[dict], how: str) -> str | None:
         return None
     if how == "smallest":
         return min(fit, key=lambda r: r["size_mb"])["name"]
-    return max(fit, key=lambda r: r["decode_tokens_per_s"])["name"]
+    key = ("batch_decode_tokens_per_s" if all(r.get("batch_decode_tokens_per_s") for r in fit)
+           else "decode_tokens_per_s")  # at the serving batch when every fit variant was timed there
+    return max(fit, key=lambda r: r[key])["name"]
 
 
 # ---------------------------------------------------------------- writing the run

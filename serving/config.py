@@ -110,7 +110,8 @@ class VllmCfg(Section):
 class OpenVinoCfg(Section):
     python: str = ".venv-openvino/bin/python"
     """Python of the separate OpenVINO environment (`make openvino-env`; optimum-intel pins other transformers /
-    optimum releases than the compression stack)."""
+    optimum releases than the compression stack). The environment variable LLMSTACK_OPENVINO_PYTHON, when set, runs
+    the worker instead (an IR needs only the OpenVINO runtime: the serving images set it); exports still use this."""
     weight_format: Literal["int8", "int4", "fp16", "fp32"] = "int8"
     """Weights of the export made from an HF folder (optimum-intel + NNCF weight compression; int8: asymmetric
     per-channel). An IR folder is served as it is."""

@@ -31,6 +31,7 @@ def test_openvino_variant_is_built_measured_gated_and_served(tmp_path, tiny_mode
     assert (run / "ov-fp32" / "openvino_model.xml").is_file() and ov["serve"]["backend"] == "openvino"
     assert ov["build"]["weights"] == "fp32" and ov["build"]["export_seconds"] > 0
     assert ov["summary"]["decode_tokens_per_s"] > 0 and ov["summary"]["perplexity"] is None  # no logits from GenAI
+    assert ov["summary"]["batch_decode_tokens_per_s"] > 0 and onnx["summary"]["batch_decode_tokens_per_s"] > 0
     assert ov["summary"]["agreement"] == onnx["summary"]["agreement"] == 1.0  # fp32 greedy = the input model's
     assert ov["gate"]["fit"] is True
     assert ov["summary"]["load_peak_rss_mb"] > 0  # the worker's own memory, not the measuring process's

@@ -49,6 +49,7 @@ def test_compress_end_to_end(tmp_path, tiny_model_dir, tiny_data):
     assert fp32["build"]["parity"]["greedy_identical"] == 1.0
     for m in (int8, fp32):
         assert m["summary"]["decode_tokens_per_s"] > 0 and m["summary"]["perplexity"] > 1
+        assert m["summary"]["batch_decode_tokens_per_s"] > 0  # measure.batch (8) requests at once
         assert set(m["gate"]) >= {"fit", "drop", "score", "reference"}
     depth = json.loads((run / "pt-depth" / "manifest.json").read_text())
     assert json.loads((run / "pt-depth" / "config.json").read_text())["num_hidden_layers"] == 1
@@ -132,6 +133,9 @@ def test_gate_and_recommendation_rules():
     assert recommend(rows, "fastest") == "a"
     assert recommend(rows, "smallest") == "b"
     assert recommend([rows[0], rows[3]], "fastest") is None
+    # timed at the serving batch too: ranked there (b decodes more at batch 8 though less at batch 1)
+    batched = [dict(r, batch_decode_tokens_per_s=t) for r, t in zip(rows, [60, 100, 150, 300, None])]
+    assert recommend(batched, "fastest") == "b"
 
 
 def test_compress_help_lists_every_option():

@@ -51,6 +51,30 @@ def test_locks_are_what_the_project_environment_holds():
     assert all(v and re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", v) for v in pins.values()), "every line name==version"
 
 
+def test_openvino_runtime_lock_is_a_closed_subset_of_the_openvino_environment():
+    """The images' OpenVINO runtime (deploy/requirements/openvino-runtime.txt, the Bento's setup script) pins the
+    versions of the tested OpenVINO environment, and holds every package they require (installed with --no-deps)."""
+    req = ROOT / "deploy" / "requirements"
+    runtime, full = lock_pins(req / "openvino-runtime.txt"), lock_pins(req / "openvino.txt")
+    assert "openvino-genai" in runtime and all(full.get(k) == v for k, v in runtime.items()), (runtime, full)
+    script = ROOT / "deploy" / "bento-openvino.sh"
+    assert os.access(script, os.X_OK)
+    assert dict(re.findall(r"^\s+([A-Za-z0-9._-]+)==(\S+)", script.read_text(), re.M)) == runtime
+    bentofile = yaml.safe_load((ROOT / "deploy" / "bentofile.yaml").read_text())
+    assert bentofile["docker"]["setup_script"] == "deploy/bento-openvino.sh"
+    assert {"name": "LLMSTACK_OPENVINO_PYTHON", "value": "/opt/openvino/bin/python"} in bentofile["envs"]
+    ov_python = ROOT / ".venv-openvino" / "bin" / "python"
+    if ov_python.exists():  # the closure: what these packages require, read from the installed environment
+        code = ("import json, sys, re\nfrom importlib import metadata\nout = {}\nfor n in sys.argv[1:]:\n"
+                "    out[n] = [re.split(r'[ ;<>=!~\\[]', r)[0] for r in (metadata.requires(n) or []) "
+                "if 'extra ==' not in r]\nprint(json.dumps(out))")
+        res = subprocess.run([str(ov_python), "-c", code, *runtime], capture_output=True, text=True, timeout=60)
+        requires = json.loads(res.stdout)
+        norm = {k.lower().replace("_", "-") for k in runtime}
+        missing = {r for reqs in requires.values() for r in reqs if r.lower().replace("_", "-") not in norm}
+        assert not missing, f"openvino-runtime.txt lacks {missing}"
+
+
 def _first_party_file(module: str) -> Path | None:
     base = ROOT.joinpath(*module.split("."))
     for p in (base.with_suffix(".py"), base / "__init__.py"):

@@ -151,6 +151,19 @@ def test_missing_environment_is_a_config_error(tiny_model_dir, tmp_path):
         prepare(cfg, tiny_model_dir)
 
 
+def test_the_runtime_python_variable_runs_the_worker(ov_export, tiny_model_dir, tmp_path, monkeypatch):
+    """The serving images run the worker with a runtime-only environment named by LLMSTACK_OPENVINO_PYTHON."""
+    from llmstack.errors import ConfigError
+    from serving.backends.openvino import command
+    ir, export_dir = ov_export
+    cfg = _cfg(tiny_model_dir, export_dir)
+    assert command(cfg, ir)[0] == str(OV_PYTHON)
+    monkeypatch.setenv("LLMSTACK_OPENVINO_PYTHON", str(tmp_path / "runtime-python"))
+    with pytest.raises(ConfigError) as err:
+        command(cfg, ir)
+    assert "LLMSTACK_OPENVINO_PYTHON" in str(err.value) and "runtime-python" in str(err.value)
+
+
 def test_llmstack_serve_on_openvino_with_the_openai_client(ov_export, tiny_model_dir, tmp_path):
     from openai import OpenAI
     _, export_dir = ov_export

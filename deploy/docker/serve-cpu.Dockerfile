@@ -1,5 +1,5 @@
-# llmstack/serve-cpu:0.1.0 - the OpenAI-compatible service (`llmstack serve`: BentoML, ONNX Runtime / transformers on
-# CPU, Prometheus metrics, drift) over the artifacts mounted at /app/artifacts (read-only).
+# llmstack/serve-cpu:0.1.0 - the OpenAI-compatible service (`llmstack serve`: BentoML, OpenVINO GenAI / ONNX Runtime /
+# transformers on CPU, Prometheus metrics, drift) over the artifacts mounted at /app/artifacts (read-only).
 #
 #   docker build -f deploy/docker/serve-cpu.Dockerfile -t llmstack/serve-cpu:0.1.0 .     # from the repository root
 #   docker run --rm -p 3000:3000 -v "$PWD/artifacts:/app/artifacts:ro" \
@@ -37,12 +37,19 @@ COPY compression ./compression
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && llmstack serve --help > /dev/null
 
+# The OpenVINO GenAI runtime in its own venv: the worker of model.backend=openvino (the compress run's openvino
+# variants, the default recommendation on CPU). Runtime only: an IR is served, never exported, in this image.
+COPY deploy/requirements/openvino-runtime.txt /tmp/requirements/openvino-runtime.txt
+RUN python -m venv /opt/openvino \
+    && /opt/openvino/bin/pip install --no-cache-dir --no-deps --requirement /tmp/requirements/openvino-runtime.txt \
+    && /opt/openvino/bin/python -c "import openvino_genai"
+
 # ---- runtime: the venv, the config, a non-root user ----------------------------------------------------------------
 FROM python:3.11.7-slim-bookworm AS runtime
 
 LABEL org.opencontainers.image.title="llmstack/serve-cpu" \
       org.opencontainers.image.version="0.1.0" \
-      org.opencontainers.image.description="llmstack serve: OpenAI-compatible LLM service on CPU (ONNX Runtime)"
+      org.opencontainers.image.description="llmstack serve: OpenAI-compatible LLM service on CPU (OpenVINO GenAI, ONNX Runtime)"
 
 # HOME=/tmp: every cache (Hugging Face, BentoML's home) lands on the one writable path of a read-only container.
 ENV PATH=/opt/llmstack/bin:$PATH \
@@ -51,12 +58,14 @@ ENV PATH=/opt/llmstack/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    BENTOML_DO_NOT_TRACK=true
+    BENTOML_DO_NOT_TRACK=true \
+    LLMSTACK_OPENVINO_PYTHON=/opt/openvino/bin/python
 
 RUN groupadd --system --gid 10001 llmstack \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin llmstack
 
 COPY --from=builder /opt/llmstack /opt/llmstack
+COPY --from=builder /opt/openvino /opt/openvino
 
 WORKDIR /app
 COPY configs/serve.yaml /app/configs/serve.yaml

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -52,10 +53,16 @@ def prepare(cfg, folder: Path) -> Path:
     return out
 
 
+RUNTIME_PYTHON_ENV = "LLMSTACK_OPENVINO_PYTHON"  # the serving images' runtime-only environment (no optimum-intel)
+
+
 def command(cfg, folder: Path) -> list[str]:
-    """The worker's command line for the IR in `folder`."""
+    """The worker's command line for the IR in `folder`; its Python is $LLMSTACK_OPENVINO_PYTHON when set (it runs
+    an IR with the OpenVINO runtime alone), else openvino.python."""
     o, lim = cfg.openvino, cfg.limits
-    return worker_command(check_python(o.python, "openvino.python"), folder, max_running=lim.max_running,
+    python = (check_python(os.environ[RUNTIME_PYTHON_ENV], RUNTIME_PYTHON_ENV) if os.environ.get(RUNTIME_PYTHON_ENV)
+              else check_python(o.python, "openvino.python"))
+    return worker_command(python, folder, max_running=lim.max_running,
                           batched_tokens=o.max_batched_tokens, cache_gib=o.kv_cache_gib,
                           prefix_caching=lim.prefix_cache_mb > 0, threads=cfg.model.threads,
                           inference_precision=o.inference_precision, kv_cache_precision=o.kv_cache_precision)
