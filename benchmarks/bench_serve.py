@@ -6,16 +6,19 @@ request count is done, 64 output tokens each (ignore_eos). Workloads: tickets (t
 shared prefix), long (~1,000 tokens of random words: prefill-heavy). Reported per level: output tokens/s over the
 level's wall time, TTFT p50/p99, TPOT p50 (time per output token after the first), e2e p99, errors (non-200 or short
 answers). Targets, in the same run:
-- ours: `llmstack serve` (BentoML + our continuous-batching engine) on the compress run's recommended variant;
-- direct: the same engine called in-process (no HTTP, no BentoML), to show what the service layer adds;
-- openvino: `llmstack serve` with model.backend=openvino (OpenVINO GenAI's continuous-batching pipeline, int8
-  weights) on the merged fine-tune, when the OpenVINO environment exists (`make openvino-env`);
-- vllm: a bare vLLM OpenAI server on the fp32 merged model, when a vLLM environment exists (`make vllm-env`).
+- ours: `llmstack serve` as `make serve` starts it, on the compress run's recommended variant (openvino-int8 on the
+  demo: OpenVINO GenAI's continuous-batching pipeline, int8 weights, supervised by the service);
+- onnx: `llmstack serve` on the ONNX variant --onnx-model (our own continuous-batching engine on ONNX Runtime);
+- direct: that engine called in-process (no HTTP, no BentoML), to show what the service layer adds;
+- vllm: a bare vLLM OpenAI server on the merged model at its best dtype on this CPU (--vllm-dtype auto: bfloat16
+  where the CPU has AVX-512 BF16 or AMX, else float32), when a vLLM environment exists (`make vllm-env`).
+The roofline (benchmarks/roofline.py) is measured on the ONNX variant's shapes with its int8 weights: the ceiling of
+an int8-weight model on this machine, for every target.
 Each HTTP target also answers the first --quality-rows test tickets greedily (no ignore_eos), scored by exact match
 of the JSON fields as the training evaluation scores them: speed is compared at a known task score.
 
     python benchmarks/bench_serve.py [--model artifacts/compress/latest] [--concurrency 1,8,16,32]
-        [--requests 0] [--targets ours,direct,openvino,vllm] [--quality-rows 100] [--out benchmarks/results]
+        [--requests 0] [--targets ours,onnx,direct,vllm] [--quality-rows 100] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -187,25 +191,91 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def measure_server(proc: subprocess.Popen, base: str, health: str, args, levels) -> dict:
-    """Wait for a started server, warm it up, run every level against it, stop it."""
+def rss_mb(pid: int) -> float:
+    """Resident memory of a server: the process and all its children (BentoML's workers, the OpenVINO worker)."""
+    import psutil
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return round(total / 2**20, 1)
+
+
+class PeakRss:
+    """The highest `rss_mb(pid)` seen while the block runs (sampled every 0.25 s on a thread)."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak = pid, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.25):
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb(self.pid))
+
+
+def soak(base: str, pid: int, minutes: float, c: int, out_tokens: int) -> dict:
+    """`c` clients on the tickets for `minutes`: throughput, errors and the server's RSS at the start, every minute
+    and at the end (a leak shows as growth after the first minute's warm-up)."""
+    samples, results = [(0.0, rss_mb(pid))], []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 60 * minutes:
+        results.append(asyncio.run(http_level(base, "bench", c, 2 * c, out_tokens, None)))
+        at = time.perf_counter() - t0
+        if at - samples[-1][0] >= 60:
+            samples.append((round(at, 1), rss_mb(pid)))
+    wall = time.perf_counter() - t0
+    samples.append((round(wall, 1), rss_mb(pid)))
+    return {"minutes": round(wall / 60, 2), "concurrency": c, "requests": sum(r["requests"] for r in results),
+            "errors": sum(r["errors"] for r in results),
+            "output_tokens_per_s": round(sum(r["output_tokens_per_s"] * r["wall_s"] for r in results) / wall, 1),
+            "rss_mb_start": samples[0][1], "rss_mb_after_1_min": samples[1][1] if len(samples) > 2 else None,
+            "rss_mb_end": samples[-1][1], "rss_mb_samples": samples}
+
+
+def measure_server(proc: subprocess.Popen, base: str, health: str, args, levels, soak_minutes: float = 0) -> dict:
+    """Wait for a started server, warm it up, run every level against it (with the server's peak RSS during each),
+    then the soak run when asked, then stop it."""
     try:
         wait_ready(base, proc, health)
         asyncio.run(http_level(base, "bench", 1, 2, 8, None))  # warm-up
-        out = {}
+        out = {"rss_mb_ready": rss_mb(proc.pid)}
         for w in args.workloads:
             prompts = WORKLOADS[w]()
-            out[w] = {c: asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None, prompts))
-                      for c, n in levels}
+            out[w] = {}
+            for c, n in levels:
+                with PeakRss(proc.pid) as peak:
+                    out[w][c] = asyncio.run(http_level(base, "bench", c, n, args.output_tokens, None, prompts))
+                out[w][c]["peak_rss_mb"] = peak.peak
         quality = asyncio.run(http_quality(base, args.quality_rows))
         if quality:
             out["task"] = quality
+        if soak_minutes > 0:
+            out["soak"] = soak(base, proc.pid, soak_minutes, 8, args.output_tokens)
+            print(json.dumps({"soak": out["soak"]}), flush=True)
         return out
     finally:
         stop(proc)
 
 
-def run_service(args, levels, model: str, overrides: list[str], log: Path | None = None) -> dict:
+def run_service(args, levels, model: str, overrides: list[str], log: Path | None = None,
+                soak_minutes: float = 0) -> dict:
     """`llmstack serve` on `model` as users start it (no API key), measured at every level, then stopped."""
     port = _free_port()
     cmd = [sys.executable, "-m", "llmstack", "serve", "--model", model, "--port", str(port),
@@ -216,20 +286,23 @@ def run_service(args, levels, model: str, overrides: list[str], log: Path | None
         log.parent.mkdir(parents=True, exist_ok=True)
     with open(log or os.devnull, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    return measure_server(proc, f"http://127.0.0.1:{port}", "/readyz", args, levels)
+    return measure_server(proc, f"http://127.0.0.1:{port}", "/readyz", args, levels, soak_minutes)
 
 
 def run_ours(args, levels) -> dict:
-    return run_service(args, levels, args.model, [])
+    return run_service(args, levels, args.model, [], Path(args.out) / "ours-server.log", args.soak_minutes)
 
 
-def run_openvino(args, levels) -> dict | str:
-    from serving.config import ServeConfig
-    cfg = ServeConfig()
-    if not Path(cfg.openvino.python).exists():
-        return f"skipped: no OpenVINO environment ({cfg.openvino.python}; `make openvino-env` installs it)"
-    return run_service(args, levels, args.baseline_model, ["model.backend=openvino"],  # the first run exports
-                       Path(args.out) / "openvino-server.log")
+def run_onnx(args, levels) -> dict:
+    return run_service(args, levels, args.onnx_model, ["model.backend=onnxruntime"], Path(args.out) / "onnx-server.log")
+
+
+def vllm_dtype(choice: str) -> str:
+    """auto: bfloat16 where the CPU has AVX-512 BF16 or AMX (vLLM-CPU's fast path there), else float32."""
+    if choice != "auto":
+        return choice
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 def run_vllm(args, levels) -> dict | str:
@@ -243,7 +316,7 @@ def run_vllm(args, levels) -> dict | str:
     port = _free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(cfg.vllm.kv_cache_gib))
     cmd = [cfg.vllm.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ref.folder),
-           "--served-model-name", "bench", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048"]
+           "--served-model-name", "bench", "--port", str(port), "--dtype", args.vllm_dtype, "--max-model-len", "2048"]
     log = Path(args.out) / "vllm-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -259,7 +332,7 @@ def run_direct(args, levels) -> dict:
     from serving.engine import Params
     from serving.runtime import build_state, close_state
 
-    cfg = ServeConfig.model_validate({"model": {"path": args.model},
+    cfg = ServeConfig.model_validate({"model": {"path": args.onnx_model},
                                       "limits": {"max_running": args.max_running, "max_waiting": 256}})
     state, _ = build_state(cfg, registry=CollectorRegistry())
     tok = state.tok
@@ -297,18 +370,18 @@ def run_direct(args, levels) -> dict:
 
 def markdown(report: dict) -> str:
     rows = ["| target | workload | concurrency | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | "
-            "e2e p99 (ms) | errors |", "|---|---|---|---|---|---|---|---|---|"]
+            "e2e p99 (ms) | errors | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for target, result in report["targets"].items():
         if isinstance(result, str):
-            rows.append(f"| {target} | {result} | | | | | | | |")
+            rows.append(f"| {target} | {result} | | | | | | | | |")
             continue
         for w, levels in result.items():
-            if w == "task":
+            if w not in WORKLOADS:  # task, rss_mb_ready, soak: their own tables
                 continue
             for c, r in levels.items():
                 rows.append(f"| {target} | {w} | {c} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | "
                             f"{r['ttft_p99_ms']} | {r['tpot_p50_ms']} | {r['e2e_p99_ms']} | "
-                            f"{r['errors']}/{r['requests']} |")
+                            f"{r['errors']}/{r['requests']} | {r.get('peak_rss_mb', 'n/a')} |")
     roof = report.get("roofline")
     if isinstance(roof, dict):
         w = roof["weights"]
@@ -320,6 +393,13 @@ def markdown(report: dict) -> str:
     if tasks:
         rows += ["", "| target | task: exact match (greedy, test tickets) | JSON valid | rows |", "|---|---|---|---|"]
         rows += [f"| {t} | {q['exact_match']} | {q['json_valid']} | {q['rows']} |" for t, q in tasks.items()]
+    soaks = {t: v["soak"] for t, v in report["targets"].items() if isinstance(v, dict) and "soak" in v}
+    if soaks:
+        rows += ["", "| target | soak (min) | clients | requests | errors | output tok/s | RSS start / after 1 min / "
+                 "end (MB) |", "|---|---|---|---|---|---|---|"]
+        rows += [f"| {t} | {q['minutes']} | {q['concurrency']} | {q['requests']} | {q['errors']} | "
+                 f"{q['output_tokens_per_s']} | {q['rss_mb_start']} / {q['rss_mb_after_1_min']} / {q['rss_mb_end']} |"
+                 for t, q in soaks.items()]
     ratios = report.get("ratios", {})
     if ratios:
         others = sorted({k for per_c in ratios.values() for r in per_c.values() for k in r})
@@ -342,7 +422,7 @@ def ratios(report: dict, workloads: list[str], conc: list[int]) -> dict:
     for w in workloads:
         for c in conc:
             r = {}
-            for other in ("direct", "openvino", "vllm"):
+            for other in ("onnx", "direct", "vllm"):
                 theirs = targets.get(other)
                 if isinstance(theirs, dict) and w in theirs:
                     r[f"ours_over_{other}"] = round(ours[w][c]["output_tokens_per_s"] /
@@ -361,18 +441,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="artifacts/compress/latest",
                    help="what our service serves (default: the compress run's recommended variant)")
+    p.add_argument("--onnx-model", default="artifacts/compress/latest/onnx-int8",
+                   help="what our ONNX engine serves (targets onnx and direct) and the roofline's shapes")
     p.add_argument("--baseline-model", default="artifacts/train/latest",
-                   help="what the bare vLLM baseline serves (default: the fp32 merged fine-tune)")
+                   help="what the bare vLLM baseline serves (default: the merged fine-tune)")
+    p.add_argument("--vllm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="vLLM's --dtype (auto: bfloat16 on CPUs with AVX-512 BF16 / AMX, else float32)")
     p.add_argument("--concurrency", default="1,8,16,32", help="comma-separated client counts (default %(default)s)")
     p.add_argument("--requests", type=int, default=0,
                    help="requests per level (0: max(8, 2 x concurrency))")
     p.add_argument("--output-tokens", type=int, default=64, help="tokens generated per request (ignore_eos)")
     p.add_argument("--max-running", type=int, default=16, help="our engine's batch slots (limits.max_running)")
-    p.add_argument("--targets", default="ours,direct,openvino,vllm",
-                   help="which of ours,direct,openvino,vllm to run")
+    p.add_argument("--targets", default="ours,onnx,direct,vllm",
+                   help="which of ours,onnx,direct,vllm to run")
     p.add_argument("--workloads", default="tickets,random,long", help=f"comma-separated: {WORKLOAD_HELP}")
     p.add_argument("--quality-rows", type=int, default=100,
                    help="test tickets each HTTP target answers greedily for its exact match (0: none)")
+    p.add_argument("--soak-minutes", type=float, default=0,
+                   help="after its levels, `ours` serves 8 clients for this long: RSS at start, each minute, end")
     p.add_argument("--out", default="benchmarks/results", help="folder for serve.json and serve.md")
     args = p.parse_args()
     args.workloads = args.workloads.split(",")
@@ -383,16 +469,18 @@ def main() -> None:
     conc = [int(x) for x in args.concurrency.split(",")]
     levels = [(c, args.requests or max(8, 2 * c)) for c in conc]
     targets = args.targets.split(",")
+    args.vllm_dtype = vllm_dtype(args.vllm_dtype)
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
+              "onnx_model": args.onnx_model, "vllm_dtype": args.vllm_dtype,
               "workloads": {w: WORKLOAD_HELP.split("; ")[i] for i, w in enumerate(WORKLOADS) if w in args.workloads},
               "output_tokens": args.output_tokens, "max_running": args.max_running, "targets": {}}
-    if "ours" in targets:  # the machine's ceiling for the variant ours serves (benchmarks/roofline.py)
+    if {"ours", "onnx"} & set(targets):  # the machine's ceiling for an int8-weight model (benchmarks/roofline.py)
         from serving.model_ref import resolve
-        ref = resolve(args.model)
+        ref = resolve(args.onnx_model)
         report["roofline"] = ceiling(ref.folder, conc) if ref.backend == "onnxruntime" else (
-            f"skipped: the roofline is for ONNX variants, {args.model} is served on {ref.backend}")
+            f"skipped: the roofline reads an ONNX variant's shapes, {args.onnx_model} is served on {ref.backend}")
         print(json.dumps({"roofline": report["roofline"]}, indent=1), flush=True)
-    runners = {"ours": run_ours, "direct": run_direct, "openvino": run_openvino, "vllm": run_vllm}
+    runners = {"ours": run_ours, "onnx": run_onnx, "direct": run_direct, "vllm": run_vllm}
     for t in targets:
         print(f"benchmarking {t} ...", flush=True)
         try:
@@ -404,7 +492,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = f"Machine: {report['machine']}. Model: {args.model}. {args.output_tokens} output tokens per request.\n\n"
+    md = (f"Machine: {report['machine']}. Model: {args.model} (onnx, direct: {args.onnx_model}; vllm: "
+          f"{args.baseline_model} in {args.vllm_dtype}). {args.output_tokens} output tokens per request.\n\n")
     (out / "serve.md").write_text(md + markdown(report))
     print(md + markdown(report))
 
