@@ -166,7 +166,7 @@ def run(model_specs: list[str], config: str = "configs/train.yaml", limit: int |
     work.mkdir(parents=True, exist_ok=True)
     eval_cfg = SimpleNamespace(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                                json_fields=list(cfg.eval.json_fields))
-    measure_cfg = SimpleNamespace(threads=threads, decode_tokens=2, runs=1)  # timings are not this report's job
+    measure_cfg = SimpleNamespace(threads=threads, decode_tokens=2, runs=1, batch=0)  # timings are not this report's job
     fields = list(cfg.eval.json_fields)
     harness_limit = harness_limit or limit
     results: dict[str, dict] = {}
