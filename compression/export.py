@@ -10,7 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
-from llmstack.errors import CompressError, one_line
+from llmstack.errors import CompressError, StackError, one_line
+from runtimes.onnx import load_ort
 
 TASK = "text-generation-with-past"
 ONNX_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data")
@@ -69,19 +70,6 @@ def check_exportable(model_type: str, folder: Path) -> None:
                             f"(optimum-onnx supports: {', '.join(sorted(tasks)) or 'nothing'})", file=folder)
 
 
-def onnx_files(onnx_dir: str | Path) -> list[Path]:
-    """The .onnx graphs in a folder; CompressError when the folder or the graph is missing."""
-    folder = Path(onnx_dir)
-    if not folder.is_dir():
-        raise CompressError("ONNX model folder does not exist", file=folder)
-    files = sorted(folder.glob("*.onnx"))
-    if not files:
-        raise CompressError("no .onnx file in the folder (export the model first)", file=folder)
-    if not (folder / "config.json").is_file():
-        raise CompressError("config.json is missing next to the .onnx file", file=folder)
-    return files
-
-
 def copy_side_files(src: str | Path, dst: str | Path, names=SIDE_FILES) -> None:
     """Copy config / generation config / tokenizer files that exist in src into dst (overwriting)."""
     src, dst = Path(src), Path(dst)
@@ -110,7 +98,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
             main_export(model_name_or_path=str(folder), output=out, task=TASK, device="cpu", dtype="fp32",
                         do_validation=False, local_files_only=True, library_name="transformers",
                         trust_remote_code=False)
-    except CompressError:
+    except StackError:  # ours already names what and where
         raise
     except Exception as exc:
         raise CompressError(f"ONNX export failed ({one_line(exc)})", file=folder) from None
@@ -118,28 +106,6 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
         raise CompressError(f"ONNX export wrote no model.onnx into {out}", file=folder)
     copy_side_files(folder, out)  # verbatim: the exporter re-saves the tokenizer, ours is the reference
     return out
-
-
-def load_ort(onnx_dir: str | Path, threads: int = 0, file_name: str | None = None):
-    """ORTModelForCausalLM on the CPU execution provider with `threads` intra-op threads (0: all cores)."""
-    folder = Path(onnx_dir)
-    files = onnx_files(folder)
-    if file_name is not None and not (folder / file_name).is_file():
-        raise CompressError(f"{file_name} not found (the folder has {', '.join(f.name for f in files)})",
-                            file=folder)
-    if file_name is None and len(files) > 1:
-        file_name = "model.onnx" if (folder / "model.onnx").is_file() else files[0].name
-    import onnxruntime as ort
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
-    try:
-        return ORTModelForCausalLM.from_pretrained(folder, file_name=file_name, session_options=options,
-                                                   provider="CPUExecutionProvider", local_files_only=True)
-    except Exception as exc:
-        raise CompressError(f"ONNX Runtime cannot load the model ({one_line(exc)})", file=folder) from None
 
 
 def _chat_ids(tokenizer, prompt) -> "torch.Tensor":  # noqa: F821

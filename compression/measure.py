@@ -40,7 +40,7 @@ def load(kind: str, folder: str, threads: int, file_name: str | None = None):
         from training.model import load_model
         return load_model(folder, "float32", "sdpa_gqa")
     if kind == "onnx":
-        from compression.export import load_ort
+        from runtimes.onnx import load_ort
         return load_ort(folder, threads=threads, file_name=file_name)
     raise CompressError(f"unknown variant kind '{kind}' (pytorch or onnx; openvino is measured by its worker)")
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from compress_fixtures import make_model, rows  # noqa: F401  (fixtures)
-from compression.export import export_onnx, load_ort
+from compression.export import export_onnx
+from runtimes.onnx import load_ort
 from compression.quantize import int4, int8_block
 from compression.quantize.base_grid import int4_base_grid, q4_grid, q8_grid
 from compression.sensitivity import fake_quant, layer_matmul_names, rank_layers

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from compression.export import check_parity, export_onnx, load_ort
+from compression.export import check_parity, export_onnx
+from runtimes.onnx import load_ort
 from compression.quantize import Unavailable, cpu_preset, gpu_quantize, int4, int8_dynamic, int8_static
-from llmstack.errors import CompressError
+from llmstack.errors import ArtifactError, CompressError
 
 PROMPTS = ["My invoice was charged twice this month, please refund one of the payments.",
            "The mobile app crashes when I open settings."]
@@ -226,12 +227,12 @@ def test_int4_rejects_bad_block_size(onnx_dir, tmp_path, kwargs, message):
 
 
 def test_quantizers_reject_a_folder_without_onnx(tmp_path, tiny_model_dir):
-    with pytest.raises(CompressError, match="no .onnx file") as info:
+    with pytest.raises(ArtifactError, match="no .onnx file") as info:
         int8_dynamic(tiny_model_dir, tmp_path / "a")
     assert str(tiny_model_dir) in str(info.value)
-    with pytest.raises(CompressError, match="does not exist"):
+    with pytest.raises(ArtifactError, match="does not exist"):
         int4(tmp_path / "nowhere", tmp_path / "b")
-    with pytest.raises(CompressError, match="does not exist"):
+    with pytest.raises(ArtifactError, match="does not exist"):
         load_ort(tmp_path / "nowhere")
 
 

@@ -7,7 +7,7 @@ Shipped tasks (training/harness_tasks/, YAML + utils.py; data read from data/tic
 
 Model folder (`--model`): a HF folder, a training artifact (its merged model), a compress run (its recommended variant)
 or one compress variant. PyTorch folders run through lm-eval's `hf` model (HFLM); ONNX variants through the same HFLM
-around optimum's ORTModelForCausalLM (our ONNX Runtime path, compression.export.load_ort). Every task type works.
+around optimum's ORTModelForCausalLM (our ONNX Runtime path, runtimes.onnx.load_ort). Every task type works.
 
 Endpoint (`--endpoint http://host:port/v1`): lm-eval's `local-chat-completions` model posts one chat request per
 document to /v1/chat/completions. The llmstack server implements generation only: it answers `logprobs`, `echo` and
@@ -163,7 +163,7 @@ def _hflm(kind: str, folder: Path, batch_size: int):
     if kind == "pytorch":
         return HFLM(pretrained=str(folder), batch_size=batch_size, device="cpu", dtype="float32")
 
-    from compression.export import load_ort
+    from runtimes.onnx import load_ort
     from training.model import load_tokenizer
 
     class ORTLM(HFLM):

@@ -7,9 +7,10 @@ import logging
 import platform
 from pathlib import Path
 
-from llmstack.errors import CompressError, one_line
+from llmstack.errors import CompressError, StackError, one_line
+from runtimes.onnx import onnx_files
 
-from ..export import SIDE_FILES, copy_side_files, onnx_files
+from ..export import SIDE_FILES, copy_side_files
 
 PRESETS = ("avx512_vnni", "avx2", "arm64")
 
@@ -94,7 +95,7 @@ def failing_as(what: str, src: Path):
     """Any library exception inside becomes one CompressError line naming the step and the source folder."""
     try:
         yield
-    except CompressError:
+    except StackError:  # ours already names what and where
         raise
     except Exception as exc:
         raise CompressError(f"{what} failed ({one_line(exc)})", file=src) from None
