@@ -191,10 +191,10 @@ class Builder:
         pt_folder, steps = self.student(v)
         record.update(steps)
         if v.format == "openvino":
-            from runtimes.openvino import check_python, export_ir
+            from runtimes.openvino import export_ir
             log.info(f"[{v.name}] exporting to OpenVINO ({v.openvino_weights} weights, optimum-intel + NNCF)")
             with self.clock("export"):
-                seconds = export_ir(check_python(self.cfg.openvino.python, "openvino.python"), pt_folder, out,
+                seconds = export_ir(self.cfg.openvino.python, pt_folder, out,  # its existence checked above
                                     v.openvino_weights, field=f"variants.{v.name}.openvino_weights")
             record.update({"export_seconds": round(seconds, 1), "weights": v.openvino_weights,
                            "seconds": round(time.time() - t0, 1)})
