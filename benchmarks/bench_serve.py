@@ -147,7 +147,7 @@ async def http_quality(base: str, rows: int, c: int = 8) -> dict | None:
     """Exact match of greedy answers to the first `rows` test tickets (the demo's JSON fields)."""
     if rows <= 0:
         return None
-    from training.evaluate import json_metrics
+    from evaluation.metrics import json_metrics
 
     tickets = [json.loads(line) for line in TICKETS.read_text(encoding="utf-8").splitlines()][:rows]
     answers: dict[int, str] = {}

@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 def _setup(args, attn: str | None = None):
     import torch
 
+    from chatdata import pipeline as data_mod
     from llmstack.config import load
-    from training import data as data_mod
+    from modeling.model import load_model, load_tokenizer, resolve
     from training.config import TrainConfig
-    from training.model import load_model, load_tokenizer, resolve
 
     torch.set_num_threads(args.threads or os.cpu_count())
     cfg = load(TrainConfig, args.config, [f"train.max_steps={args.steps}", "train.save_steps=100000",
@@ -72,8 +72,8 @@ def final_loss(log_history: list[dict], last: int = 5) -> float:
 
 
 def child_ours(args) -> dict:
+    from evaluation.quality import loss_and_perplexity
     from training import methods, sft
-    from training.evaluate import loss_and_perplexity
 
     cfg, tok, prepared, model = _setup(args)
     model = methods.apply(model, cfg.method, args.steps)
@@ -91,7 +91,7 @@ def child_trl(args) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from training.evaluate import loss_and_perplexity
+    from evaluation.quality import loss_and_perplexity
 
     cfg, tok, prepared, model = _setup(args, attn="sdpa")  # transformers' stock attention: a plain baseline
     rows = [{"prompt": e.prompt_messages(), "completion": [{"role": "assistant", "content": e.reference()}]}

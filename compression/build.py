@@ -72,14 +72,14 @@ class Builder:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from training.model import load_tokenizer
+            from modeling.model import load_tokenizer
             self._tokenizer = load_tokenizer(str(self.model_dir))
         return self._tokenizer
 
     @property
     def teacher(self):
         if self._teacher is None:
-            from training.model import load_model
+            from modeling.model import load_model
             self._teacher = load_model(str(self.model_dir), "float32", "sdpa_gqa").eval()
         return self._teacher
 
@@ -122,7 +122,7 @@ class Builder:
         return self.students[key]
 
     def _load(self, folder: Path):
-        from training.model import load_model
+        from modeling.model import load_model
         return load_model(str(folder), "float32", "sdpa_gqa")
 
     def _smooth(self, model, alpha: float, name: str) -> dict:

@@ -11,8 +11,9 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from chatdata.config import DataCfg
+from evaluation.config import EvalCfg
 from llmstack.config import Section
-from training.config import DataCfg, EvalCfg
 
 PRUNE = ("none", "depth", "width", "depth+width", "sparsity")
 QUANTIZE = ("none", "int8_block", "int8_dynamic", "int8_static", "int4", "gptq", "bnb_int8", "bnb_nf4")

@@ -1,11 +1,11 @@
 """Knowledge distillation: a (pruned) student learns from the model it was cut from.
 
 Loss per batch, on answer tokens only (the positions whose next token is a reference answer token, as in
-`training.collate.answer_loss`):
+`modeling.collate.answer_loss`):
 
     alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, reference token)
 
-Both models share the tokenizer, so one packed batch (training.collate.Collator with the shared prefix) feeds both;
+Both models share the tokenizer, so one packed batch (modeling.collate.Collator with the shared prefix) feeds both;
 each runs the shared prefix once as a KV cache and its LM head only at answer positions (the 576 x 49152 head is a
 fifth of SmolLM2's FLOPs). The teacher runs in eval mode without gradients. What trains is cfg's choice: every student weight, only
 the top `train_layers` decoder layers (backpropagation stops below them), or LoRA adapters on those layers
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from llmstack.errors import CompressError
 from llmstack.log import log
-from training.collate import Collator, decoder_and_head, prefix_cache
+from modeling.collate import Collator, decoder_and_head, prefix_cache
 
 WARMUP_RATIO = 0.05
 MAX_GRAD_NORM = 1.0
@@ -46,7 +46,7 @@ def _check(student, teacher, rows) -> None:
         more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
         raise CompressError(f"{len(empty)} of {len(rows)} distillation rows have no answer tokens to learn from "
                             f"({', '.join(map(str, empty[:3]))}{more})",
-                            hint="rows must be tokenized by training.data.prepare (labels != -100 on the answer)")
+                            hint="rows must be tokenized by chatdata.pipeline.prepare (labels != -100 on the answer)")
     sv, tv = _vocab(student), _vocab(teacher)
     if sv != tv:
         raise CompressError(f"the student's vocabulary ({sv} tokens) differs from the teacher's ({tv}): distillation "
@@ -180,7 +180,7 @@ def _mean_last(values: list, n: int = 5) -> float:
 
 def distill(student, teacher, rows, pad_id: int, cfg, max_len: int, *, progress: bool = True,
             keep_sparsity: bool = False) -> dict:
-    """Train the student to match the teacher on the answer tokens of `rows` (tokenized training.data.Example rows);
+    """Train the student to match the teacher on the answer tokens of `rows` (tokenized chatdata.pipeline.Example rows);
     see the module docstring for the loss. cfg: compression.config.DistillCfg (train_layers / lora_rank choose what
     trains).
 

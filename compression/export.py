@@ -87,11 +87,10 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
     check_exportable(config["model_type"], folder)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from optimum.exporters.onnx import main_export
-
     import warnings
 
     import torch
+    from optimum.exporters.onnx import main_export
     try:
         with warnings.catch_warnings():  # the tracer's advice about Python booleans: noise for standard decoders
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -109,7 +108,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def _chat_ids(tokenizer, prompt) -> "torch.Tensor":  # noqa: F821
-    from training.data import render
+    from chatdata.pipeline import render
 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     text = render(tokenizer, messages, generation_prompt=True)
@@ -125,7 +124,7 @@ def check_parity(model_dir: str | Path, onnx_dir: str | Path, prompts: list[str]
         raise CompressError("parity check needs at least one prompt", file=onnx_dir)
     import torch
 
-    from training.model import load_model, load_tokenizer
+    from modeling.model import load_model, load_tokenizer
 
     folder, _ = check_model_dir(model_dir)
     tokenizer = load_tokenizer(str(folder))

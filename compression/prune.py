@@ -88,7 +88,7 @@ def _calibrate(model, calib: list[list[int]], hooks: list) -> None:
     output, mask)); `mask` is the bool (batch, seq) mask of real tokens of the current batch."""
     from transformers import DynamicCache
 
-    from training.collate import common_prefix
+    from modeling.collate import common_prefix
 
     _check_calib(model, calib)
     p = common_prefix(calib, [len(x) - 1 for x in calib], MIN_PREFIX)  # every row keeps >= 1 token of its own

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from llmstack import artifacts
 from llmstack.config import config_hash, dump_yaml, validate
-from llmstack.errors import ArtifactError, ConfigError
+from llmstack.errors import ArtifactError, ConfigError, StackError
 from llmstack.log import log
 
 from .build import Builder, PhaseClock, distill_steps, prune_setting
-from .config import CompressConfig, VariantCfg
+from .config import CompressConfig, DataCfg, EvalCfg, VariantCfg
 from .report import frontier_plot, markdown, plot, summary, task_score
 
 BACKEND = {"onnx": "onnxruntime", "pytorch": "transformers", "openvino": "openvino"}
@@ -34,23 +34,21 @@ DRIFT_REFERENCE = "drift_reference.json"  # written by training (monitoring.drif
 def run(cfg: CompressConfig, fast: bool = False) -> Path:
     import torch
 
-    from training import data as data_mod
-    from training.model import load_tokenizer
-
-    from .measure import spec_rows
+    from evaluation.measure import spec_rows
+    from modeling.model import load_tokenizer
 
     clock = PhaseClock()
     started_at = artifacts.now()
     torch.set_num_threads(cfg.measure.threads or os.cpu_count())
     model_dir, parent_manifest = resolve_input(cfg.input)
-    data_cfg, eval_cfg, train_cfg = _settings(cfg, parent_manifest)
+    data_cfg, eval_cfg, seed = _settings(cfg, parent_manifest)
     plan = fast_plan(cfg) if fast else variants(cfg)
     root = Path(cfg.output.dir)
     artifacts.clean_stale(root)
     run_id = cfg.output.run_id or artifacts.new_run_id()
     with clock("prepare data"):
         tokenizer = load_tokenizer(str(model_dir))
-        prepared = data_mod.prepare(data_cfg, tokenizer, train_cfg.train.seed if train_cfg else 42)
+        prepared = prepare_data(cfg, data_cfg, seed, tokenizer)
         rows = spec_rows(prepared.test, cfg.measure.eval_samples, tokenizer)
     parent = {"path": _rel(Path(cfg.input).resolve()), "model_dir": _rel(model_dir.resolve()),
               "stage": parent_manifest.get("stage") if parent_manifest else None,
@@ -158,17 +156,39 @@ def resolve_input(ref: str) -> tuple[Path, dict | None]:
     return path, None
 
 
-def _settings(cfg: CompressConfig, manifest: dict | None):
-    """Data and eval sections: the config's, else those of the training artifact whose manifest is given."""
-    from training.config import TrainConfig
+def _settings(cfg: CompressConfig, manifest: dict | None) -> tuple[DataCfg, EvalCfg, int]:
+    """Data and eval sections and the data seed: the config's, else those the training artifact's manifest records."""
+    recorded = (manifest or {}).get("config") or {}
+    file = Path(cfg.input) / artifacts.MANIFEST
 
-    train_cfg = validate(TrainConfig, manifest["config"], file=Path(cfg.input) / artifacts.MANIFEST) if manifest else None
-    data = cfg.data or (train_cfg.data if train_cfg else None)
-    ev = cfg.eval or (train_cfg.eval if train_cfg else None)
+    def section(model, name: str):
+        if name not in recorded:
+            return None
+        try:
+            return validate(model, recorded[name], file=file)
+        except StackError as exc:  # written by another version of the trainer
+            raise ConfigError(f"the training artifact's {name} settings do not validate: {exc}", file=file,
+                              field=f"config.{name}", hint=f"set {name}: in the compress config, or rebuild the "
+                              "artifact with `llmstack train`") from None
+    data = cfg.data or section(DataCfg, "data")
+    ev = cfg.eval or section(EvalCfg, "eval")
     if data is None or ev is None:
-        raise ConfigError("a plain model folder has no training config to take data and eval settings from",
-                          field="data" if data is None else "eval", hint="add data: and eval: sections to the config")
-    return data, ev, train_cfg
+        what = "a plain model folder has" if manifest is None else "the training artifact's manifest records"
+        raise ConfigError(f"{what} no data and eval settings to take", field="data" if data is None else "eval",
+                          hint="add data: and eval: sections to the compress config")
+    return data, ev, int((recorded.get("train") or {}).get("seed", 42))
+
+
+def prepare_data(cfg: CompressConfig, data_cfg: DataCfg, seed: int, tokenizer):
+    """The rows to calibrate, distil and measure on: the training run's own splits (saved in its artifact's data/)
+    unless the compress config names data itself; else the data pipeline run on the data section."""
+    from chatdata import pipeline, splits
+
+    saved = Path(cfg.input) / splits.FOLDER
+    if cfg.data is None and splits.saved(saved):
+        log.info(f"data: the training run's splits ({_rel(saved)})")
+        return splits.load(saved, tokenizer)
+    return pipeline.prepare(data_cfg, tokenizer, seed)
 
 
 def _base_model(manifest: dict | None) -> Path | None:
@@ -205,9 +225,8 @@ def training_quality(folder: Path, manifest: dict | None, rows: list[dict], same
 def measure_reference(cfg, model_dir, parent_manifest, rows, eval_cfg, work, clock, speed: bool = True) -> dict:
     """The input model's measurements: quality from its training run when that scored the same rows, else measured
     here; speed and memory measured here (skipped on the fast path: size only)."""
+    from evaluation.measure import measure_in_child
     from llmstack.artifacts import dir_size
-
-    from .measure import measure_in_child
 
     known = training_quality(Path(cfg.input), parent_manifest, rows, cfg.eval is None)
     if known and not speed:
@@ -228,7 +247,8 @@ def measure_reference(cfg, model_dir, parent_manifest, rows, eval_cfg, work, clo
 def build_and_measure(cfg, v, builder, reference, rows, eval_cfg, out, parent, run_id, clock, fast: bool):
     """Build variant `v` into `out/<name>`, measure it, gate it and write its manifest; returns (report row,
     run-manifest entry). A variant that cannot be built here (a GPU method) is recorded as skipped."""
-    from .measure import measure_in_child
+    from evaluation.measure import measure_in_child
+
     from .quantize import Unavailable
 
     vdir = out / v.name

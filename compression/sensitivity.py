@@ -48,7 +48,7 @@ def _answer_logprobs(model, rows, pad_id: int) -> list[torch.Tensor]:
 
 def rank_layers(model, rows, block: int = 32, symmetric: bool = False, pad_id: int = 0, bits: int = 4) -> list[dict]:
     """[{layer, kl}] for every decoder layer, the most sensitive first (see the module docstring). rows: tokenized
-    examples with answer labels (training.data.Example)."""
+    examples with answer labels (chatdata.pipeline.Example)."""
     model.eval()
     reference = _answer_logprobs(model, rows, pad_id)
     scores = []

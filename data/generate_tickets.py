@@ -26,9 +26,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from ticket_scenarios import FEATURES, FR_FRAMES, FR_SUMMARY, SCENARIOS  # noqa: E402
 from ticket_vocab import (CATEGORIES, CHAT_CLOSERS, CHAT_GREETINGS, CITIES, CLOSERS, COLORS, COMPANIES,  # noqa: E402
-                          CUES, CUES_SHORT, DETAILS, DISTRACTORS, FIRST, GREETINGS, INSTRUCTION, LAST, MARKERS,
-                          MONTHS, OPENERS, PAST_ISSUES, PAST_TOPICS, PHYSICAL_ONLY, PRODUCTS, SHORT_CUE_CATS,
-                          SIG_EXTRAS, SIGNOFFS, STORY, SUBJECTS, URGENCIES)
+                          CUES, CUES_SHORT, DETAILS, DISTRACTORS, FIRST, GREETINGS, INSTRUCTION, LAST, MARKERS, MONTHS,
+                          OPENERS, PAST_ISSUES, PAST_TOPICS, PHYSICAL_ONLY, PRODUCTS, SHORT_CUE_CATS, SIG_EXTRAS,
+                          SIGNOFFS, STORY, SUBJECTS, URGENCIES)
 
 SPLITS = {"train": 700, "validation": 100, "test": 200}
 # Urgency mix per category (low, medium, high, critical); feature requests are only ever low or medium.
@@ -336,7 +336,7 @@ def max_sim(sig: np.ndarray, bank: list[np.ndarray]) -> float:
 
 
 def pipeline_text(row: dict) -> str:
-    """The text training/data.py deduplicates on (Example.flat_text of an instruction row, no system prompt)."""
+    """The text chatdata/pipeline.py deduplicates on (Example.flat_text of an instruction row, no system prompt)."""
     return f"user: {row['instruction']}\n\n{row['input']}\nassistant: {row['output']}"
 
 

@@ -207,7 +207,7 @@ def cmd_log_export(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from training.model import provision
+    from modeling.model import provision
     print(provision(args.name, args.models_dir))
     return 0
 

@@ -2,16 +2,14 @@
 and calibration ids, logits / greedy / reload helpers."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from conftest import ticket_rows, write_jsonl
+from chatdata import pipeline as data_mod
 from compression.prune import calibration_ids, decoder_layers
+from conftest import ticket_rows, write_jsonl
 from llmstack.config import validate
-from training import data as data_mod
 from training.config import DataCfg
-
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")

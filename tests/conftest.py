@@ -125,7 +125,7 @@ def run_until_killed(args: list, cwd: Path, ready, log_path: Path, timeout: floa
 def tokenizer():
     """The real SmolLM2 tokenizer (chat template included) from the provisioned base model."""
     need_base_model()
-    from training.model import load_tokenizer
+    from modeling.model import load_tokenizer
 
     return load_tokenizer(str(BASE_MODEL))
 

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
+from chatdata import pipeline as data_mod
 from conftest import ticket_rows, write_jsonl
 from llmstack.config import validate
-from training import data as data_mod
-from training.collate import Collator, _pack, answer_loss
+from modeling.collate import Collator, _pack, answer_loss
 from training.config import DataCfg
 
 
@@ -22,7 +22,7 @@ def tiny_model(tiny_model_dir):
     by only ~2e-4 relative, too close to the tolerance to catch a broken mask; at std 0.2 it changes it by ~1e-2 while
     the exact computations still agree to ~1e-7.
     """
-    from training.model import load_model
+    from modeling.model import load_model
 
     model = load_model(str(tiny_model_dir), "float32", "sdpa")
     gen = torch.Generator().manual_seed(0)
@@ -203,7 +203,7 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model, features, t
 
 
 def test_shared_prefix_stops_before_every_answer():
-    from training.collate import shared_prefix
+    from modeling.collate import shared_prefix
 
     ids = [list(range(20)) + [50, 51], list(range(20)) + [60]]
     labels = [[-100] * 12 + list(range(12, 20)) + [50, 51], [-100] * 20 + [60]]
@@ -213,7 +213,7 @@ def test_shared_prefix_stops_before_every_answer():
 
 
 def test_generation_with_a_shared_prefix_equals_plain_generation(tiny_model, tokenizer):
-    from training import evaluate as ev
+    from evaluation import quality as ev
 
     prompts = [[{"role": "user", "content": f"Triage the ticket. Reply with only JSON. {text}"}]
                for text in ("router broken", "I was charged twice for my camera last month", "hi", "refund?")]
@@ -225,7 +225,7 @@ def test_generation_with_a_shared_prefix_equals_plain_generation(tiny_model, tok
 
 def test_sdpa_gqa_attention_equals_transformers_sdpa(tiny_model_dir, tokenizer):
     """Our attention (torch groups the query heads) gives transformers' sdpa result on a padded batch, with a cache."""
-    from training.model import load_model
+    from modeling.model import load_model
 
     models = [load_model(str(tiny_model_dir), "float32", attn).eval() for attn in ("sdpa", "sdpa_gqa")]
     assert models[0].config.num_key_value_heads < models[0].config.num_attention_heads  # GQA is exercised
@@ -241,9 +241,9 @@ def test_sdpa_gqa_attention_equals_transformers_sdpa(tiny_model_dir, tokenizer):
 
 def test_lora_layers_puts_adapters_on_the_top_layers_only(tiny_model_dir):
     from llmstack.errors import ConfigError
+    from modeling.model import load_model
     from training import methods
     from training.config import MethodCfg
-    from training.model import load_model
 
     model = methods.apply(load_model(str(tiny_model_dir)), MethodCfg(name="lora", lora_layers=1), 10)
     adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A" in n}

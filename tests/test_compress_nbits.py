@@ -11,11 +11,11 @@ import torch
 
 from compress_fixtures import make_model, rows  # noqa: F401  (fixtures)
 from compression.export import export_onnx
-from runtimes.onnx import load_ort
 from compression.quantize import int4, int8_block
 from compression.quantize.base_grid import int4_base_grid, q4_grid, q8_grid
 from compression.sensitivity import fake_quant, layer_matmul_names, rank_layers
 from llmstack.errors import CompressError
+from runtimes.onnx import load_ort
 
 CHATS = [[{"role": "user", "content": t}] for t in (
     "Where is my parcel? It was due last Tuesday and the tracking page has not changed since.",
@@ -195,8 +195,8 @@ def test_answer_loss_with_a_shared_prefix_equals_row_by_row(tiny_model_dir, fp32
     forward of each row on its own."""
     import torch.nn.functional as F
 
-    from compression.measure import answer_nll
-    from training.model import load_model
+    from evaluation.measure import answer_nll
+    from modeling.model import load_model
 
     data = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in rows[:5]]
     pt = load_model(str(tiny_model_dir)).eval()

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from compression.export import check_parity, export_onnx
-from runtimes.onnx import load_ort
 from compression.quantize import Unavailable, cpu_preset, gpu_quantize, int4, int8_dynamic, int8_static
 from llmstack.errors import ArtifactError, CompressError
+from runtimes.onnx import load_ort
 
 PROMPTS = ["My invoice was charged twice this month, please refund one of the payments.",
            "The mobile app crashes when I open settings."]
@@ -145,7 +145,7 @@ def test_export_rejects_a_broken_model_folder_with_one_line(tiny_model_dir, tmp_
 
 
 def test_ort_batched_left_padded_generation_equals_one_by_one(onnx_dir, tokenizer):
-    from training.evaluate import generate
+    from evaluation.quality import generate
 
     model = load_ort(onnx_dir, threads=1)
     lengths = {len(tokenizer.apply_chat_template(c, tokenize=True, add_generation_prompt=True)) for c in CHATS}

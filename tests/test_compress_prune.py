@@ -8,16 +8,14 @@ and Wanda weighs input activations where magnitude does not.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from compression.prune import block_influence, calibration_ids, count_params, prune_depth, prune_width, sparsify
-from llmstack.errors import CompressError
-from training.collate import common_prefix
-
 from compress_fixtures import (LINEARS, assert_same_logits, calib, check_roundtrip, greedy, logits,  # noqa: F401
                                make_model, reload, rows)
+from compression.prune import block_influence, calibration_ids, count_params, prune_depth, prune_width, sparsify
+from llmstack.errors import CompressError
+from modeling.collate import common_prefix
 
 
 # ---------------------------------------------------------------- calibration input

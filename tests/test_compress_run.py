@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,63 @@ def test_frontier_points_and_their_budgets(tiny_model_dir, tiny_data, tmp_path):
     assert deepest.prune == "depth+width" and deepest.distill_steps == 40
     assert points["pruned-d1-w1-int8-block"].prune == "depth" and 5 <= points["pruned-d1-w1-int8-block"].distill_steps < 40
     assert points["pruned-d0-w0.5-int8-block"].prune == "width" and points["pruned-d0-w0.5-int8-block"].mlp_keep == 0.5
+
+
+def _training_artifact(folder: Path, tiny_model_dir: Path, tiny_data: dict, config: dict | None = None) -> Path:
+    """A training artifact as compression reads it: a manifest whose config records the data and eval settings, the
+    merged model, and data/<split>.jsonl (the rows the training run kept)."""
+    from chatdata import pipeline, splits
+    from chatdata.config import DataCfg
+    from llmstack.config import validate
+    from modeling.model import load_tokenizer
+
+    data = compress_config(tiny_model_dir, tiny_data, folder)["data"]
+    config = config or {"data": data, "eval": {"max_new_tokens": 4, "json_fields": ["category"]},
+                        "train": {"seed": 3}}
+    shutil.copytree(tiny_model_dir, folder / "merged")
+    prepared = pipeline.prepare(validate(DataCfg, data), load_tokenizer(str(tiny_model_dir)), 3)
+    prepared.test = prepared.test[1:]  # the training run's own rows, which a rerun of the pipeline would not give
+    splits.save(prepared, folder / "data")
+    (folder / "manifest.json").write_text(json.dumps({"stage": "train", "run_id": "r1", "config": config}))
+    return folder
+
+
+def _prepare(folder: Path, compress_data=None):
+    from compression.config import CompressConfig
+    from compression.run import _settings, prepare_data, resolve_input
+    from llmstack.config import validate
+    from modeling.model import load_tokenizer
+
+    cfg = validate(CompressConfig, {"input": str(folder), "data": compress_data})
+    model_dir, manifest = resolve_input(cfg.input)
+    data_cfg, eval_cfg, seed = _settings(cfg, manifest)
+    return prepare_data(cfg, data_cfg, seed, load_tokenizer(str(model_dir))), eval_cfg, seed
+
+
+def test_a_training_artifact_gives_its_own_splits_and_eval_settings(tmp_path, tiny_model_dir, tiny_data):
+    art = _training_artifact(tmp_path / "train-run", tiny_model_dir, tiny_data)
+    prepared, eval_cfg, seed = _prepare(art)
+    saved = [json.loads(line)["source"] for line in (art / "data" / "test.jsonl").read_text().splitlines()]
+    assert [e.source for e in prepared.test] == saved and len(saved) == 3
+    assert all(e.input_ids and any(t != -100 for t in e.labels) for e in prepared.train)
+    assert eval_cfg.max_new_tokens == 4 and eval_cfg.json_fields == ["category"] and seed == 3
+    # without data/ (an artifact of an older version): the pipeline runs again on the manifest's data settings
+    shutil.rmtree(art / "data")
+    rerun, _, _ = _prepare(art)
+    assert len(rerun.test) == 4 and [e.source for e in rerun.test][1:] == saved
+
+
+def test_a_damaged_training_artifact_is_named(tmp_path, tiny_model_dir, tiny_data):
+    from llmstack.errors import ArtifactError, ConfigError
+
+    art = _training_artifact(tmp_path / "train-run", tiny_model_dir, tiny_data)
+    test_file = art / "data" / "test.jsonl"
+    test_file.write_text(test_file.read_text() + "{not json\n")
+    with pytest.raises(ArtifactError) as exc:
+        _prepare(art)
+    assert exc.value.file == test_file and exc.value.line == 4 and "llmstack train" in exc.value.hint
+    art2 = _training_artifact(tmp_path / "train-run-2", tiny_model_dir, tiny_data,
+                              config={"data": {"max_seq_len": "long"}, "eval": {}})
+    with pytest.raises(ConfigError) as exc:
+        _prepare(art2)
+    assert exc.value.field == "config.data" and "max_seq_len" in str(exc.value) and "llmstack train" in exc.value.hint

@@ -3,8 +3,8 @@ across the stages, per-stage metrics with the forgetting watch, and bad configs 
 from __future__ import annotations
 
 import json
-import signal
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from chatdata.pipeline import Example
 from conftest import ROOT, read_jsonl, run_cli, run_until_killed, tiny_config_dict, write_jsonl, write_yaml
 from llmstack.config import load
 from llmstack.errors import ConfigError, StackError
 from training import curriculum, sft
 from training.config import CurriculumCfg, TrainConfig
-from training.data import Example
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +143,12 @@ def test_one_learning_rate_schedule_runs_across_the_stages(cur_run):
 
 
 def test_trainer_reads_the_stages_in_order(tiny_model_dir, tiny_data, cur_data, tmp_path):
-    from training.model import load_model, load_tokenizer
+    from modeling.model import load_model, load_tokenizer
 
     cfg = load(TrainConfig, write_yaml(tmp_path / "c.yaml", curriculum_dict(tiny_model_dir, tiny_data, cur_data,
                                                                               tmp_path / "out")))
     tok = load_tokenizer(str(tiny_model_dir))
-    from training import data as data_mod
+    from chatdata import pipeline as data_mod
 
     prepared = data_mod.prepare(cfg.data, tok, 42, extra=curriculum.extra_splits(cfg.curriculum))
     stages = curriculum.attach(cfg, prepared, 2)

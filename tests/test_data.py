@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
+from chatdata import pipeline as data_mod
 from conftest import count_rows, ticket_rows, write_jsonl
 from llmstack.config import validate
 from llmstack.errors import DataError, ManyErrors, StackError
-from training import data as data_mod
 from training.config import DataCfg
 
 

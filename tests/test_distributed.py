@@ -177,8 +177,8 @@ def test_fsdp_or_deepspeed_weights_are_gathered_into_a_fresh_model_on_rank_0(tin
     from accelerate.utils import DistributedType
 
     from llmstack.errors import ArtifactError
+    from modeling.model import load_model
     from training import distributed, methods, sft
-    from training.model import load_model
 
     cfg = tiny_config()
     trained = methods.apply(load_model(str(tiny_model_dir)), cfg.method, 3)

@@ -21,8 +21,8 @@ def test_lora_on_the_real_base_model(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from modeling.model import load_tokenizer
     from training import sft
-    from training.model import load_tokenizer
 
     data = {"train": write_jsonl(tmp_path / "train.jsonl", ticket_rows(16, "train")),
             "validation": write_jsonl(tmp_path / "validation.jsonl", ticket_rows(2, "validation")),
@@ -88,8 +88,8 @@ def test_lora_on_the_real_base_model(tmp_path):
     assert first_pred["prediction"].startswith(text[:8])  # the same model the evaluation used
 
     # ---- the drift reference: basis from the train prompts, rows from validation, answers from the evaluation
+    from evaluation import quality as ev
     from monitoring import drift
-    from training import evaluate as ev
     ref = drift.Reference.load(artifact)
     preds = read_jsonl(artifact / "predictions_after.jsonl")
     assert m["outputs"]["drift_reference"] and m["drift_reference"]["rows"]["prompt_tokens"] == 2

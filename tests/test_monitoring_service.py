@@ -6,9 +6,9 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from serving_fixtures import chat_rows, make_state, sample_value, tiny_drift_reference
 
 from conftest import ROOT
-from serving_fixtures import chat_rows, make_state, sample_value, tiny_drift_reference
 from serving.api import build_app
 from serving.runtime import close_state
 
@@ -74,8 +74,8 @@ def test_in_distribution_traffic_does_not_drift_and_shifted_traffic_does(monitor
 
 
 def test_request_log_is_redacted_and_exports_as_a_training_dataset(monitored, tmp_path):
+    from chatdata import pipeline as data_mod
     from monitoring import requestlog
-    from training import data as data_mod
 
     st, c, log = monitored
     secret = "Please call me at +44 20 7946 0958 or mail jane.doe@example.com about order 12."
@@ -155,8 +155,9 @@ def test_drift_report_command_writes_html_matching_the_live_verdict(monitored, r
 
 
 def test_drift_demo_flips_on_the_real_server(tiny_onnx_dir, reference_file):
-    from conftest import run_cli
     from serving_fixtures import start_server, stop_server
+
+    from conftest import run_cli
 
     proc, base, _ = start_server(tiny_onnx_dir, [f"monitoring.drift.reference={reference_file}",
                                               "monitoring.drift.window=40", "monitoring.drift.interval_s=0.5"])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BASE_MODEL, need_base_model, read_jsonl, run_cli, ticket_rows, tiny_config_dict, write_jsonl, write_yaml
+from conftest import (BASE_MODEL, need_base_model, read_jsonl, run_cli, ticket_rows, tiny_config_dict, write_jsonl,
+                      write_yaml)
 from llmstack.config import load
 from llmstack.errors import StackError
 from training import preference, preference_metrics
@@ -154,8 +155,8 @@ def test_onpolicy_pairs_from_the_models_own_mistakes(tmp_path, tiny_model_dir, t
     """`llmstack pairs` asks the model, keeps its wrong answers as rejected beside the reference, and the file trains
     with the dpo recipe. The base model (not fine-tuned) answers every ticket wrong (no bare JSON within 16 tokens):
     one pair per prompt, rejected = its own greedy answer."""
-    from training import evaluate as ev
-    from training.model import load_model
+    from evaluation import quality as ev
+    from modeling.model import load_model
 
     need_base_model()
     out = tmp_path / "pairs" / "onpolicy.jsonl"
@@ -189,8 +190,8 @@ def test_hard_negative_pairs_reject_the_models_top_wrong_value(tmp_path, tiny_mo
     """`llmstack pairs --mode hard`: a pair for every prompt; rejected = the reference with exactly one scored field
     set to another value that field takes in the dataset, and it is the variant the model scores highest (checked
     here by scoring every variant independently with the full-forward scorer)."""
+    from modeling.model import load_model
     from training import onpolicy
-    from training.model import load_model
     from training.preference_data import PrefRow, _encode
 
     out = tmp_path / "hard.jsonl"
@@ -275,7 +276,7 @@ def test_mirrored_pairs_never_repeat_a_mistake_as_a_mirror():
 
 
 def test_answer_logps_with_a_shared_prompt_cache_match_the_full_forward(tiny_model_dir):
-    from training.model import load_model
+    from modeling.model import load_model
     from training.onpolicy import answer_logps
 
     model = load_model(str(tiny_model_dir)).eval()
@@ -345,7 +346,7 @@ def test_rejected_kind(prediction, kind):
 
 
 def test_sequence_logps_match_the_full_forward(tiny_model_dir):
-    from training.model import load_model
+    from modeling.model import load_model
 
     model = load_model(str(tiny_model_dir)).eval()
     rows = [([1, 5, 9, 13], [20, 21, 22]), ([1, 7], [30, 31, 32, 33, 34])]

@@ -23,14 +23,14 @@ from training.config import METHODS, PROMPT_LEARNING, TrainConfig
 
 PEFT = [m for m in METHODS if m not in ("full", "freeze")]
 COMMON_FILES = {"manifest.json", "config.yaml", "data_report.json", "data_report.md", "metrics.json", "README.md",
-                "loss_curve.png", "token_lengths.png", "predictions_after.jsonl", "drift_reference.json"}
+                "loss_curve.png", "token_lengths.png", "predictions_after.jsonl", "drift_reference.json", "data"}
 MERGED_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 PNG = b"\x89PNG\r\n\x1a\n"
 PROMPT_KEY = "prompt_embeddings"
 
 
 def load_base(tiny_model_dir):
-    from training.model import load_model
+    from modeling.model import load_model
 
     return load_model(str(tiny_model_dir)).eval()
 
@@ -123,6 +123,19 @@ def test_manifest_records_lineage(run, tiny_model_dir, tiny_data):
     assert json.loads((run.path / "data_report.json").read_text())["sources"] == m["datasets"]
 
 
+def test_artifact_carries_the_splits_it_trained_and_evaluated_on(run, tiny_data):
+    """data/<split>.jsonl: the pipeline's rows (what compression distils and measures on), in order, as chat messages."""
+    from chatdata import splits
+    from modeling.model import load_tokenizer
+
+    saved = splits.load(run.path / "data", load_tokenizer(run.cfg.model.name_or_path))
+    test_rows = read_jsonl(tiny_data["test"])
+    assert [e.source for e in saved.test] == [f"{tiny_data['test']}:{i}" for i in range(1, len(test_rows) + 1)]
+    assert [e.reference() for e in saved.test] == [r["output"] for r in test_rows]
+    assert len(saved.train) == len(read_jsonl(tiny_data["train"])) and len(saved.validation) == 4
+    assert all(e.input_ids and any(t != -100 for t in e.labels) for e in saved.train)
+
+
 def test_manifest_records_training_measurements(run):
     t = run.manifest["training"]
     assert t["steps"] == run.cfg.train.max_steps
@@ -184,12 +197,12 @@ def test_trainable_parameters_changed(run, tiny_model_dir):
 
 def test_artifact_reproduces_the_evaluated_generations(run, tiny_model_dir, tokenizer):
     """Loading the artifact the way a user would gives the model that produced predictions_after.jsonl."""
-    from training import evaluate as ev
-    from training.data import Example
+    from chatdata.pipeline import Example
+    from evaluation import quality as ev
     from training.evaluate_cmd import model_folder
 
     if methods.mergeable(run.method):
-        from training.model import load_model
+        from modeling.model import load_model
 
         model = load_model(model_folder(str(run.path))).eval()
     else:
@@ -250,8 +263,8 @@ def test_merged_folder_is_a_self_contained_chat_model(run):
         with pytest.raises(ArtifactError, match="no merged model"):
             model_folder(str(run.path))
         return
+    from modeling.model import load_tokenizer
     from training.evaluate_cmd import model_folder
-    from training.model import load_tokenizer
 
     assert model_folder(str(run.path)) == str(run.path / "merged")
     tok = load_tokenizer(str(run.path / "merged"))

@@ -107,7 +107,7 @@ def test_rendered_prompt_round_trips_through_tokens(tokenizer, content):
 
 
 def test_saved_copy_behaves_the_same(tokenizer, tmp_path):
-    from training.model import load_tokenizer
+    from modeling.model import load_tokenizer
 
     tokenizer.save_pretrained(tmp_path)
     again = load_tokenizer(str(tmp_path))

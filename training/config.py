@@ -7,6 +7,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
+from chatdata.config import DataCfg, DatasetSpec
+from evaluation.config import EvalCfg
 from llmstack.config import FieldProblems, Section
 from llmstack.errors import StackWarning
 
@@ -29,41 +31,8 @@ class ModelCfg(Section):
     """Allow model code from the model folder. Off by default: only standard architectures load."""
 
 
-class DatasetSpec(Section):
-    path: str
-    """A .jsonl, .json, .csv or .parquet file."""
-    format: Literal["auto", "instruction", "chat", "text"] = "auto"
-    """instruction (alpaca: instruction / input / output), chat (OpenAI-style `messages`), text (raw text, loss on
-    every token); auto picks from the columns."""
-    weight: float = Field(1.0, gt=0)
-    """Mixing weight, an upsampling factor: 2.0 repeats every row twice, 0.5 keeps a seeded half."""
-    columns: dict[str, str] = {}
-    """Rename file columns to the format's names, e.g. {instruction: question, output: answer}."""
 
 
-class DataCfg(Section):
-    train: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/tickets/train.jsonl")])
-    """Training datasets, mixed by weight (with curriculum.stages: leave empty; the stages name their data)."""
-    validation: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/tickets/validation.jsonl")])
-    """Validation datasets; empty: split `val_ratio` off the training data."""
-    test: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/tickets/test.jsonl")])
-    """Held-out test datasets for the before/after evaluation; empty: evaluate on validation."""
-    val_ratio: float = Field(0.1, ge=0, lt=1)
-    """Fraction of training rows held out for validation when no validation dataset is given."""
-    max_seq_len: int = Field(512, ge=8)
-    """Longest tokenized example (prompt + answer, chat template applied)."""
-    overlong: Literal["drop", "truncate", "error"] = "drop"
-    """Examples longer than max_seq_len: drop them (reported), truncate them, or stop with an error."""
-    system_prompt: Optional[str] = None
-    """System message added to chat/instruction rows that have none; null keeps the model template's default."""
-    unicode_normalization: Literal["NFKC", "NFC", "none"] = "NFKC"
-    """Unicode normalisation applied while cleaning (whitespace is always stripped)."""
-    dedup_exact: bool = True
-    """Drop exact duplicates (after cleaning) within each split."""
-    dedup_near: bool = True
-    """Drop near duplicates within each split (MinHash LSH on word 3-grams, datasketch)."""
-    near_dup_threshold: float = Field(0.9, gt=0, le=1)
-    """Estimated Jaccard similarity at or above which two rows are near duplicates."""
 
 
 class MethodCfg(Section):
@@ -155,20 +124,6 @@ class TrainCfg(Section):
     a gradient in every step; DDP stops with an error if one does not. null: the Trainer's default (on)."""
 
 
-class EvalCfg(Section):
-    before: bool = True
-    """Evaluate the base model before training."""
-    after: bool = True
-    """Evaluate the fine-tuned model after training."""
-    max_samples: int = Field(0, ge=0)
-    """Evaluate (loss and generations) on the first N test rows only (0: all)."""
-    max_new_tokens: int = Field(64, ge=1)
-    """Generation length limit."""
-    batch_size: int = Field(32, ge=1)
-    """Evaluation batch size: greedy generation (left padded) and the loss / perplexity passes."""
-    json_fields: list[str] = []
-    """If answers are JSON: the fields scored by exact match (per-field accuracy and all-fields exact match).
-    Empty: generic text metrics (BLEU, ROUGE-L) on the generations."""
 
 
 class PreferenceCfg(Section):

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
+from chatdata.pipeline import Example
 from llmstack.errors import DataError, collect
 from llmstack.log import log
-
-from .data import Example
 
 GENERAL = "curriculum.general_eval"
 
@@ -239,7 +238,7 @@ def attach(cfg, prepared, step_rows: int) -> list[Stage]:
     entry); without: []."""
     if not cfg.curriculum.stages:
         return []
-    from .data import length_stats
+    from chatdata.pipeline import length_stats
 
     stages = build(cfg.curriculum, prepared.extra, step_rows, cfg.train.seed)
     prepared.train = [ex for s in stages for ex in s.rows]
@@ -252,7 +251,7 @@ def attach(cfg, prepared, step_rows: int) -> list[Stage]:
 def prepare_data(cfg, tokenizer, world_size: int = 1):
     """The data pipeline for a training config, a curriculum's stages included: (prepared, stages) (stages: [] without
     a curriculum)."""
-    from .data import prepare
+    from chatdata.pipeline import prepare
 
     prepared = prepare(cfg.data, tokenizer, cfg.train.seed, extra=extra_splits(cfg.curriculum))
     return prepared, attach(cfg, prepared, cfg.train.batch_size * cfg.train.grad_accum * world_size)

@@ -1,6 +1,6 @@
 """`llmstack report`: base, fine-tuned and compressed models side by side, each measured the same way.
 
-Per model, in its own process (compression.measure.measure_in_child: transformers for PyTorch folders, ONNX Runtime for
+Per model, in its own process (evaluation.measure.measure_in_child: transformers for PyTorch folders, ONNX Runtime for
 ONNX variants — the code `llmstack compress` gates its variants with): answer-token loss / perplexity on the test
 rows and greedy generations scored like `llmstack eval` (JSON valid, per-field accuracy, exact match); here also
 per-field macro F1 and BLEU / ROUGE-L of the answers. Then `llmstack harness` (lm-eval) on the same folder.
@@ -18,6 +18,7 @@ from llmstack.errors import ConfigError, StackError
 from llmstack.log import log
 
 from .harness import HarnessError, resolve_model
+
 
 def parse_models(specs: list[str]) -> dict[str, tuple[str, str, Path]]:
     """NAME=PATH entries -> {name: (ref, kind, folder)}; every bad entry reported at once."""
@@ -47,7 +48,7 @@ def field_f1(preds: list[str], refs: list[str], fields: list[str]) -> dict:
     """Macro F1 per JSON field over the labels seen in the references (an invalid answer counts as a wrong label)."""
     from sklearn.metrics import f1_score
 
-    from .evaluate import parse_json
+    from evaluation.metrics import parse_json
 
     out = {}
     p_json = [parse_json(p) or {} for p in preds]
@@ -61,8 +62,8 @@ def field_f1(preds: list[str], refs: list[str], fields: list[str]) -> dict:
 
 
 def flat_metrics(measured: dict, refs: list[str], fields: list[str]) -> dict:
-    """One flat {metric: value} per model from compression.measure's output."""
-    from .evaluate import text_metrics
+    """One flat {metric: value} per model from evaluation.measure's output."""
+    from evaluation.metrics import text_metrics
 
     m = {"answer_loss": measured["loss"], "perplexity": measured["perplexity"]}
     task = measured["task"]
@@ -146,11 +147,11 @@ def plot(models: dict, metrics: list[str], path: Path) -> None:
 def run(model_specs: list[str], config: str = "configs/train.yaml", limit: int | None = None,
         tasks: list[str] | None = None, out: str = "artifacts/reports/latest-eval", harness_limit: int | None = None,
         threads: int = 0, skip_harness: bool = False) -> dict:
+    from chatdata import pipeline as data_mod
     from llmstack.config import load
+    from modeling.model import load_tokenizer
 
-    from . import data as data_mod
     from .config import TrainConfig
-    from .model import load_tokenizer
 
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be positive, got {limit}", field="--limit")
@@ -159,7 +160,7 @@ def run(model_specs: list[str], config: str = "configs/train.yaml", limit: int |
     if tasks and not skip_harness:
         from .harness import select_tasks
         select_tasks(tasks, endpoint=False, data=None)  # unknown task names fail before any model runs
-    from compression.measure import measure_in_child, spec_rows
+    from evaluation.measure import measure_in_child, spec_rows
 
     out_dir = Path(out)
     work = out_dir / "work"
@@ -182,7 +183,7 @@ def run(model_specs: list[str], config: str = "configs/train.yaml", limit: int |
         rows = rows_cache[key]
         log.info("report: measuring %s (%s, %s) on %d test rows", name, kind, folder, len(rows))
         measured = measure_in_child(name, kind, folder, rows, eval_cfg, measure_cfg, work / "measure")
-        from .data import Example
+        from chatdata.pipeline import Example
         refs = [Example(source=r["source"], messages=r["messages"]).reference() for r in rows]
         metrics = flat_metrics(measured, refs, fields)
         n_harness = {}

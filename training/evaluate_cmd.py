@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
+from chatdata import pipeline as data_mod
+from evaluation import quality as ev
 from llmstack import artifacts
 from llmstack.config import load
 from llmstack.errors import ArtifactError
+from modeling.model import load_model, load_tokenizer, resolve
 
 from . import curriculum
-from . import data as data_mod
-from . import evaluate as ev
 from .config import TrainConfig
-from .model import load_model, load_tokenizer, resolve
 
 
 def model_folder(ref: str, models_dir: str = "models") -> str:

@@ -25,8 +25,8 @@ from llmstack.errors import ConfigError, DataError, StackError, collect
 from llmstack.log import log
 
 from .config import FairnessCfg
-from .fairness_probes import (Attribute, Probe, _parse_answer, _read_rows, load_probes, load_terms,
-                              prompt_messages, variants)
+from .fairness_probes import (Attribute, Probe, _parse_answer, _read_rows, load_probes, load_terms, prompt_messages,
+                              variants)
 from .fairness_report import record_in_manifest, write_reports
 
 INVALID = "<no answer>"  # the value of a field the answer does not contain (unparseable JSON included)
@@ -134,8 +134,7 @@ def group_metrics(y_true: list[str], y_pred: list[str], groups: list[str], posit
 
     import numpy as np
     from fairlearn.metrics import (MetricFrame, demographic_parity_difference, equal_opportunity_difference,
-                                   equalized_odds_difference, false_positive_rate, selection_rate,
-                                   true_positive_rate)
+                                   equalized_odds_difference, false_positive_rate, selection_rate, true_positive_rate)
 
     pos = {str(p).lower() for p in positive}
     yt = np.array([str(v).lower() in pos for v in y_true], dtype=int)
@@ -300,7 +299,7 @@ def check_inputs(cfg: FairnessCfg) -> None:
 
 
 def model_generate_fn(model, tokenizer, cfg: FairnessCfg) -> GenerateFn:
-    from .evaluate import generate
+    from evaluation.quality import generate
     return lambda prompts: generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
                                     desc="fairness probes")
 
@@ -319,8 +318,9 @@ def run(model_ref: str, cfg: FairnessCfg, out: str | Path | None = None, *, mode
     check_inputs(cfg)  # input errors before the model loads
     import torch
 
+    from modeling.model import load_model, load_tokenizer
+
     from .evaluate_cmd import model_folder
-    from .model import load_model, load_tokenizer
 
     if model is None:
         folder = model_folder(str(ref))

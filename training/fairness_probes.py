@@ -186,12 +186,12 @@ def variants(probe: Probe, attr: Attribute, max_terms: int = 0) -> list[Variant]
 
 
 def prompt_messages(instruction: str, message: str, system_prompt: str | None = None) -> list[dict]:
-    """The chat prompt the training pipeline builds from an instruction row (training/data.py to_example)."""
+    """The chat prompt the training pipeline builds from an instruction row (chatdata/pipeline.py to_example)."""
     content = f"{instruction}\n\n{message}" if instruction.strip() else message
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
         [{"role": "user", "content": content}]
 
 
 def _parse_answer(text: str) -> dict | None:
-    from .evaluate import parse_json
+    from evaluation.metrics import parse_json
     return parse_json(text)

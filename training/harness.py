@@ -44,7 +44,7 @@ def resolve_model(ref: str, models_dir: str = "models") -> tuple[str, Path]:
     variant folder, or a built-in model name (models/<name>)."""
     path = Path(ref)
     if not path.exists():
-        from training.model import BUILTIN, resolve
+        from modeling.model import BUILTIN, resolve
         if ref in BUILTIN:
             return "pytorch", Path(resolve(ref, models_dir))
         raise ArtifactError("model not found", file=path,
@@ -163,8 +163,8 @@ def _hflm(kind: str, folder: Path, batch_size: int):
     if kind == "pytorch":
         return HFLM(pretrained=str(folder), batch_size=batch_size, device="cpu", dtype="float32")
 
+    from modeling.model import load_tokenizer
     from runtimes.onnx import load_ort
-    from training.model import load_tokenizer
 
     class ORTLM(HFLM):
         """HFLM around ORTModelForCausalLM: the exported graph needs an attention mask on every forward (HFLM's
@@ -231,9 +231,8 @@ def run(model: str | None = None, endpoint: str | None = None, tasks: list[str] 
         base, served = check_endpoint(endpoint)
         target = {"endpoint": base, "served_model": served}
 
-    import torch
-
     import lm_eval
+    import torch
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     torch.set_num_threads(threads or os.cpu_count())
     lm = _hflm(kind, folder, batch_size) if model is not None else _endpoint_lm(base, served, timeout)

@@ -73,7 +73,7 @@ def add_parsers(sub) -> None:
         description="Evaluate several models the same way and put them side by side in report.md, report.json and "
         "report.png: task metrics on the test split (exact match, per-field accuracy and macro F1, JSON validity), "
         "answer perplexity, BLEU / ROUGE-L of the answers, and the lm-eval harness task scores. Each model is "
-        "measured in its own process by compression.measure (PyTorch through transformers, ONNX variants through "
+        "measured in its own process by evaluation.measure (PyTorch through transformers, ONNX variants through "
         "ONNX Runtime), then `llmstack harness` runs on it.",
         epilog="example:\n  llmstack report --models base=smollm2-135m-instruct finetuned=artifacts/train/latest "
         "compressed=artifacts/compress/latest --limit 40")

@@ -29,14 +29,13 @@ from pathlib import Path
 from llmstack import artifacts
 from llmstack.errors import DataError, collect
 
-
 MODES = ("answers", "hard", "mirrored")
 MAX_VALUES = 32   # a field with more distinct values than this is free text, not a label: no hard negatives for it
 
 
 def field_values(references: list[str], fields: list[str], where: str) -> dict[str, list[str]]:
     """The distinct string values each scored field takes in the references (the candidates for hard negatives)."""
-    from .evaluate import parse_json
+    from evaluation.metrics import parse_json
 
     values: dict[str, list[str]] = {f: [] for f in fields}
     for ref in references:
@@ -58,7 +57,7 @@ def swap_field(reference: str, name: str, value: str) -> str:
     pattern = re.compile(r'("' + re.escape(name) + r'"\s*:\s*)"(?:[^"\\]|\\.)*"')
     if len(pattern.findall(reference)) == 1:
         return pattern.sub(lambda m: m.group(1) + json.dumps(value, ensure_ascii=False), reference)
-    from .evaluate import parse_json
+    from evaluation.metrics import parse_json
     return json.dumps(dict(parse_json(reference), **{name: value}), ensure_ascii=False)
 
 
@@ -90,7 +89,8 @@ def score_variants(lm, tokenizer, examples, values: dict[str, list[str]]) -> lis
     logp)]}."""
     from tqdm.auto import tqdm
 
-    from .evaluate import parse_json
+    from evaluation.metrics import parse_json
+
     from .preference_data import PrefRow, _encode
 
     scored = []
@@ -157,10 +157,11 @@ def mirrored_pairs(scored: list[dict]) -> tuple[list[dict], int]:
 def build(model: str, data: str, out: str, fields: list[str], *, mode: str = "answers", max_rows: int = 0,
           batch_size: int = 32, max_new_tokens: int = 96, models_dir: str = "models") -> dict:
     """Write the pairs to `out` (JSONL, atomically) and return a summary."""
-    from . import data as data_mod
-    from . import evaluate as ev
+    from chatdata import pipeline as data_mod
+    from evaluation import quality as ev
+    from modeling.model import load_model, load_tokenizer
+
     from .config import ModelCfg, TrainConfig
-    from .model import load_model, load_tokenizer
     from .preference import resolve_model
     from .preference_metrics import rejected_kind
 

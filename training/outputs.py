@@ -11,16 +11,16 @@ from pathlib import Path
 import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from chatdata import pipeline as data_mod
+from evaluation import quality as ev
 from llmstack import artifacts
 from llmstack.config import config_hash, validate
 from llmstack.errors import ArtifactError
 from llmstack.log import log
+from modeling.model import BUILTIN, load_model, load_tokenizer
 
-from . import data as data_mod
-from . import evaluate as ev
 from . import report
 from .config import TrainConfig
-from .model import BUILTIN, load_model, load_tokenizer
 
 
 def fingerprint(cfg: TrainConfig, prepared, base_path: str, world_size: int = 1) -> str:

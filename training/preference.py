@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 
+from chatdata import pipeline as data_mod
 from llmstack import artifacts
 from llmstack.config import config_hash, dump_yaml
 from llmstack.errors import ConfigError
 from llmstack.log import log
+from modeling.model import load_model, load_tokenizer, resolve
 
-from . import data as data_mod
 from . import methods, outputs, report
 from .config import TrainConfig, warn_poor_settings
-from .model import load_model, load_tokenizer, resolve
 from .preference_data import prepare, trl_rows
-from .sft_trainer import OPTIMIZERS
 from .preference_metrics import METRIC_DEFINITIONS, evaluate, paired_change, table
+from .sft_trainer import OPTIMIZERS
 
 RECIPES = ("dpo", "orpo", "kto")
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",

@@ -12,10 +12,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from chatdata import pipeline as data_mod
 from llmstack import artifacts
 from llmstack.errors import DataError, StackError, collect
 
-from . import data as data_mod
 from .config import TrainConfig
 
 

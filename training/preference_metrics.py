@@ -17,8 +17,10 @@ import json
 
 import torch
 
-from . import evaluate as ev
-from .collate import decoder_and_head
+from evaluation import metrics as task_metrics
+from evaluation import quality as ev
+from modeling.collate import decoder_and_head
+
 from .config import TrainConfig
 from .preference_data import PrefRow
 
@@ -74,7 +76,7 @@ def rejected_kind(prediction: str, reference: str, fields: list[str]) -> str | N
     invalid_json (no JSON object in it), extra_text (a JSON object with prose around it), missing_field (a scored
     field absent), wrong_value (a scored field's value differs from the reference)."""
     text = prediction.strip()
-    obj = ev.parse_json(text)
+    obj = task_metrics.parse_json(text)
     if obj is None:
         return "invalid_json"
     try:
@@ -83,11 +85,11 @@ def rejected_kind(prediction: str, reference: str, fields: list[str]) -> str | N
         bare = False
     if not bare:
         return "extra_text"
-    ref = ev.parse_json(reference) or {}
+    ref = task_metrics.parse_json(reference) or {}
     fields = fields or sorted(ref)
     if any(f not in obj for f in fields):
         return "missing_field"
-    if any(ev._norm_value(obj.get(f)) != ev._norm_value(ref.get(f)) for f in fields):
+    if any(task_metrics.norm_value(obj.get(f)) != task_metrics.norm_value(ref.get(f)) for f in fields):
         return "wrong_value"
     return None
 
@@ -120,7 +122,7 @@ def evaluate(model, tokenizer, rows: list[PrefRow], cfg: TrainConfig, *, ref: di
                             desc=f"eval {label}".strip(), stats=stats)
         metrics["n"] = len(held)
         if cfg.eval.json_fields:
-            metrics.update(ev.json_metrics(preds, refs, cfg.eval.json_fields))
+            metrics.update(task_metrics.json_metrics(preds, refs, cfg.eval.json_fields))
         metrics.update(answer_metrics(preds, refs, cfg.eval.json_fields))
         predictions = [{"source": r.source, "reference": a, "prediction": p,
                         "rejected_like": rejected_kind(p, a, cfg.eval.json_fields)} | st

@@ -22,19 +22,19 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
+from chatdata import pipeline as data_mod
+from chatdata import splits
+from evaluation import quality as ev
 from llmstack import artifacts
 from llmstack.config import config_hash, dump_yaml
 from llmstack.errors import ArtifactError, ConfigError
 from llmstack.log import log
+from modeling.model import load_model, load_tokenizer, resolve
 
-from . import curriculum
-from . import data as data_mod
-from . import distributed
-from . import evaluate as ev
-from . import methods, outputs, report
+from . import curriculum, distributed, methods, outputs, report
 from .config import TrainConfig, warn_poor_settings
-from .model import load_model, load_tokenizer, resolve
 from .sft_trainer import AnswerLossTrainer, build_trainer
+
 
 def _gather_trained(trainer: AnswerLossTrainer, model, cfg: TrainConfig, base_path: str, total: int,
                     dist: distributed.Dist):
@@ -45,7 +45,7 @@ def _gather_trained(trainer: AnswerLossTrainer, model, cfg: TrainConfig, base_pa
     dict to rank 0 (accelerate's get_state_dict: FSDP's full state dict offloaded to rank 0's CPU, whatever
     fsdp_state_dict_type the checkpoints use; DeepSpeed ZeRO-3 needs stage3_gather_16bit_weights_on_model_save), and
     rank 0 loads it into a fresh base model with the method applied. Either way the model comes back on the CPU,
-    where the merge, the after evaluation (training/evaluate.py builds its batches there) and the save run."""
+    where the merge, the after evaluation (evaluation/quality.py builds its batches there) and the save run."""
     if trainer.accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return model.to("cpu") if dist.main else None
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
@@ -224,6 +224,7 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         (out / "config.yaml").write_text(dump_yaml(cfg))
         artifacts.write_json(out / "data_report.json", prepared.report)
         (out / "data_report.md").write_text(data_mod.report_markdown(prepared.report))
+        splits.save(prepared, out / splits.FOLDER)  # what compression distils and evaluates on
         report.length_histogram({s: [len(e.input_ids) for e in getattr(prepared, s)]
                                  for s in ("train", "validation", "test")}, max_len, out / "token_lengths.png")
         report.loss_curve(trainer.state.log_history, out / "loss_curve.png")

@@ -15,10 +15,9 @@ from accelerate.utils import DistributedType
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from llmstack.log import log
+from modeling.collate import Collator, answer_loss
 
-from . import curriculum
-from . import distributed
-from .collate import Collator, answer_loss
+from . import curriculum, distributed
 from .config import TrainConfig
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "rmsprop": "rmsprop", "adafactor": "adafactor"}

@@ -75,8 +75,8 @@ def _norm(v) -> str:
 
 def triage_results(doc: dict, results: list[str]) -> dict:
     """Per-row scores of a generated triage answer: JSON valid, each field right, all fields right (exact match);
-    the same definitions as `llmstack eval` (training.evaluate.json_metrics)."""
-    from training.evaluate import parse_json
+    the same definitions as `llmstack eval` (evaluation.metrics.json_metrics)."""
+    from evaluation.metrics import parse_json
 
     pred = parse_json(results[0]) if results else None
     ref = parse_json(doc["output"]) or {}

@@ -5,7 +5,7 @@ threads, one warm-up, median of `runs`), answer-token perplexity on the test row
 generations (the training stage's metric: JSON fields or BLEU/ROUGE), and the generations themselves (the parent
 scores agreement with the input model's).
 
-    python -m compression.measure SPEC.json OUT.json      (SPEC written by `measure_in_child`)
+    python -m evaluation.measure SPEC.json OUT.json      (SPEC written by `measure_in_child`)
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _peak_mb() -> float:
 def load(kind: str, folder: str, threads: int, file_name: str | None = None):
     """The model object for a variant: transformers for `pytorch`, optimum's ORTModelForCausalLM for `onnx`."""
     if kind == "pytorch":
-        from training.model import load_model
+        from modeling.model import load_model
         return load_model(folder, "float32", "sdpa_gqa")
     if kind == "onnx":
         from runtimes.onnx import load_ort
@@ -52,7 +52,7 @@ def answer_nll(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[f
     import torch
     import torch.nn.functional as F
 
-    from training.collate import shared_prefix
+    from modeling.collate import shared_prefix
 
     total, count = 0.0, 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
@@ -136,9 +136,9 @@ def _timings(model, prompt_ids: list[int], decode_tokens: int, runs: int, pad_id
 
 def measure(spec: dict) -> dict:
     """Run every measurement of one variant described by `spec` (see `measure_in_child`)."""
-    from training.data import Example
-    from training.evaluate import generate
-    from training.model import load_tokenizer
+    from chatdata.pipeline import Example
+    from evaluation.quality import generate
+    from modeling.model import load_tokenizer
 
     if spec["kind"] == "openvino":  # measured through its worker; decoded and scored here like the others
         from .measure_openvino import measure_openvino
@@ -184,8 +184,8 @@ def measure(spec: dict) -> dict:
 
 def _task(spec: dict, preds: list[str]) -> dict:
     """The task metric of the greedy generations `preds` of spec's rows (the training stage's metric), with them."""
-    from training.data import Example
-    from training.evaluate import json_metrics, text_metrics
+    from chatdata.pipeline import Example
+    from evaluation.metrics import json_metrics, text_metrics
 
     refs = [Example(source=r["source"], messages=r["messages"]).reference() for r in spec["rows"]]
     fields = spec["json_fields"]
@@ -194,7 +194,7 @@ def _task(spec: dict, preds: list[str]) -> dict:
 
 def spec_rows(examples, n: int, tokenizer) -> list[dict]:
     """The test rows a child needs: tokens for the loss, messages for generation, the prompt tokens for timing."""
-    from training.data import render
+    from chatdata.pipeline import render
 
     rows = []
     for e in (examples[:n] if n else examples):
@@ -225,7 +225,7 @@ def measure_in_child(name: str, kind: str, folder: Path, rows: list[dict], eval_
     spec_file, out_file = work / f"{name}.spec.json", work / f"{name}.measured.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "compression.measure", str(spec_file), str(out_file)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "evaluation.measure", str(spec_file), str(out_file)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not out_file.is_file():
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])

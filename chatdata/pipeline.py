@@ -3,7 +3,7 @@ split -> mix. Every dropped row is recorded with its file, line and reason in th
 
 Formats: instruction (alpaca: instruction / input / output), chat (OpenAI-style `messages`), text (raw text).
 Files: JSONL (read line by line with the json module: values keep their JSON types), JSON, CSV, Parquet (through
-`datasets`); reading and validating them is training/data_files.py.
+`datasets`); reading and validating them is chatdata/files.py.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from llmstack.artifacts import sha256_file
 from llmstack.errors import DataError, StackError, collect
 
-from .data_files import Example, detect_format, load_file, to_example
+from .files import Example, detect_format, load_file, to_example
 
 REASONS = ("empty", "exact_duplicate", "near_duplicate", "overlong")
 

@@ -1,7 +1,7 @@
-"""Measure an OpenVINO variant like every other (compression/measure.py), through the OpenVINO GenAI worker in its
+"""Measure an OpenVINO variant like every other (evaluation/measure.py), through the OpenVINO GenAI worker in its
 own environment (runtimes/openvino): the worker's peak RAM after loading, time to the first token for the fixed
 prompt, decode tokens/s at batch 1 and at `measure.batch` requests at once from the arrival times of forced tokens, and the task metric on greedy
-generations of the test rows (all submitted at once: the pipeline batches them; compression.measure decodes and
+generations of the test rows (all submitted at once: the pipeline batches them; evaluation.measure decodes and
 scores them like every other variant's). OpenVINO GenAI does not expose logits, so there is no answer perplexity
 (reported as "-")."""
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _speed(run: _Runner, prompt: list[int], decode_tokens: int, runs: int, batch
 
 
 def measure_openvino(spec: dict) -> dict:
-    """The measurements of the OpenVINO variant described by `spec` (see compression.measure.measure_in_child), with
+    """The measurements of the OpenVINO variant described by `spec` (see evaluation.measure.measure_in_child), with
     the generated token ids of every test row under "generated_ids"."""
     python = check_python(spec["openvino_python"], "openvino.python")
     slots = max(spec["batch_size"], spec.get("batch", 0))

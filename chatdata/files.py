@@ -1,6 +1,6 @@
 """Reading training data: a file (JSONL read line by line with the json module so values keep their JSON types;
 JSON, CSV, Parquet through `datasets`) -> rows with their file:line locations -> the format (instruction, chat, text)
--> `Example`s, with every invalid row reported at once (file, line, field). training/data.py runs the rest of the
+-> `Example`s, with every invalid row reported at once (file, line, field). chatdata/pipeline.py runs the rest of the
 pipeline (clean, deduplicate, tokenize, filter, split, mix)."""
 from __future__ import annotations
 

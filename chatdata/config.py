@@ -1,0 +1,47 @@
+"""The data section: which files make the train / validation / test splits and how they are cleaned, deduplicated
+and length-filtered. Shared by training (`data:` of a training config) and compression (`data:` of a compress config,
+for a plain model folder)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from llmstack.config import Section
+
+
+class DatasetSpec(Section):
+    path: str
+    """A .jsonl, .json, .csv or .parquet file."""
+    format: Literal["auto", "instruction", "chat", "text"] = "auto"
+    """instruction (alpaca: instruction / input / output), chat (OpenAI-style `messages`), text (raw text, loss on
+    every token); auto picks from the columns."""
+    weight: float = Field(1.0, gt=0)
+    """Mixing weight, an upsampling factor: 2.0 repeats every row twice, 0.5 keeps a seeded half."""
+    columns: dict[str, str] = {}
+    """Rename file columns to the format's names, e.g. {instruction: question, output: answer}."""
+
+
+class DataCfg(Section):
+    train: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/tickets/train.jsonl")])
+    """Training datasets, mixed by weight (with curriculum.stages: leave empty; the stages name their data)."""
+    validation: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/tickets/validation.jsonl")])
+    """Validation datasets; empty: split `val_ratio` off the training data."""
+    test: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/tickets/test.jsonl")])
+    """Held-out test datasets for the before/after evaluation; empty: evaluate on validation."""
+    val_ratio: float = Field(0.1, ge=0, lt=1)
+    """Fraction of training rows held out for validation when no validation dataset is given."""
+    max_seq_len: int = Field(512, ge=8)
+    """Longest tokenized example (prompt + answer, chat template applied)."""
+    overlong: Literal["drop", "truncate", "error"] = "drop"
+    """Examples longer than max_seq_len: drop them (reported), truncate them, or stop with an error."""
+    system_prompt: Optional[str] = None
+    """System message added to chat/instruction rows that have none; null keeps the model template's default."""
+    unicode_normalization: Literal["NFKC", "NFC", "none"] = "NFKC"
+    """Unicode normalisation applied while cleaning (whitespace is always stripped)."""
+    dedup_exact: bool = True
+    """Drop exact duplicates (after cleaning) within each split."""
+    dedup_near: bool = True
+    """Drop near duplicates within each split (MinHash LSH on word 3-grams, datasketch)."""
+    near_dup_threshold: float = Field(0.9, gt=0, le=1)
+    """Estimated Jaccard similarity at or above which two rows are near duplicates."""
