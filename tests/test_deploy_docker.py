@@ -308,6 +308,16 @@ def test_copy_sources_exist_and_survive_dockerignore(name):
 
 
 @pytest.mark.parametrize("name", IMAGES)
+def test_every_package_of_the_distribution_is_copied(name):
+    """pip install . in the image finds every package pyproject.toml lists (a missing one imports nowhere)."""
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include}
+    copied = {src.rstrip("/") for s in stages(dockerfile(name)) for src_from, srcs, _ in copies(s) if not src_from
+              for src in srcs}
+    assert packages <= copied, f"{name}: not copied: {sorted(packages - copied)}"
+
+
+@pytest.mark.parametrize("name", IMAGES)
 def test_entrypoint_is_the_console_script_with_a_command_line_it_accepts(name):
     from llmstack.cli import build_parser
 

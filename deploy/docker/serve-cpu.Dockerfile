@@ -29,6 +29,9 @@ RUN pip install --no-cache-dir --no-deps --requirement /tmp/requirements/serve-c
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY llmstack ./llmstack
+COPY chatdata ./chatdata
+COPY modeling ./modeling
+COPY evaluation ./evaluation
 COPY serving ./serving
 COPY monitoring ./monitoring
 COPY runtimes ./runtimes

@@ -37,6 +37,9 @@ RUN /opt/llmstack/bin/pip install --no-cache-dir --no-deps --requirement /tmp/re
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY llmstack ./llmstack
+COPY chatdata ./chatdata
+COPY modeling ./modeling
+COPY evaluation ./evaluation
 COPY serving ./serving
 COPY monitoring ./monitoring
 COPY runtimes ./runtimes

@@ -33,6 +33,9 @@ RUN pip install --no-cache-dir --requirement /tmp/requirements/train-gpu.txt
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY llmstack ./llmstack
+COPY chatdata ./chatdata
+COPY modeling ./modeling
+COPY evaluation ./evaluation
 COPY serving ./serving
 COPY monitoring ./monitoring
 COPY runtimes ./runtimes
