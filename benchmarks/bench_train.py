@@ -29,7 +29,7 @@ def _setup(args, attn: str | None = None):
     import torch
 
     from chatdata import pipeline as data_mod
-    from llmstack.config import load
+    from core.config import load
     from modeling.model import load_model, load_tokenizer, resolve
     from training.config import TrainConfig
 
@@ -154,7 +154,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from llmstack.log import setup
+        from core.log import setup
         setup()
         result = (child_ours if args.child == "ours" else child_trl)(args)
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from llmstack.config import Section
+from core.config import Section
 
 
 class DatasetSpec(Section):

@@ -13,8 +13,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmstack.artifacts import sha256_file
-from llmstack.errors import DataError, StackError, collect
+from core.artifacts import sha256_file
+from core.errors import DataError, StackError, collect
 
 from .files import Example, detect_format, load_file, to_example
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmstack.errors import ArtifactError
+from core.errors import ArtifactError
 
 from .files import Example
 from .pipeline import Prepared, encode

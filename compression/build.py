@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from llmstack.log import log
+from core.log import log
 
 from .config import GPU_QUANT, CompressConfig, VariantCfg
 from .export import SIDE_FILES, copy_side_files

@@ -12,8 +12,8 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from chatdata.config import DataCfg
+from core.config import Section
 from evaluation.config import EvalCfg
-from llmstack.config import Section
 
 PRUNE = ("none", "depth", "width", "depth+width", "sparsity")
 QUANTIZE = ("none", "int8_block", "int8_dynamic", "int8_static", "int4", "gptq", "bnb_int8", "bnb_nf4")

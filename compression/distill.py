@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llmstack.errors import CompressError
-from llmstack.log import log
+from core.errors import CompressError
+from core.log import log
 from modeling.collate import Collator, decoder_and_head, prefix_cache
 
 WARMUP_RATIO = 0.05

@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from llmstack.errors import CompressError, StackError, one_line
+from core.errors import CompressError, StackError, one_line
 from runtimes.onnx import load_ort
 
 TASK = "text-generation-with-past"

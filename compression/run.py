@@ -18,10 +18,10 @@ import shutil
 import time
 from pathlib import Path
 
-from llmstack import artifacts
-from llmstack.config import config_hash, dump_yaml, validate
-from llmstack.errors import ArtifactError, ConfigError, StackError
-from llmstack.log import log
+from core import artifacts
+from core.config import config_hash, dump_yaml, validate
+from core.errors import ArtifactError, ConfigError, StackError
+from core.log import log
 
 from .build import Builder, PhaseClock, distill_steps, prune_setting
 from .config import CompressConfig, DataCfg, EvalCfg, VariantCfg
@@ -225,8 +225,8 @@ def training_quality(folder: Path, manifest: dict | None, rows: list[dict], same
 def measure_reference(cfg, model_dir, parent_manifest, rows, eval_cfg, work, clock, speed: bool = True) -> dict:
     """The input model's measurements: quality from its training run when that scored the same rows, else measured
     here; speed and memory measured here (skipped on the fast path: size only)."""
+    from core.artifacts import dir_size
     from evaluation.measure import measure_in_child
-    from llmstack.artifacts import dir_size
 
     known = training_quality(Path(cfg.input), parent_manifest, rows, cfg.eval is None)
     if known and not speed:

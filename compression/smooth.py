@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from llmstack.errors import CompressError
+from core.errors import CompressError
 
 from .prune import _calibrate, _hidden_in, decoder_layers
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from llmstack.config import Section
+from core.config import Section
 
 
 class EvalCfg(Section):

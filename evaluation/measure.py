@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from llmstack.artifacts import dir_size
-from llmstack.errors import CompressError
+from core.artifacts import dir_size
+from core.errors import CompressError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,7 +240,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from llmstack.log import setup
+    from core.log import setup
     setup()
     spec = json.loads(Path(argv[0]).read_text())
     result = measure(spec)

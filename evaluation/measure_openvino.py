@@ -10,7 +10,7 @@ import queue
 import statistics
 import time
 
-from llmstack.errors import CompressError
+from core.errors import CompressError
 from runtimes.openvino import WorkerProcess, check_python, exit_status, worker_command
 
 

@@ -1,6 +1,4 @@
-"""Shared spine of the train -> compress -> serve stack: errors, config loading, artifacts, CLI.
-
-Kept deliberately small: stages talk to each other through artifacts (folders + manifest.json), never by
-importing each other's code.
+"""The `llmstack` command (cli.py; `python -m llmstack` too): one subcommand per stage and tool, each dispatched to
+the package that does the work. It sits on top of every package; none imports it.
 """
 __version__ = "0.1.0"

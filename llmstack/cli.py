@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .errors import StackError
+from core.errors import StackError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,7 +17,7 @@ OVERRIDES_HELP = ("section.key=value overrides of the config, e.g. train.lr=1e-4
 
 
 def _train_help() -> str:
-    from llmstack.config import describe
+    from core.config import describe
     from training.config import TrainConfig
     return "config options (YAML sections; override any with section.key=value):\n" + describe(TrainConfig)
 
@@ -48,7 +48,7 @@ class _LazyEpilog(argparse.RawDescriptionHelpFormatter):
 
 
 def cmd_train(args) -> int:
-    from llmstack.config import load
+    from core.config import load
     from training.config import TrainConfig
 
     if args.resume is not None:
@@ -85,13 +85,13 @@ def cmd_data(args) -> int:
 
 def _compress_help() -> str:
     from compression.config import CompressConfig
-    from llmstack.config import describe
+    from core.config import describe
     return "config options (YAML sections; override any with section.key=value):\n" + describe(CompressConfig)
 
 
 def cmd_compress(args) -> int:
     from compression.config import CompressConfig
-    from llmstack.config import load
+    from core.config import load
 
     overrides = list(args.overrides) + ([f"input={args.input}"] if args.input else [])
     cfg = load(CompressConfig, args.config, overrides)  # config errors before the heavy imports
@@ -101,7 +101,7 @@ def cmd_compress(args) -> int:
 
 
 def _serve_help() -> str:
-    from llmstack.config import describe
+    from core.config import describe
     from serving.config import ServeConfig
     return "config options (YAML sections; override any with section.key=value):\n" + describe(ServeConfig)
 
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .log import setup
+    from core.log import setup
     setup(args.verbose)
     try:
         return args.func(args)

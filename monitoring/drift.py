@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmstack.errors import ArtifactError
+from core.errors import ArtifactError
 
 FILE = "drift_reference.json"
 VERSION = 1
@@ -171,7 +171,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
 def find_reference(folder: str | Path) -> Path | None:
     """The drift reference of a served model: in its folder, the folder above (a compress run holds one for its
     variants; a training artifact for its merged model), or up the manifests' parent links."""
-    from llmstack.artifacts import MANIFEST, parent_folder, read_manifest
+    from core.artifacts import MANIFEST, parent_folder, read_manifest
 
     seen: set[Path] = set()
     todo = [Path(folder).resolve()]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmstack.errors import DataError
+from core.errors import DataError
 
 from . import drift, requestlog
 

@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Callable
 
-from llmstack.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY, ts REAL NOT NULL, endpoint TEXT, model TEXT, adapter TEXT, backend TEXT,

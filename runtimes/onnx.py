@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmstack.errors import ArtifactError, one_line
+from core.errors import ArtifactError, one_line
 
 
 def onnx_files(onnx_dir: str | Path) -> list[Path]:

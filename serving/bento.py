@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmstack.errors import ConfigError, StackError
+from core.errors import ConfigError, StackError
 
 from .model_ref import ModelRef
 

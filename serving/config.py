@@ -7,8 +7,8 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from llmstack.config import Section
-from llmstack.errors import ConfigError
+from core.config import Section
+from core.errors import ConfigError
 
 
 class ModelCfg(Section):

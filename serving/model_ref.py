@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmstack.artifacts import MANIFEST, read_manifest
-from llmstack.errors import ArtifactError
+from core.artifacts import MANIFEST, read_manifest
+from core.errors import ArtifactError
 
 
 @dataclass

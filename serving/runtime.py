@@ -8,8 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from llmstack.errors import ConfigError
-
+from core.errors import ConfigError
 from monitoring.live import build as build_monitor
 
 from .api import State
@@ -24,7 +23,7 @@ DEFAULT_CONFIG = "configs/serve.yaml"
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> ServeConfig:
-    from llmstack.config import load
+    from core.config import load
 
     if path is None and os.environ.get(CONFIG_ENV):
         return ServeConfig.model_validate(json.loads(Path(os.environ[CONFIG_ENV]).read_text()))

@@ -8,7 +8,7 @@ import torch
 from chatdata import pipeline as data_mod
 from compression.prune import calibration_ids, decoder_layers
 from conftest import ticket_rows, write_jsonl
-from llmstack.config import validate
+from core.config import validate
 from training.config import DataCfg
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

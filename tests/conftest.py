@@ -192,7 +192,7 @@ def tiny_yaml(tmp_path, tiny_model_dir, tiny_data):
 @pytest.fixture
 def tiny_config(tiny_yaml):
     """Factory: a validated TrainConfig for a tiny run, loaded the way the CLI loads it (YAML + overrides)."""
-    from llmstack.config import load
+    from core.config import load
     from training.config import TrainConfig
 
     def make(overrides: list[str] = (), name: str = "tiny.yaml", out_dir=None, **updates):

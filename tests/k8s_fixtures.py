@@ -85,8 +85,8 @@ def selects(selector: dict, labels: dict) -> bool:
 def serve_config(docs: list[dict]):
     """The container's command line parsed by `llmstack serve`'s own parser, and the config it would load: the image's
     /app/configs/serve.yaml is this repository's configs/serve.yaml, the args are section.key=value overrides."""
+    from core.config import load
     from llmstack.cli import build_parser
-    from llmstack.config import load
     from serving.config import ServeConfig
 
     c = container(docs)

@@ -9,7 +9,7 @@ import torch
 
 from chatdata import pipeline as data_mod
 from conftest import ticket_rows, write_jsonl
-from llmstack.config import validate
+from core.config import validate
 from modeling.collate import Collator, _pack, answer_loss
 from training.config import DataCfg
 
@@ -240,7 +240,7 @@ def test_sdpa_gqa_attention_equals_transformers_sdpa(tiny_model_dir, tokenizer):
 
 
 def test_lora_layers_puts_adapters_on_the_top_layers_only(tiny_model_dir):
-    from llmstack.errors import ConfigError
+    from core.errors import ConfigError
     from modeling.model import load_model
     from training import methods
     from training.config import MethodCfg

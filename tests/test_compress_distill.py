@@ -8,12 +8,11 @@ import dataclasses
 import pytest
 import torch
 
+from compress_fixtures import calib, make_model, rows  # noqa: F401  (fixtures)
 from compression.config import DistillCfg
 from compression.distill import distill, kd_loss
 from compression.prune import prune_depth, prune_width, sparsify
-from llmstack.errors import CompressError
-
-from compress_fixtures import calib, make_model, rows  # noqa: F401  (fixtures)
+from core.errors import CompressError
 
 
 # ---------------------------------------------------------------- distillation

@@ -14,7 +14,7 @@ from compression.export import export_onnx
 from compression.quantize import int4, int8_block
 from compression.quantize.base_grid import int4_base_grid, q4_grid, q8_grid
 from compression.sensitivity import fake_quant, layer_matmul_names, rank_layers
-from llmstack.errors import CompressError
+from core.errors import CompressError
 from runtimes.onnx import load_ort
 
 CHATS = [[{"role": "user", "content": t}] for t in (

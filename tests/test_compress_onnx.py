@@ -14,7 +14,7 @@ import torch
 
 from compression.export import check_parity, export_onnx
 from compression.quantize import Unavailable, cpu_preset, gpu_quantize, int4, int8_dynamic, int8_static
-from llmstack.errors import ArtifactError, CompressError
+from core.errors import ArtifactError, CompressError
 from runtimes.onnx import load_ort
 
 PROMPTS = ["My invoice was charged twice this month, please refund one of the payments.",

@@ -14,7 +14,7 @@ import torch
 from compress_fixtures import (LINEARS, assert_same_logits, calib, check_roundtrip, greedy, logits,  # noqa: F401
                                make_model, reload, rows)
 from compression.prune import block_influence, calibration_ids, count_params, prune_depth, prune_width, sparsify
-from llmstack.errors import CompressError
+from core.errors import CompressError
 from modeling.collate import common_prefix
 
 

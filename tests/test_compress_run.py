@@ -109,9 +109,9 @@ def test_bad_variant_names_the_field(tmp_path, tiny_model_dir, tiny_data, varian
 
 
 def test_duplicate_variant_names_refused():
-    from llmstack.config import validate
-    from llmstack.errors import StackError
     from compression.config import CompressConfig
+    from core.config import validate
+    from core.errors import StackError
 
     with pytest.raises(StackError, match="onnx-int8 repeated"):
         validate(CompressConfig, {"variants": [{"name": "onnx-int8"}, {"name": "onnx-int8"}]})
@@ -200,7 +200,7 @@ def test_frontier_points_and_their_budgets(tiny_model_dir, tiny_data, tmp_path):
     """The frontier grid becomes variants; the deepest cut gets the whole distillation budget, smaller cuts a share."""
     from compression.config import CompressConfig
     from compression.run import variants
-    from llmstack.config import validate
+    from core.config import validate
 
     cfg = validate(CompressConfig, {**compress_config(tiny_model_dir, tiny_data, tmp_path / "o"),
                                     "frontier": {"drop_layers": [0, 1], "mlp_keep": [1.0, 0.5], "distill_steps": 40,
@@ -218,7 +218,7 @@ def _training_artifact(folder: Path, tiny_model_dir: Path, tiny_data: dict, conf
     merged model, and data/<split>.jsonl (the rows the training run kept)."""
     from chatdata import pipeline, splits
     from chatdata.config import DataCfg
-    from llmstack.config import validate
+    from core.config import validate
     from modeling.model import load_tokenizer
 
     data = compress_config(tiny_model_dir, tiny_data, folder)["data"]
@@ -235,7 +235,7 @@ def _training_artifact(folder: Path, tiny_model_dir: Path, tiny_data: dict, conf
 def _prepare(folder: Path, compress_data=None):
     from compression.config import CompressConfig
     from compression.run import _settings, prepare_data, resolve_input
-    from llmstack.config import validate
+    from core.config import validate
     from modeling.model import load_tokenizer
 
     cfg = validate(CompressConfig, {"input": str(folder), "data": compress_data})
@@ -258,7 +258,7 @@ def test_a_training_artifact_gives_its_own_splits_and_eval_settings(tmp_path, ti
 
 
 def test_a_damaged_training_artifact_is_named(tmp_path, tiny_model_dir, tiny_data):
-    from llmstack.errors import ArtifactError, ConfigError
+    from core.errors import ArtifactError, ConfigError
 
     art = _training_artifact(tmp_path / "train-run", tiny_model_dir, tiny_data)
     test_file = art / "data" / "test.jsonl"

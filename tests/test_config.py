@@ -11,8 +11,8 @@ import yaml
 from pydantic import BaseModel
 
 from conftest import ROOT, run_cli, write_yaml
-from llmstack.config import config_hash, describe, dump_yaml, load, validate
-from llmstack.errors import ConfigError, ManyErrors, StackError
+from core.config import config_hash, describe, dump_yaml, load, validate
+from core.errors import ConfigError, ManyErrors, StackError
 from training.config import METHODS, TrainConfig, warn_poor_settings
 
 SHIPPED_ALL = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs").glob("*.yml"))

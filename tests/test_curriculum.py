@@ -14,8 +14,8 @@ import pytest
 
 from chatdata.pipeline import Example
 from conftest import ROOT, read_jsonl, run_cli, run_until_killed, tiny_config_dict, write_jsonl, write_yaml
-from llmstack.config import load
-from llmstack.errors import ConfigError, StackError
+from core.config import load
+from core.errors import ConfigError, StackError
 from training import curriculum, sft
 from training.config import CurriculumCfg, TrainConfig
 

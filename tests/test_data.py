@@ -10,8 +10,8 @@ import pytest
 
 from chatdata import pipeline as data_mod
 from conftest import count_rows, ticket_rows, write_jsonl
-from llmstack.config import validate
-from llmstack.errors import DataError, ManyErrors, StackError
+from core.config import validate
+from core.errors import DataError, ManyErrors, StackError
 from training.config import DataCfg
 
 

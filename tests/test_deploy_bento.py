@@ -27,7 +27,8 @@ from conftest import PY, ROOT, cli_env
 RUN_ID = "20260101-000000-bento1"
 VARIANT = "onnx-int8"
 LOCK = ROOT / "deploy" / "requirements" / "serve-cpu.txt"
-FIRST_PARTY = {"llmstack", "serving", "monitoring", "runtimes", "training", "compression"}
+FIRST_PARTY = {p.rstrip("*") for p in __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["tool"]
+               ["setuptools"]["packages"]["find"]["include"]}
 
 
 def lock_pins(path: Path = LOCK) -> dict[str, str]:
@@ -126,6 +127,9 @@ def test_serve_lock_covers_every_package_the_service_imports():
     modules, third = serving_imports()
     assert {"serving.runtime", "serving.backends.onnx", "serving.backends.vllm", "monitoring.live"} <= modules
     assert not {m for m in modules if m.split(".")[0] in ("training", "compression")}, "serving imports training"
+    include = yaml.safe_load((ROOT / "deploy" / "bentofile.yaml").read_text())["include"]
+    shipped = {pattern.split("/")[0] for pattern in include}
+    assert {m.split(".")[0] for m in modules} <= shipped, "the service imports a package the Bento does not include"
     dists = metadata.packages_distributions()
     pins = lock_pins()
     missing = {}
@@ -201,9 +205,9 @@ def test_bento_holds_the_service_the_model_and_pinned_requirements(bento):
     src = path / "src"
     files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
     assert {"serving/service.py", "serving/runtime.py", "serving/backends/onnx.py", "serving/static/dashboard.html",
-            "llmstack/cli.py", "monitoring/live.py", "configs/serve.yaml"} <= files
+            "core/errors.py", "llmstack/cli.py", "monitoring/live.py", "configs/serve.yaml"} <= files
     top = {f.split("/")[0] for f in files}
-    assert top <= {"serving", "llmstack", "monitoring", "runtimes", "configs", "bentofile.yaml"}, top
+    assert top <= {"core", "serving", "llmstack", "monitoring", "runtimes", "configs", "bentofile.yaml"}, top
     assert "runtimes/openvino/worker.py" in files  # model.backend=openvino
     assert not [f for f in files if "__pycache__" in f or f.endswith((".pyc", ".onnx", ".safetensors"))]
     # the stored model: the variant's files, its drift reference and what `llmstack serve` knew about it
@@ -239,7 +243,6 @@ def test_bento_serves_its_own_model_as_in_the_container(bento, tmp_path):
     that directory against an empty BENTOML_HOME, outside the repository: readiness, the API key from a secret file,
     a chat completion, the model's name and lineage, and live drift against the reference that travelled with it."""
     import httpx
-
     from serving_fixtures import free_port, metric_sum, stop_server
 
     archive = tmp_path / "llmstack.bento"
@@ -284,10 +287,11 @@ def test_bento_serves_its_own_model_as_in_the_container(bento, tmp_path):
 
 def test_bento_refuses_what_it_cannot_ship(tmp_path):
     """Adapters and the vLLM backend have no place in the CPU Bento: a config error before anything is built."""
-    from llmstack.errors import ConfigError
+    from serving_fixtures import serve_cfg
+
+    from core.errors import ConfigError
     from serving import bento
     from serving.model_ref import ModelRef
-    from serving_fixtures import serve_cfg
 
     ref = ModelRef(tmp_path, "m", "transformers")
     nowhere = str(tmp_path / "no-bentofile.yaml")  # should a check be skipped: an error before any import / build

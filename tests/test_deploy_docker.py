@@ -356,7 +356,7 @@ def test_image_names_and_labels(name):
 def test_gpu_image_config_is_valid_and_serves_on_vllm(tmp_path):
     """serve-gpu writes its /app/configs/serve.yaml with the stack's own loader at build time: run that same code
     here (paths moved to a temp dir) and load the result as the service would."""
-    from llmstack.config import load
+    from core.config import load
     from serving.config import ServeConfig
 
     run = next(r.args for r in stages(dockerfile("serve-gpu"))[0].all("RUN") if "serve-gpu.yaml" in r.args)

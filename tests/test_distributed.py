@@ -176,7 +176,7 @@ def test_fsdp_or_deepspeed_weights_are_gathered_into_a_fresh_model_on_rank_0(tin
     import torch
     from accelerate.utils import DistributedType
 
-    from llmstack.errors import ArtifactError
+    from core.errors import ArtifactError
     from modeling.model import load_model
     from training import distributed, methods, sft
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, read_jsonl, run_cli, write_jsonl, write_yaml
-from llmstack.errors import ConfigError, DataError, StackError
+from core.errors import ConfigError, DataError, StackError
 from training import fairness as fx
 from training.config import FairnessCfg
 
@@ -174,7 +174,7 @@ def test_threshold_flagging():
 
 
 def test_threshold_out_of_range_in_config_and_cli(tmp_path):
-    from llmstack.config import load
+    from core.config import load
     from training.config import TrainConfig
 
     cfg_file = write_yaml(tmp_path / "c.yaml", {"fairness": {"enabled": True, "max_flip_rate": 1.5}})

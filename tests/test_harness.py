@@ -6,9 +6,9 @@ import json
 
 import httpx
 import pytest
+from serving_fixtures import free_port, metric_sum, start_server, stop_server
 
 from conftest import read_jsonl, run_cli
-from serving_fixtures import free_port, metric_sum, start_server, stop_server
 
 SHIPPED = ["tickets_category_mc", "tickets_triage", "tickets_urgency_mc"]
 TRIAGE_METRICS = {"exact_match", "json_valid", "acc_category", "acc_product", "acc_urgency"}
@@ -85,7 +85,7 @@ def test_harness_on_an_onnx_variant_matches_pytorch(hf_run, tiny_onnx_dir, tiny_
 
 # ---------------------------------------------------------------- the served endpoint
 def test_harness_through_the_served_endpoint(tiny_onnx_dir, tmp_path):
-    from llmstack.errors import ConfigError
+    from core.errors import ConfigError
     from training import harness
 
     proc, base, log = start_server(tiny_onnx_dir)
@@ -114,7 +114,7 @@ def test_harness_through_the_served_endpoint(tiny_onnx_dir, tmp_path):
 
 # ---------------------------------------------------------------- bad input
 def test_harness_bad_input(tmp_path, tiny_model_dir):
-    from llmstack.errors import StackError
+    from core.errors import StackError
     from training import harness
 
     def message(**kw) -> str:

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 LINT = Path(os.path.dirname(sys.executable)) / "lint-imports"
-PACKAGES = ["llmstack", "chatdata", "modeling", "evaluation", "monitoring", "runtimes", "training", "compression",
+PACKAGES = ["core", "llmstack", "chatdata", "modeling", "evaluation", "monitoring", "runtimes", "training", "compression",
             "serving"]
 LAYERS = "layers: CLI > stages > evaluation > shared libraries > spine"
 
@@ -35,7 +35,7 @@ def test_every_contract_is_kept():
     ("serving/api.py", "from training import config as _stage_leak  # noqa", "serving.api -> training.config"),
     ("evaluation/quality.py", "from compression import config as _stage_leak  # noqa",
      "evaluation.quality -> compression.config"),
-    ("llmstack/log.py", "from monitoring import drift as _stage_leak  # noqa", "llmstack.log -> monitoring.drift"),
+    ("core/log.py", "from monitoring import drift as _stage_leak  # noqa", "core.log -> monitoring.drift"),
 ], ids=["stage-to-stage", "shared-to-stage", "spine-to-shared"])
 def test_a_new_import_across_the_layers_fails_naming_the_line(tmp_path, module, leak, broken):
     """The same contract over a copy of the code with one import that breaks the layers: broken, with file and line."""

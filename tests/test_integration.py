@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import BASE_MODEL, ROOT, need_base_model, read_jsonl, ticket_rows, write_jsonl, write_yaml
-from llmstack.config import load
+from core.config import load
 from training.config import TrainConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, read_jsonl
-from llmstack.errors import ArtifactError
+from core.errors import ArtifactError
 from monitoring import drift
 
 DRIFT_DATA = ROOT / "data" / "drift"

@@ -123,7 +123,7 @@ def test_request_log_rotates_at_its_size_cap(tmp_path):
 
 
 def test_bad_redaction_hook_is_a_clear_error(tmp_path):
-    from llmstack.errors import ConfigError
+    from core.errors import ConfigError
     from monitoring.requestlog import RequestLog
 
     with pytest.raises(ConfigError, match="monitoring.request_log.redact.*cannot import"):

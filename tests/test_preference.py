@@ -12,8 +12,8 @@ import torch
 
 from conftest import (BASE_MODEL, need_base_model, read_jsonl, run_cli, ticket_rows, tiny_config_dict, write_jsonl,
                       write_yaml)
-from llmstack.config import load
-from llmstack.errors import StackError
+from core.config import load
+from core.errors import StackError
 from training import preference, preference_metrics
 from training.config import TrainConfig
 

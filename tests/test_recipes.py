@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import read_jsonl, tiny_config_dict, write_yaml
-from llmstack.config import load
-from llmstack.errors import ArtifactError
+from core.config import load
+from core.errors import ArtifactError
 from training import methods, sft
 from training.config import METHODS, PROMPT_LEARNING, TrainConfig
 
@@ -326,7 +326,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_config, tmp_path):
 def test_existing_run_id_is_refused(tiny_config, tmp_path):
     out = tmp_path / "artifacts"
     (out / "fixed").mkdir(parents=True)
-    from llmstack.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="already exists") as err:
         sft.run(tiny_config(["output.run_id=fixed"], out_dir=out))

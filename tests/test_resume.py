@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import run_cli, run_until_killed, tiny_config_dict, write_yaml
-from llmstack.config import load
+from core.config import load
 from training import sft
 from training.config import TrainConfig
 

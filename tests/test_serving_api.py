@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from serving_fixtures import make_state, sample_value
+
 from serving.api import Guard, build_app
 from serving.runtime import close_state
 
@@ -127,7 +127,7 @@ def test_api_key_and_body_size(client, state):
 
 
 def test_api_key_from_the_variable_or_a_secret_file(tmp_path):
-    from llmstack.errors import ConfigError
+    from core.errors import ConfigError
     from serving.config import AuthCfg
     auth, secret = AuthCfg(), tmp_path / "key"
     secret.write_text("from-file\n")

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from serving_fixtures import collect, make_state, serve_cfg
-from llmstack.errors import ArtifactError, ConfigError
+
+from core.errors import ArtifactError, ConfigError
 from serving.model_ref import resolve
 from serving.runtime import close_state
 
@@ -156,11 +156,11 @@ def test_vllm_backend_reports_running_and_waiting_for_the_autoscaler(tiny_model_
 
     import uvicorn
     from prometheus_client import CollectorRegistry
+    from serving_fixtures import free_port, sample_value
     from starlette.applications import Starlette
     from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
-    from serving_fixtures import free_port, sample_value
     from serving.backends.vllm import VllmGenerator
     from serving.engine import Params
     from serving.metrics import Metrics

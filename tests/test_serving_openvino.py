@@ -9,9 +9,9 @@ import os
 
 import httpx
 import pytest
+from serving_fixtures import collect, metric_sum, serve_cfg, start_server, stop_server
 
 from conftest import ROOT
-from serving_fixtures import collect, metric_sum, serve_cfg, start_server, stop_server
 from serving.engine import Params
 from serving.requests import Overloaded
 
@@ -143,7 +143,7 @@ def test_a_dying_worker_fails_its_requests_and_the_backend(ov_export, tiny_model
 
 
 def test_missing_environment_is_a_config_error(tiny_model_dir, tmp_path):
-    from llmstack.errors import ConfigError
+    from core.errors import ConfigError
     from serving.backends.openvino import prepare
     cfg = _cfg(tiny_model_dir, tmp_path)
     cfg.openvino.python = str(tmp_path / "no-such-python")
@@ -153,7 +153,7 @@ def test_missing_environment_is_a_config_error(tiny_model_dir, tmp_path):
 
 def test_the_runtime_python_variable_runs_the_worker(ov_export, tiny_model_dir, tmp_path, monkeypatch):
     """The serving images run the worker with a runtime-only environment named by LLMSTACK_OPENVINO_PYTHON."""
-    from llmstack.errors import ConfigError
+    from core.errors import ConfigError
     from serving.backends.openvino import command
     ir, export_dir = ov_export
     cfg = _cfg(tiny_model_dir, export_dir)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli, tiny_config_dict, write_yaml
-from llmstack.config import load
-from llmstack.errors import StackError
+from core.config import load
+from core.errors import StackError
 from training import sft, tune, tune_config
 from training.config import TrainConfig
 

@@ -8,9 +8,9 @@ from typing import Literal, Optional, Union
 from pydantic import Field, model_validator
 
 from chatdata.config import DataCfg, DatasetSpec
+from core.config import FieldProblems, Section
+from core.errors import StackWarning
 from evaluation.config import EvalCfg
-from llmstack.config import FieldProblems, Section
-from llmstack.errors import StackWarning
 
 METHODS = ("full", "freeze", "lora", "dora", "adalora", "ia3", "prefix", "prompt", "ptuning")
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")

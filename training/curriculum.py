@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 from chatdata.pipeline import Example
-from llmstack.errors import DataError, collect
-from llmstack.log import log
+from core.errors import DataError, collect
+from core.log import log
 
 GENERAL = "curriculum.general_eval"
 

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from llmstack.errors import StackError
-from llmstack.log import log
+from core.errors import StackError
+from core.log import log
 
 # what the Trainer uses as ddp_timeout by default: how long a rank waits in a collective (e.g. for rank 0's
 # before-training evaluation) before it gives up

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from llmstack import artifacts
-from llmstack.errors import ConfigError, StackError
-from llmstack.log import log
+from core import artifacts
+from core.errors import ConfigError, StackError
+from core.log import log
 
 from .harness import HarnessError, resolve_model
 
@@ -148,7 +148,7 @@ def run(model_specs: list[str], config: str = "configs/train.yaml", limit: int |
         tasks: list[str] | None = None, out: str = "artifacts/reports/latest-eval", harness_limit: int | None = None,
         threads: int = 0, skip_harness: bool = False) -> dict:
     from chatdata import pipeline as data_mod
-    from llmstack.config import load
+    from core.config import load
     from modeling.model import load_tokenizer
 
     from .config import TrainConfig

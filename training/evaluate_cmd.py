@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from chatdata import pipeline as data_mod
+from core import artifacts
+from core.config import load
+from core.errors import ArtifactError
 from evaluation import quality as ev
-from llmstack import artifacts
-from llmstack.config import load
-from llmstack.errors import ArtifactError
 from modeling.model import load_model, load_tokenizer, resolve
 
 from . import curriculum

@@ -20,9 +20,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from llmstack import artifacts
-from llmstack.errors import ConfigError, DataError, StackError, collect
-from llmstack.log import log
+from core import artifacts
+from core.errors import ConfigError, DataError, StackError, collect
+from core.log import log
 
 from .config import FairnessCfg
 from .fairness_probes import (Attribute, Probe, _parse_answer, _read_rows, load_probes, load_terms, prompt_messages,

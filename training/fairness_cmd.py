@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmstack.errors import ConfigError, ManyErrors, StackError
+from core.errors import ConfigError, ManyErrors, StackError
 
 from .config import FairnessCfg
 
@@ -41,7 +41,7 @@ def _positive(values: list[str] | None) -> dict | None:
 
 def config_from_args(args) -> FairnessCfg:
     """FairnessCfg from the options given (others keep their defaults); problems name the option."""
-    from llmstack.config import validate
+    from core.config import validate
 
     data = {}
     for opt, name in OPTIONS.items():

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmstack.config import read_yaml
-from llmstack.errors import ConfigError, DataError, StackError, collect
+from core.config import read_yaml
+from core.errors import ConfigError, DataError, StackError, collect
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmstack import artifacts
+from core import artifacts
 
 FILES = ("fairness.json", "fairness.md", "fairness.png")
 

@@ -21,8 +21,8 @@ import os
 import time
 from pathlib import Path
 
-from llmstack import artifacts
-from llmstack.errors import ArtifactError, ConfigError, StackError
+from core import artifacts
+from core.errors import ArtifactError, ConfigError, StackError
 
 TASKS_DIR = Path(__file__).resolve().parent / "harness_tasks"
 GENERATION = "generate_until"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 
-from llmstack.errors import ConfigError
+from core.errors import ConfigError
 
 from .config import PROMPT_LEARNING, MethodCfg
 

@@ -26,8 +26,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from llmstack import artifacts
-from llmstack.errors import DataError, collect
+from core import artifacts
+from core.errors import DataError, collect
 
 MODES = ("answers", "hard", "mirrored")
 MAX_VALUES = 32   # a field with more distinct values than this is free text, not a label: no hard negatives for it

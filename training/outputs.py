@@ -12,11 +12,11 @@ import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from chatdata import pipeline as data_mod
+from core import artifacts
+from core.config import config_hash, validate
+from core.errors import ArtifactError
+from core.log import log
 from evaluation import quality as ev
-from llmstack import artifacts
-from llmstack.config import config_hash, validate
-from llmstack.errors import ArtifactError
-from llmstack.log import log
 from modeling.model import BUILTIN, load_model, load_tokenizer
 
 from . import report
@@ -106,7 +106,7 @@ def drift_reference_for(artifact: str | Path, outputs_from: str | None = None) -
     """Write (or rewrite) drift_reference.json into an existing training artifact, e.g. one trained before drift
     references existed. The answers come from its predictions_after.jsonl when they carry token statistics, else
     from generating on the validation split with its merged model."""
-    from llmstack.config import validate as validate_cfg
+    from core.config import validate as validate_cfg
 
     folder = Path(artifact).resolve()
     m = artifacts.read_manifest(folder)

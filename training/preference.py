@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from chatdata import pipeline as data_mod
-from llmstack import artifacts
-from llmstack.config import config_hash, dump_yaml
-from llmstack.errors import ConfigError
-from llmstack.log import log
+from core import artifacts
+from core.config import config_hash, dump_yaml
+from core.errors import ConfigError
+from core.log import log
 from modeling.model import load_model, load_tokenizer, resolve
 
 from . import methods, outputs, report

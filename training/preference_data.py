@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from chatdata import pipeline as data_mod
-from llmstack import artifacts
-from llmstack.errors import DataError, StackError, collect
+from core import artifacts
+from core.errors import DataError, StackError, collect
 
 from .config import TrainConfig
 

@@ -24,11 +24,11 @@ from accelerate.utils import DistributedType
 
 from chatdata import pipeline as data_mod
 from chatdata import splits
+from core import artifacts
+from core.config import config_hash, dump_yaml
+from core.errors import ArtifactError, ConfigError
+from core.log import log
 from evaluation import quality as ev
-from llmstack import artifacts
-from llmstack.config import config_hash, dump_yaml
-from llmstack.errors import ArtifactError, ConfigError
-from llmstack.log import log
 from modeling.model import load_model, load_tokenizer, resolve
 
 from . import curriculum, distributed, methods, outputs, report

@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from llmstack.log import log
+from core.log import log
 from modeling.collate import Collator, answer_loss
 
 from . import curriculum, distributed

@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmstack import artifacts
-from llmstack.config import describe, dump_yaml, read_yaml, validate
-from llmstack.errors import ConfigError, StackError
-from llmstack.log import log
+from core import artifacts
+from core.config import describe, dump_yaml, read_yaml, validate
+from core.errors import ConfigError, StackError
+from core.log import log
 
 from .config import TrainConfig
-from .tune_config import (DEFAULT_TUNE_CONFIG, NO_CHECKPOINTS, ParamSpec, TuneConfig, TuneOutputCfg, _set,
-                          direction, grid_values, load_tune)
+from .tune_config import (DEFAULT_TUNE_CONFIG, NO_CHECKPOINTS, ParamSpec, TuneConfig, TuneOutputCfg, _set, direction,
+                          grid_values, load_tune)
 from .tune_report import markdown, plot, trial_rows, write_csv
 
 

@@ -11,9 +11,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
-from llmstack.config import Section, apply_overrides, parse_override, read_yaml, validate
-from llmstack.errors import ConfigError, StackError, collect
-from llmstack.log import log
+from core.config import Section, apply_overrides, parse_override, read_yaml, validate
+from core.errors import ConfigError, StackError, collect
+from core.log import log
 
 from .config import TrainConfig
 
@@ -253,7 +253,7 @@ def _base_path(cfg: TuneConfig, file) -> Path:
 def load_tune(path: str | Path, overrides: list[str] = ()) -> tuple[TuneConfig, TrainConfig]:
     """The validated tune config and its base train config (base overrides applied); every problem raised at once,
     before anything is written."""
-    from llmstack.config import load
+    from core.config import load
 
     data, lines = read_yaml(path)
     data = apply_overrides(data, list(overrides))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmstack.errors import CompressError
+from core.errors import CompressError
 
 from .common import copy_side, expect_graph, failing_as, load_graph, prepare_out, save, source
 from .nbits import share_tied, untie_lm_head

@@ -7,7 +7,7 @@ import logging
 import platform
 from pathlib import Path
 
-from llmstack.errors import CompressError, StackError, one_line
+from core.errors import CompressError, StackError, one_line
 from runtimes.onnx import onnx_files
 
 from ..export import SIDE_FILES, copy_side_files

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmstack.errors import CompressError
+from core.errors import CompressError
 
 from ..config import GPU_QUANT
 from ..export import SIDE_FILES, check_model_dir, copy_side_files, one_line

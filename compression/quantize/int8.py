@@ -13,11 +13,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from llmstack.errors import CompressError
+from core.errors import CompressError
 
 from .common import (copy_side, expect_graph, failing_as, load_graph, prepare_out, quiet_root, resolve_preset, save,
                      source)
 from .nbits import untie_lm_head
+
 
 def int8_dynamic(onnx_dir, out_dir, preset: str = "auto", per_channel: bool = True) -> Path:
     """Dynamic int8 quantization (optimum's ORTQuantizer + AutoQuantizationConfig.<preset>); returns out_dir."""
@@ -111,7 +112,6 @@ def int8_static(onnx_dir, out_dir, calib_ids: list[list[int]], preset: str = "au
     preset = resolve_preset(preset)
     out = prepare_out(out_dir, src)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     qc = getattr(AutoQuantizationConfig, preset)(is_static=True, per_channel=per_channel)

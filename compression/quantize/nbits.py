@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmstack.errors import CompressError
+from core.errors import CompressError
 
 from .common import copy_side, expect_graph, failing_as, load_graph, prepare_out, save, source
 
@@ -139,8 +139,7 @@ def quantize_matmuls(model, nodes: list[str], bits: int, block_size: int, symmet
     if not nodes:
         return model
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 HQQWeightOnlyQuantConfig,
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
                                                                  KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)

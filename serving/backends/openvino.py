@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from llmstack.errors import StackError
+from core.errors import StackError
 from runtimes.openvino import WorkerProcess, check_python, exit_status, export_ir, is_ir, worker_command
 
 from ..requests import Overloaded, Params, Request

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from llmstack.errors import ConfigError, StackError
+from core.errors import ConfigError, StackError
 
 from ..requests import Event, Overloaded, Params, Request
 
