@@ -69,7 +69,7 @@ tune: setup  ## hyperparameter search (configs/tune.yaml) -> artifacts/tune/<run
 fairness: setup  ## bias checks on the fine-tuned model: counterfactual probes + group metrics (fairness.md, manifest entry); ARGS='--max-flip-rate 0.05'
 	$(CLI) fairness artifacts/train/latest $(ARGS)
 
-harness: setup  ## lm-evaluation-harness tasks (training/harness_tasks: ticket triage, multiple choice) on the fine-tuned model
+harness: setup  ## lm-evaluation-harness tasks (evaluation/harness/tasks: ticket triage, multiple choice) on the fine-tuned model
 	$(CLI) harness --model artifacts/train/latest --limit 50 --out artifacts/reports/harness $(ARGS)
 
 eval-report: setup  ## base vs fine-tuned vs compressed side by side (report.md / .json / .png in artifacts/reports/eval)

@@ -73,7 +73,8 @@ def final_loss(log_history: list[dict], last: int = 5) -> float:
 
 def child_ours(args) -> dict:
     from evaluation.quality import loss_and_perplexity
-    from training import methods, sft
+    from training import methods
+    from training.sft import recipe as sft
 
     cfg, tok, prepared, model = _setup(args)
     model = methods.apply(model, cfg.method, args.steps)

@@ -13,8 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
-from core.artifacts import write_json
-from core.errors import ConfigError
+from core.artifacts import MANIFEST, write_json
+from core.errors import ArtifactError, ConfigError
 from core.log import log
 
 BUILTIN = {
@@ -163,3 +163,15 @@ def load_model(path: str, dtype: str = "float32", attn: str = "sdpa_gqa", trust_
         register_attention()
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
+
+
+def model_folder(ref: str, models_dir: str = "models") -> str:
+    """A training artifact means its merged model; anything else resolves like model.name_or_path."""
+    path = Path(ref)
+    if (path / MANIFEST).is_file():
+        merged = path / "merged"
+        if not (merged / "config.json").is_file():
+            raise ArtifactError("this training artifact has no merged model (prompt-learning methods cannot merge)",
+                                file=path)
+        return str(merged)
+    return resolve(ref, models_dir)

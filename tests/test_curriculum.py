@@ -1,4 +1,4 @@
-"""Continued pre-training and staged curricula (training/curriculum.py): stage layout, one learning-rate schedule
+"""Continued pre-training and staged curricula (training/sft/curriculum.py): stage layout, one learning-rate schedule
 across the stages, per-stage metrics with the forgetting watch, and bad configs refused with the field named."""
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from chatdata.pipeline import Example
 from conftest import ROOT, read_jsonl, run_cli, run_until_killed, tiny_config_dict, write_jsonl, write_yaml
 from core.config import load
 from core.errors import ConfigError, StackError
-from training import curriculum, sft
 from training.config import CurriculumCfg, TrainConfig
+from training.sft import curriculum
+from training.sft import recipe as sft
 
 
 @pytest.fixture(scope="module")

@@ -96,9 +96,8 @@ def tiny_llama():
 def test_fsdp_plugin_accepts_the_config(monkeypatch):
     import accelerate.utils.dataclasses as acc_dc
     import torch
-    from torch.distributed.fsdp import ShardingStrategy, StateDictType
-
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import ShardingStrategy, StateDictType
 
     _, env = launch(FOLDER / "fsdp.yaml")
     for k, v in env.items():
@@ -171,8 +170,8 @@ def _filled(zero: int, tmp_path, monkeypatch) -> tuple[dict, object]:
     """zero<N>.json as the Trainer completes it for a training config (batch 4, grad_accum 2, clipping 0.5, bf16)."""
     from transformers import LlamaConfig
 
-    from training import sft_trainer
     from training.config import TrainConfig
+    from training.sft import trainer as sft_trainer
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # _training_args sets it; restored afterwards
     cfg = TrainConfig.model_validate({"train": {"batch_size": 4, "grad_accum": 2, "max_grad_norm": 0.5,

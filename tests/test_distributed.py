@@ -178,7 +178,8 @@ def test_fsdp_or_deepspeed_weights_are_gathered_into_a_fresh_model_on_rank_0(tin
 
     from core.errors import ArtifactError
     from modeling.model import load_model
-    from training import distributed, methods, sft
+    from training import distributed, methods
+    from training.sft import recipe as sft
 
     cfg = tiny_config()
     trained = methods.apply(load_model(str(tiny_model_dir)), cfg.method, 3)

@@ -1,4 +1,4 @@
-"""Fairness checks (training/fairness.py, `llmstack fairness`): group metrics against hand-computed tables, flip
+"""Fairness checks (evaluation/fairness/check.py, `llmstack fairness`): group metrics against hand-computed tables, flip
 arithmetic with an injected deterministic generator, threshold flagging, bad input, and end-to-end runs of the CLI
 and of training with the `fairness:` section on the tiny random model."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from conftest import ROOT, read_jsonl, run_cli, write_jsonl, write_yaml
 from core.errors import ConfigError, DataError, StackError
-from training import fairness as fx
-from training.config import FairnessCfg
+from evaluation.fairness import check as fx
+from evaluation.fairness.config import FairnessCfg
 
 TERMS = {"attributes": {
     "gender": {"groups": {"female": {"name": ["Emily", "Sarah"], "pronoun": ["she"]},
@@ -297,7 +297,7 @@ def test_cli_missing_probes_file_exits_2(tmp_path, tiny_model_dir):
 
 
 def test_training_with_fairness_section_records_manifest_entry(tiny_config, tmp_path):
-    from training import sft
+    from training.sft import recipe as sft
 
     probes = write_jsonl(tmp_path / "probes.jsonl", read_jsonl(ROOT / "data/fairness/probes.jsonl")[:1])
     cfg = tiny_config(fairness={"enabled": True, "probes": str(probes), "max_terms_per_group": 1,

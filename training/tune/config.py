@@ -1,6 +1,6 @@
 """The `llmstack tune` config (configs/tune.yaml): the search space over dotted TrainConfig fields, sampler, objective,
 budget, pruning and output; and its checks — every problem in the space at once, with the tune file's line, before
-anything is written. The search itself is training/tune.py."""
+anything is written. The search itself is training/tune/search.py."""
 from __future__ import annotations
 
 import difflib
@@ -14,8 +14,7 @@ from pydantic import BaseModel, Field
 from core.config import Section, apply_overrides, parse_override, read_yaml, validate
 from core.errors import ConfigError, StackError, collect
 from core.log import log
-
-from .config import TrainConfig
+from training.config import TrainConfig
 
 DEFAULT_TUNE_CONFIG = "configs/tune.yaml"
 OBJECTIVE_ROOTS = ("validation_loss", "after", "training")

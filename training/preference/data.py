@@ -1,4 +1,4 @@
-"""Preference data for the DPO / ORPO / KTO recipe (training/preference.py): read and validate the rows (every
+"""Preference data for the DPO / ORPO / KTO recipe (training/preference/recipe.py): read and validate the rows (every
 problem named with its file, line and field), clean, deduplicate, tokenize with the chat template, length-filter and
 mix them, with the same data report as the SFT pipeline; and convert them to TRL's row format.
 
@@ -15,8 +15,7 @@ from types import SimpleNamespace
 from chatdata import pipeline as data_mod
 from core import artifacts
 from core.errors import DataError, StackError, collect
-
-from .config import TrainConfig
+from training.config import TrainConfig
 
 
 @dataclass

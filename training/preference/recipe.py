@@ -2,13 +2,13 @@
 load the model (a base model or a training artifact's merged SFT model) -> evaluate before -> TRL trainer -> evaluate
 after -> save adapter + merged model -> manifest (same layout as SFT, so compress and serve take it unchanged).
 
-Rows (read and validated by training/preference_data.py): {prompt | messages | instruction (+ input), chosen,
+Rows (read and validated by training/preference/data.py): {prompt | messages | instruction (+ input), chosen,
 rejected} for every recipe; kto also takes unpaired rows {prompt ..., completion, label: bool} (pairs become one
 desirable and one undesirable row). With LoRA (and the other
 mergeable peft methods) the reference model is the same model with its adapter disabled; with full / freeze it is a
 second copy (or, with preference.precompute_ref, log-probabilities computed once before training).
 The held-out metrics (rejected-like rate, format errors, preference accuracy, implicit reward, per-prompt
-change) are in training/preference_metrics.py.
+change) are in training/preference/metrics.py.
 """
 from __future__ import annotations
 
@@ -27,12 +27,11 @@ from core.config import config_hash, dump_yaml
 from core.errors import ConfigError
 from core.log import log
 from modeling.model import load_model, load_tokenizer, resolve
-
-from . import methods, outputs, report
-from .config import TrainConfig, warn_poor_settings
-from .preference_data import prepare, trl_rows
-from .preference_metrics import METRIC_DEFINITIONS, evaluate, paired_change, table
-from .sft_trainer import OPTIMIZERS
+from training import methods, outputs, report
+from training.config import TrainConfig, warn_poor_settings
+from training.preference.data import prepare, trl_rows
+from training.preference.metrics import METRIC_DEFINITIONS, evaluate, paired_change, table
+from training.sft.trainer import OPTIMIZERS
 
 RECIPES = ("dpo", "orpo", "kto")
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -88,7 +87,7 @@ def _trl_args(cfg: TrainConfig, work: Path, total: int):
 def _check(cfg: TrainConfig) -> None:
     p, recipe = cfg.preference, cfg.recipe
     if recipe not in RECIPES:
-        raise ConfigError(f"training/preference.py runs {', '.join(RECIPES)}, not {recipe}", field="recipe")
+        raise ConfigError(f"training/preference/recipe.py runs {', '.join(RECIPES)}, not {recipe}", field="recipe")
     allowed = {"dpo": DPO_LOSSES, "kto": KTO_LOSSES, "orpo": ()}[recipe]
     if p.loss_type is not None and p.loss_type not in allowed:
         raise ConfigError(f"{recipe} has no loss_type {p.loss_type!r}" + (f"; use one of {', '.join(allowed)}"

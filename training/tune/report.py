@@ -1,5 +1,5 @@
 """Results of a hyperparameter search (`llmstack tune`): the trial table (trials.md / .json / .csv rows) and the plot
-(tune.png: objective per trial, validation loss per step, parameter importances). training/tune.py writes them
+(tune.png: objective per trial, validation loss per step, parameter importances). training/tune/search.py writes them
 after every trial. Light at import; matplotlib and optuna's importance evaluator load when the plot is drawn."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import csv
 import io
 from pathlib import Path
 
-from .tune_config import TuneConfig, direction
+from training.tune.config import TuneConfig, direction
+
 
 def trial_rows(study, cfg: TuneConfig) -> list[dict]:
     rows = []

@@ -1,4 +1,4 @@
-"""The reports of the fairness checks (training/fairness.py): fairness.md (flip rates, per-group accuracy, group
+"""The reports of the fairness checks (evaluation/fairness/check.py): fairness.md (flip rates, per-group accuracy, group
 metrics, flip examples), fairness.png (flip rate per attribute and field against the threshold), fairness.json, and
 the `fairness` entry a training artifact's manifest gets."""
 from __future__ import annotations
@@ -82,8 +82,10 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    from .report import _plt
-    plt = _plt()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     attrs = list(result["flips"])
     keys = result["fields"] + ["any"]
     fig, ax = plt.subplots(figsize=(7, 4))

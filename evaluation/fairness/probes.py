@@ -1,6 +1,6 @@
 """Fairness inputs: the term groups (terms.yaml) and the counterfactual probes (JSONL / CSV), read with every
 problem reported at once (file, line, field), and the expansion of a probe into its variants (one per term group and
-aligned term index). Light at import: training/fairness.py runs the checks."""
+aligned term index). Light at import: evaluation/fairness/check.py runs the checks."""
 from __future__ import annotations
 
 import csv

@@ -20,7 +20,6 @@ The output is the preference-row format the dpo / orpo / kto recipes read.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections import Counter
@@ -90,8 +89,7 @@ def score_variants(lm, tokenizer, examples, values: dict[str, list[str]]) -> lis
     from tqdm.auto import tqdm
 
     from evaluation.metrics import parse_json
-
-    from .preference_data import PrefRow, _encode
+    from training.preference.data import PrefRow, _encode
 
     scored = []
     for ex in tqdm(examples, desc="scoring label variants", unit="prompt"):
@@ -160,10 +158,9 @@ def build(model: str, data: str, out: str, fields: list[str], *, mode: str = "an
     from chatdata import pipeline as data_mod
     from evaluation import quality as ev
     from modeling.model import load_model, load_tokenizer
-
-    from .config import ModelCfg, TrainConfig
-    from .preference import resolve_model
-    from .preference_metrics import rejected_kind
+    from training.config import ModelCfg, TrainConfig
+    from training.preference.metrics import rejected_kind
+    from training.preference.recipe import resolve_model
 
     rows, locs = data_mod.load_file(data)
     if not rows:
@@ -224,39 +221,3 @@ def _write(pairs: list[dict], out: str, summary: dict, model_dir, data, fields) 
     print(f"wrote {len(pairs)} pairs -> {target}")
     return {"model": str(model_dir), "data": str(data), "sha256": artifacts.sha256_file(data), "fields": fields,
             "out": str(target)} | summary
-
-
-def cmd(args) -> int:
-    fields = [f.strip() for f in args.fields.split(",") if f.strip()]
-    build(args.model, args.data, args.out, fields, mode=args.mode, max_rows=args.max_rows, batch_size=args.batch_size,
-          max_new_tokens=args.max_new_tokens, models_dir=args.models_dir)
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("pairs", help="on-policy preference pairs from a model's own wrong answers or hard negatives",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a training artifact (its merged model), its merged/ folder, a model folder or a "
-                   "built-in model name")
-    p.add_argument("--data", required=True, help="instruction or chat dataset with reference answers (JSONL, JSON, "
-                   "CSV, Parquet), e.g. data/tickets/train.jsonl")
-    p.add_argument("--out", required=True, help="preference JSONL to write (rows: messages, chosen, rejected, "
-                   "rejected_kind)")
-    p.add_argument("--mode", choices=MODES, default="answers",
-                   help="answers: a pair for each wrong greedy answer (rejected = that answer; right answers are "
-                   "skipped); hard: a pair for every prompt (rejected = the reference with one --fields value set to "
-                   "the wrong value the model ranks highest); mirrored: each prompt where a wrong label outranks the "
-                   "reference, plus a mirror pair that rejects the right label of that prompt on another prompt "
-                   "(every label chosen as often as rejected) (default: %(default)s)")
-    p.add_argument("--fields", default="category,product,urgency",
-                   help="JSON fields of the answer that must match the reference (default: %(default)s)")
-    p.add_argument("--max-rows", type=int, default=0, help="use the first N rows (0: all; default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="generation batch size, --mode answers (hard / mirrored score one prompt's variants in one "
-                   "batch) (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=96,
-                   help="generation limit, --mode answers; a cut-off answer counts as invalid JSON (default: "
-                   "%(default)s)")
-    p.add_argument("--models-dir", default="models", help="where built-in models are provisioned "
-                   "(default: %(default)s)")
-    p.set_defaults(func=cmd)

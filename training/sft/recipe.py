@@ -1,5 +1,5 @@
 """The SFT recipe, top to bottom: load config -> prepare data -> load model -> evaluate before -> apply method ->
-train (HF Trainer, answer-only loss, packing; the trainer is in training/sft_trainer.py) -> evaluate after -> save
+train (HF Trainer, answer-only loss, packing; the trainer is in training/sft/trainer.py) -> evaluate after -> save
 adapter + merged model -> manifest.
 
 Checkpoints go to `<output.dir>/.work/<run-id>/` so `--resume` continues a killed run; the artifact is written to a
@@ -30,10 +30,10 @@ from core.errors import ArtifactError, ConfigError
 from core.log import log
 from evaluation import quality as ev
 from modeling.model import load_model, load_tokenizer, resolve
-
-from . import curriculum, distributed, methods, outputs, report
-from .config import TrainConfig, warn_poor_settings
-from .sft_trainer import AnswerLossTrainer, build_trainer
+from training import distributed, methods, outputs, report
+from training.config import TrainConfig, warn_poor_settings
+from training.sft import curriculum
+from training.sft.trainer import AnswerLossTrainer, build_trainer
 
 
 def _gather_trained(trainer: AnswerLossTrainer, model, cfg: TrainConfig, base_path: str, total: int,
@@ -256,7 +256,7 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
     final = root / run_id
     artifacts.set_latest(root, run_id)
     if cfg.fairness.enabled:  # bias checks on the merged model: reports + the manifest's `fairness` entry
-        from . import fairness
+        from evaluation.fairness import check as fairness
         fairness.run(str(final), cfg.fairness, model=merged if merged is not None else model, tokenizer=tokenizer)
     if not cfg.output.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)

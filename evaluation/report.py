@@ -16,8 +16,7 @@ from types import SimpleNamespace
 from core import artifacts
 from core.errors import ConfigError, StackError
 from core.log import log
-
-from .harness import HarnessError, resolve_model
+from evaluation.harness.run import HarnessError, resolve_model
 
 
 def parse_models(specs: list[str]) -> dict[str, tuple[str, str, Path]]:
@@ -87,7 +86,7 @@ def harness_metrics(name: str, folder: Path, limit: int | None, tasks: list[str]
     ({"harness:<task>:<metric>": value}, {task: documents})."""
     import gc
 
-    from . import harness
+    from evaluation.harness import run as harness
 
     try:
         res = harness.run(model=str(folder), tasks=tasks, limit=limit, out=str(work / "harness" / name),
@@ -149,16 +148,15 @@ def run(model_specs: list[str], config: str = "configs/train.yaml", limit: int |
         threads: int = 0, skip_harness: bool = False) -> dict:
     from chatdata import pipeline as data_mod
     from core.config import load
+    from evaluation.config import TrainingSections
     from modeling.model import load_tokenizer
-
-    from .config import TrainConfig
 
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be positive, got {limit}", field="--limit")
     models = parse_models(model_specs)
-    cfg = load(TrainConfig, config)
+    cfg = load(TrainingSections, config)
     if tasks and not skip_harness:
-        from .harness import select_tasks
+        from evaluation.harness.run import select_tasks
         select_tasks(tasks, endpoint=False, data=None)  # unknown task names fail before any model runs
     from evaluation.measure import measure_in_child, spec_rows
 

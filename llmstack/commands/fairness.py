@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from core.errors import ConfigError, ManyErrors, StackError
-
-from .config import FairnessCfg
+from core.errors import ConfigError, ManyErrors
+from evaluation.fairness.config import FairnessCfg
 
 # option -> FairnessCfg field
 OPTIONS = {"--probes": "probes", "--terms": "terms", "--fields": "fields", "--positive": "positive",
@@ -64,11 +63,11 @@ def config_from_args(args) -> FairnessCfg:
         raise
 
 
-def cmd_fairness(args) -> int:
+def run(args) -> int:
     import os
 
     cfg = config_from_args(args)  # option errors before the heavy imports
-    from . import fairness
+    from evaluation.fairness import check as fairness
     fairness.check_inputs(cfg)  # and input errors
     import torch
     torch.set_num_threads(args.threads or os.cpu_count())
@@ -87,8 +86,7 @@ def cmd_fairness(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    """The `fairness` subcommand (called by llmstack/cli.py's build_parser)."""
+def register(sub) -> None:
     p = sub.add_parser(
         "fairness", help="bias checks: counterfactual probes (flip rates) and group fairness metrics",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -120,7 +118,5 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, help=_doc("batch_size"))
     p.add_argument("--examples", type=int, help=_doc("examples"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0 = all cores)")
-    p.set_defaults(func=cmd_fairness)
+    p.set_defaults(func=run)
 
-
-__all__ = ["add_parser", "cmd_fairness", "config_from_args", "StackError"]

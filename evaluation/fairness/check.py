@@ -23,11 +23,10 @@ from typing import Callable
 from core import artifacts
 from core.errors import ConfigError, DataError, StackError, collect
 from core.log import log
-
-from .config import FairnessCfg
-from .fairness_probes import (Attribute, Probe, _parse_answer, _read_rows, load_probes, load_terms, prompt_messages,
-                              variants)
-from .fairness_report import record_in_manifest, write_reports
+from evaluation.fairness.config import FairnessCfg
+from evaluation.fairness.probes import (Attribute, Probe, _parse_answer, _read_rows, load_probes, load_terms,
+                                        prompt_messages, variants)
+from evaluation.fairness.report import record_in_manifest, write_reports
 
 INVALID = "<no answer>"  # the value of a field the answer does not contain (unparseable JSON included)
 
@@ -318,9 +317,7 @@ def run(model_ref: str, cfg: FairnessCfg, out: str | Path | None = None, *, mode
     check_inputs(cfg)  # input errors before the model loads
     import torch
 
-    from modeling.model import load_model, load_tokenizer
-
-    from .evaluate_cmd import model_folder
+    from modeling.model import load_model, load_tokenizer, model_folder
 
     if model is None:
         folder = model_folder(str(ref))

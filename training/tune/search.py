@@ -3,9 +3,9 @@ from the validation loss reported at eval steps, bounded by a trial count and/or
 
 Flow, top to bottom: load the tune config and the base train config -> check the search space (every problem at
 once, before anything is written) -> create or reopen the Optuna study (SQLite, `<output.dir>/<run-id>/study.db`,
-so an interrupted search resumes) -> each trial: suggest values, train in-process with training.sft.run (trial
+so an interrupted search resumes) -> each trial: suggest values, train in-process with training.sft.recipe.run (trial
 artifacts under `trials/`), report the validation loss at eval steps from a TrainerCallback and stop the trial when
-the pruner says so -> after every trial: trials.md / .json / .csv, tune.png (training/tune_report.py), best.yaml,
+the pruner says so -> after every trial: trials.md / .json / .csv, tune.png (training/tune/report.py), best.yaml,
 manifest.json.
 
 This module stays light at import time (the CLI imports it to build its parser); optuna, torch and the recipe load
@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from core import artifacts
-from core.config import describe, dump_yaml, read_yaml, validate
+from core.config import dump_yaml, read_yaml, validate
 from core.errors import ConfigError, StackError
 from core.log import log
-
-from .config import TrainConfig
-from .tune_config import (DEFAULT_TUNE_CONFIG, NO_CHECKPOINTS, ParamSpec, TuneConfig, TuneOutputCfg, _set, direction,
-                          grid_values, load_tune)
-from .tune_report import markdown, plot, trial_rows, write_csv
+from training.config import TrainConfig
+from training.tune.config import (NO_CHECKPOINTS, ParamSpec, TuneConfig, TuneOutputCfg, _set, direction, grid_values,
+                                  load_tune)
+from training.tune.report import markdown, plot, trial_rows, write_csv
 
 
 # ---------------------------------------------------------------- trials
@@ -110,9 +109,9 @@ def _reporter(trial, sign: float, deadline: float | None):
 
 @contextlib.contextmanager
 def _with_callback(callback):
-    """training.sft builds its Trainer in build_trainer; add our callback to it for the duration (no change to the
+    """training.sft.recipe builds its Trainer in build_trainer; add our callback to it for the duration (no change to the
     recipe's signature)."""
-    from . import sft
+    from training.sft import recipe as sft
 
     build = sft.build_trainer
 
@@ -207,7 +206,7 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
     from optuna.trial import TrialState
     from tqdm import tqdm
 
-    from . import sft
+    from training.sft import recipe as sft
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     root = Path(cfg.output.dir)
@@ -317,29 +316,6 @@ with `llmstack train --config .../best.yaml`), study.db (Optuna, SQLite; --resum
 trials/ (trial artifacts; the best trial's merged model only)."""
 
 
-def _help() -> str:
-    return SPACE_HELP + "\n\ntune config options (override any with section.key=value):\n" + describe(TuneConfig)
-
-
-def cmd_tune(args) -> int:
-    if args.resume:
-        other = [o for o in args.overrides if not o.startswith("budget.")]
-        if other:
-            raise ConfigError(f"--resume continues a search with its saved config; only budget.* overrides are "
-                              f"allowed (got {other[0]})", field="overrides")
-        root = Path(load_tune_output_dir(args.config))
-        saved = root / args.resume / "tune.yaml"
-        if not saved.is_file():
-            known = sorted(p.parent.name for p in root.glob("*/tune.yaml"))
-            raise ConfigError("no such search to resume", file=saved, hint=f"known: {', '.join(known) or 'none'}")
-        cfg, base = load_tune(saved, args.overrides)
-        run(cfg, base, resume=args.resume)
-        return 0
-    cfg, base = load_tune(args.config, args.overrides)
-    run(cfg, base)
-    return 0
-
-
 def load_tune_output_dir(path: str | None) -> str:
     if path and Path(path).is_file():
         data, _ = read_yaml(path)
@@ -347,25 +323,21 @@ def load_tune_output_dir(path: str | None) -> str:
     return TuneOutputCfg().dir
 
 
-def add_parser(sub) -> None:
-    """The `tune` subcommand (called by llmstack/cli.py's build_parser)."""
-    import argparse
-
-    class _LazyEpilog(argparse.RawDescriptionHelpFormatter):
-        def add_text(self, text):
-            super().add_text(text() if callable(text) else text)
-
-    p = sub.add_parser("tune", help="hyperparameter search (grid, random, Optuna TPE) with pruning; writes the best "
-                       "config as a ready train YAML", formatter_class=_LazyEpilog, epilog=_help,
-                       description="Train one trial per sampled set of TrainConfig values (lr, LoRA r/alpha, warmup, "
-                       "epochs, any field by dotted name), stop poor trials early from their validation loss, and "
-                       "write artifacts/tune/<run-id>/ with the trials table (Markdown, JSON, CSV), a plot, the "
-                       "Optuna study and best.yaml.")
-    p.add_argument("--config", default=DEFAULT_TUNE_CONFIG, help="tune config YAML (default: %(default)s)")
-    p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted (or finished) search, its folder "
-                   "under the tune config's output.dir, with its saved config; finished trials count towards "
-                   "budget.n_trials, which may be raised with a budget.n_trials=N override (budget.timeout_s "
-                   "counts from the resume)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the tune config, e.g. "
-                   "budget.n_trials=4 sampler.name=random pruning.pruner=none")
-    p.set_defaults(func=cmd_tune)
+def search_from_config(config: str | None, overrides: list[str], resume: str | None = None) -> None:
+    """`llmstack tune`: a new search from a tune config (+ overrides), or `resume` one with its saved config (only
+    budget.* overrides)."""
+    if resume:
+        other = [o for o in overrides if not o.startswith("budget.")]
+        if other:
+            raise ConfigError(f"--resume continues a search with its saved config; only budget.* overrides are "
+                              f"allowed (got {other[0]})", field="overrides")
+        root = Path(load_tune_output_dir(config))
+        saved = root / resume / "tune.yaml"
+        if not saved.is_file():
+            known = sorted(p.parent.name for p in root.glob("*/tune.yaml"))
+            raise ConfigError("no such search to resume", file=saved, hint=f"known: {', '.join(known) or 'none'}")
+        cfg, base = load_tune(saved, overrides)
+        run(cfg, base, resume=resume)
+        return
+    cfg, base = load_tune(config, overrides)
+    run(cfg, base)

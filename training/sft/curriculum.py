@@ -202,7 +202,7 @@ def table(rows: list[dict], stages: list[dict]) -> str:
 def plot(history: list[dict], stages: list[Stage], rows: list[dict], path) -> None:
     """curriculum.png: losses (train, domain validation, general held-out) and the learning rate over the whole run,
     the stage boundaries marked."""
-    from .report import _plt
+    from training.report import _plt
 
     plt = _plt()
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})

@@ -1,5 +1,5 @@
 """The SFT trainer: HF Trainer with the answer-only loss (AnswerLossTrainer), its TrainingArguments, the progress
-and AdaLoRA callbacks, and `build_trainer`, which training/sft.py (the recipe) and training/tune.py call.
+and AdaLoRA callbacks, and `build_trainer`, which training/sft/recipe.py (the recipe) and training/tune/search.py call.
 
 Imports torch and transformers: load it when training, not to build the CLI parser."""
 from __future__ import annotations
@@ -16,9 +16,9 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 
 from core.log import log
 from modeling.collate import Collator, answer_loss
-
-from . import curriculum, distributed
-from .config import TrainConfig
+from training import distributed
+from training.config import TrainConfig
+from training.sft import curriculum
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "rmsprop": "rmsprop", "adafactor": "adafactor"}
 
@@ -45,7 +45,7 @@ class AnswerLossTrainer(Trainer):
     def __init__(self, *args, fast: bool = True, sequential: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.fast = fast
-        self.sequential = sequential  # a curriculum: rows in their laid-out order (training/curriculum.py)
+        self.sequential = sequential  # a curriculum: rows in their laid-out order (training/sft/curriculum.py)
         self.model_accepts_loss_kwargs = True  # we divide by num_items_in_batch ourselves
         self.tokens_seen = 0
 
@@ -198,7 +198,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, prepared, work: Path, *, p
     same seeded shuffle, so at batch B per process a step sees the examples one process sees at batch world_size x
     B; the collator packs (and shares the prefix of) each rank's micro-batch, which is exact per example.
 
-    stages (a curriculum, training/curriculum.py): the rows are read in their laid-out order for exactly the stages'
+    stages (a curriculum, training/sft/curriculum.py): the rows are read in their laid-out order for exactly the stages'
     steps, and evaluated on the domain validation and the general held-out sets at every stage end."""
     dist = dist or distributed.Dist()
     evals = curriculum.eval_sets(prepared, _features) if stages else (_features(prepared.validation) or None)

@@ -1,6 +1,6 @@
 """`llmstack harness`: lm-evaluation-harness (lm-eval) tasks on a model folder or on a served OpenAI endpoint, offline.
 
-Shipped tasks (training/harness_tasks/, YAML + utils.py; data read from data/tickets/test.jsonl or `--data FILE`):
+Shipped tasks (evaluation/harness/tasks/, YAML + utils.py; data read from data/tickets/test.jsonl or `--data FILE`):
   tickets_triage       generate_until   the triage JSON; exact match, JSON valid, per-field accuracy
   tickets_category_mc  multiple_choice  the ticket's category among 6 (loglikelihood: acc, acc_norm)
   tickets_urgency_mc   multiple_choice  the ticket's urgency among 4 (loglikelihood: acc, acc_norm)
@@ -24,7 +24,7 @@ from pathlib import Path
 from core import artifacts
 from core.errors import ArtifactError, ConfigError, StackError
 
-TASKS_DIR = Path(__file__).resolve().parent / "harness_tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 GENERATION = "generate_until"
 
 

@@ -1,4 +1,4 @@
-"""Names and one-line descriptions of the shipped lm-eval tasks (training/harness_tasks/*.yaml), for `--help`
+"""Names and one-line descriptions of the shipped lm-eval tasks (evaluation/harness/tasks/*.yaml), for `--help`
 without importing lm-eval."""
 SHIPPED = {
     "tickets_triage": "generate_until: the triage JSON; exact_match, json_valid, acc_<field> (endpoint or folder)",
