@@ -255,6 +255,38 @@ def prune_width(model, calib: list[list[int]], mlp_keep: float = 0.75, heads_kee
         k_heads = max(1, round(heads_keep * n_heads))
     do_mlp, do_heads = k_mlp < inter, k_heads < n_heads
 
+    mlp_imp, head_imp, calibrated = _width_importance(model, calib, inter if do_mlp else 0,
+                                                      n_heads if do_heads else 0, head_dim)
+    kept_heads: list[list[int]] = []
+    for i, layer in enumerate(layers):
+        if do_mlp:
+            _cut_mlp(layer.mlp, mlp_imp[i], k_mlp)
+        if do_heads:
+            kept_heads.append(_cut_heads(layer.self_attn, head_imp[i], n_kv, per_group, k_heads, head_dim))
+    if do_mlp:
+        cfg.intermediate_size = k_mlp
+    cfg.head_dim = head_dim  # hidden_size / num_attention_heads no longer gives it
+    if do_heads:
+        cfg.num_attention_heads = k_heads
+        if n_rep == 1:
+            cfg.num_key_value_heads = k_heads
+    info = {"method": "width", "mlp_keep": mlp_keep, "heads_keep": heads_keep,
+            "intermediate_before": inter, "intermediate_after": k_mlp,
+            "heads_before": n_heads, "heads_after": k_heads, "kv_heads_before": n_kv,
+            "kv_heads_after": k_heads if (do_heads and n_rep == 1) else n_kv, "head_dim": head_dim,
+            "kept_heads": kept_heads, "calibration_rows": len(calib) if calibrated else 0,
+            "params_before": params_before, "params_after": count_params(model)}
+    if heads_keep < 1 and not do_heads:
+        info["note"] = (f"attention unchanged: heads_keep={heads_keep} of {n_rep} query heads per key/value group "
+                        f"rounds to all of them")
+    return info
+
+
+def _width_importance(model, calib: list[list[int]], inter: int, n_heads: int, head_dim: int):
+    """Per layer, the mean |act(gate(x)) * up(x)| of each of the `inter` MLP channels and the mean norm of each of
+    the `n_heads` query heads' output through o_proj, over the calibration rows (0: not measured); (mlp, heads,
+    whether the rows ran)."""
+    layers = decoder_layers(model)
     mlp_imp = torch.zeros(len(layers), inter, dtype=torch.float64)
     head_imp = torch.zeros(len(layers), n_heads, dtype=torch.float64)
 
@@ -272,64 +304,49 @@ def prune_width(model, calib: list[list[int]], mlp_keep: float = 0.75, heads_kee
                 head_imp[i] += part.norm(dim=-1).sum(0).double()
         return fn
 
-    hooks = [(layer.mlp.down_proj, "pre", mlp_hook(i)) for i, layer in enumerate(layers)] if do_mlp else []
-    hooks += [(layer.self_attn.o_proj, "pre", head_hook(i)) for i, layer in enumerate(layers)] if do_heads else []
+    hooks = [(layer.mlp.down_proj, "pre", mlp_hook(i)) for i, layer in enumerate(layers)] if inter else []
+    hooks += [(layer.self_attn.o_proj, "pre", head_hook(i)) for i, layer in enumerate(layers)] if n_heads else []
     if hooks:
         _calibrate(model, calib, hooks)
+    return mlp_imp, head_imp, bool(hooks)
 
-    kept_heads: list[list[int]] = []
-    for i, layer in enumerate(layers):
-        if do_mlp:
-            mlp = layer.mlp
-            idx = torch.sort(torch.topk(mlp_imp[i], k_mlp).indices).values
-            for name in ("gate_proj", "up_proj"):
-                lin = getattr(mlp, name)
-                _set_linear(lin, lin.weight.data[idx], lin.bias.data[idx] if lin.bias is not None else None)
-            down = mlp.down_proj
-            _set_linear(down, down.weight.data[:, idx], down.bias.data if down.bias is not None else None)
-            if hasattr(mlp, "intermediate_size"):
-                mlp.intermediate_size = k_mlp
-        if do_heads:
-            attn = layer.self_attn
-            imp = head_imp[i]
-            if n_rep > 1:
-                heads = []
-                for g in range(n_kv):
-                    top = torch.topk(imp[g * n_rep:(g + 1) * n_rep], per_group).indices
-                    heads += sorted(g * n_rep + int(j) for j in top)
-            else:
-                heads = sorted(int(j) for j in torch.topk(imp, k_heads).indices)
-            kept_heads.append(heads)
-            rows = _head_index(heads, head_dim)
-            projs = ("q_proj", "k_proj", "v_proj") if n_rep == 1 else ("q_proj",)
-            for name in projs:
-                lin = getattr(attn, name)
-                _set_linear(lin, lin.weight.data[rows], lin.bias.data[rows] if lin.bias is not None else None)
-            o = attn.o_proj
-            _set_linear(o, o.weight.data[:, rows], o.bias.data if o.bias is not None else None)
-            attn.num_key_value_groups = per_group
-            for attr, value in (("num_heads", k_heads), ("num_attention_heads", k_heads),
-                                ("num_key_value_heads", k_heads if n_rep == 1 else n_kv)):
-                if hasattr(attn, attr):
-                    setattr(attn, attr, value)
-            attn.head_dim = head_dim
-    if do_mlp:
-        cfg.intermediate_size = k_mlp
-    cfg.head_dim = head_dim  # hidden_size / num_attention_heads no longer gives it
-    if do_heads:
-        cfg.num_attention_heads = k_heads
-        if n_rep == 1:
-            cfg.num_key_value_heads = k_heads
-    info = {"method": "width", "mlp_keep": mlp_keep, "heads_keep": heads_keep,
-            "intermediate_before": inter, "intermediate_after": k_mlp,
-            "heads_before": n_heads, "heads_after": k_heads, "kv_heads_before": n_kv,
-            "kv_heads_after": k_heads if (do_heads and n_rep == 1) else n_kv, "head_dim": head_dim,
-            "kept_heads": kept_heads, "calibration_rows": len(calib) if hooks else 0,
-            "params_before": params_before, "params_after": count_params(model)}
-    if heads_keep < 1 and not do_heads:
-        info["note"] = (f"attention unchanged: heads_keep={heads_keep} of {n_rep} query heads per key/value group "
-                        f"rounds to all of them")
-    return info
+
+def _cut_mlp(mlp, importance: torch.Tensor, k_mlp: int) -> None:
+    """Keep the k_mlp most important intermediate channels of one MLP (gate / up rows, down columns)."""
+    idx = torch.sort(torch.topk(importance, k_mlp).indices).values
+    for name in ("gate_proj", "up_proj"):
+        lin = getattr(mlp, name)
+        _set_linear(lin, lin.weight.data[idx], lin.bias.data[idx] if lin.bias is not None else None)
+    down = mlp.down_proj
+    _set_linear(down, down.weight.data[:, idx], down.bias.data if down.bias is not None else None)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = k_mlp
+
+
+def _cut_heads(attn, importance: torch.Tensor, n_kv: int, per_group: int, k_heads: int, head_dim: int) -> list[int]:
+    """Keep the most important query heads of one attention block: per_group in each key/value group, or (one query
+    head per key/value head) the k_heads best whole heads with their keys and values. Returns the kept heads."""
+    n_rep = importance.numel() // n_kv
+    if n_rep > 1:
+        heads = []
+        for g in range(n_kv):
+            top = torch.topk(importance[g * n_rep:(g + 1) * n_rep], per_group).indices
+            heads += sorted(g * n_rep + int(j) for j in top)
+    else:
+        heads = sorted(int(j) for j in torch.topk(importance, k_heads).indices)
+    rows = _head_index(heads, head_dim)
+    for name in (("q_proj", "k_proj", "v_proj") if n_rep == 1 else ("q_proj",)):
+        lin = getattr(attn, name)
+        _set_linear(lin, lin.weight.data[rows], lin.bias.data[rows] if lin.bias is not None else None)
+    o = attn.o_proj
+    _set_linear(o, o.weight.data[:, rows], o.bias.data if o.bias is not None else None)
+    attn.num_key_value_groups = per_group
+    for attr, value in (("num_heads", k_heads), ("num_attention_heads", k_heads),
+                        ("num_key_value_heads", k_heads if n_rep == 1 else n_kv)):
+        if hasattr(attn, attr):
+            setattr(attn, attr, value)
+    attn.head_dim = head_dim
+    return heads
 
 
 # ---------------------------------------------------------------- unstructured sparsity

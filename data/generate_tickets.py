@@ -148,6 +148,54 @@ def decap(s: str, form: str) -> str:
 
 
 # ---------------------------------------------------------------- one message
+def email(rng: random.Random, pk: Picker, cat: str, urg: str, sl: dict, issue: str, cue: str, distractor, past,
+          detail) -> str:
+    """An email: optional subject and greeting, opener and story, the issue among details (a distractor, a past
+    issue), the urgency cue, closer and signature (the rng draws in the order that made the shipped data)."""
+    body, long = [], rng.random() < 0.25        # a quarter of the emails are long, chatty ones
+    if rng.random() < (0.8 if long else 0.3):
+        body.append(pk.pick(OPENERS).format_map(sl))
+    n_story = rng.choice([1, 2, 3] if long else [0, 0, 0, 1, 1, 2])
+    body += [pk.pick(STORY).format_map(sl) for _ in range(n_story)]
+    use_dis, dis_first = rng.random() < (0.35 if long else 0.15), rng.random() < 0.5
+    if use_dis and dis_first:
+        body.append(distractor())
+    if rng.random() < (0.3 if long else 0.1):
+        body.append(past())
+    cue_first = rng.random() < 0.25
+    if cue_first:
+        body.append(cue)
+    body.append(issue)
+    body += [detail() for _ in range(rng.choice([2, 3] if long else [0, 1, 1, 1, 2]))]
+    if use_dis and not dis_first:
+        body.append(distractor())
+    if not cue_first:
+        body.append(cue)
+    paras = [" ".join(body)]
+    if len(body) > 3 and rng.random() < 0.5:
+        k = rng.randint(1, len(body) - 1)
+        paras = [" ".join(body[:k]), " ".join(body[k:])]
+    if rng.random() < 0.75:
+        closer = pk.pick(CLOSERS)
+        if rng.random() < 0.5:
+            paras[-1] += " " + closer
+        else:
+            paras.append(closer)
+    name = sl["first"] if rng.random() < 0.5 else f"{sl['first']} {sl['last']}"
+    sig = pk.pick(SIGNOFFS) + "\n" + name
+    if rng.random() < 0.3:
+        sig += "\n" + pk.pick(SIG_EXTRAS).format_map(sl)
+    head = []
+    if rng.random() < 0.35:
+        subj = pk.pick(SUBJECTS[cat])
+        if urg == "critical" and rng.random() < 0.5:
+            subj = "URGENT - " + subj
+        head.append("Subject: " + subj)
+    head.append(pk.pick(GREETINGS))
+    sep = rng.choice(["\n\n", "\n"])
+    return "\n".join(head) + sep + sep.join(paras) + sep + sig
+
+
 def compose(rng: random.Random, pk: Picker, cat: str, prod: str, urg: str):
     """Return (message, summary, protected strings) for one (category, product, urgency)."""
     info = PRODUCTS[prod]
@@ -181,48 +229,7 @@ def compose(rng: random.Random, pk: Picker, cat: str, prod: str, urg: str):
     protected = [form, q_form, cue]
 
     if style == "email":
-        body, long = [], rng.random() < 0.25        # a quarter of the emails are long, chatty ones
-        if rng.random() < (0.8 if long else 0.3):
-            body.append(pk.pick(OPENERS).format_map(sl))
-        n_story = rng.choice([1, 2, 3] if long else [0, 0, 0, 1, 1, 2])
-        body += [pk.pick(STORY).format_map(sl) for _ in range(n_story)]
-        use_dis, dis_first = rng.random() < (0.35 if long else 0.15), rng.random() < 0.5
-        if use_dis and dis_first:
-            body.append(distractor())
-        if rng.random() < (0.3 if long else 0.1):
-            body.append(past())
-        cue_first = rng.random() < 0.25
-        if cue_first:
-            body.append(cue)
-        body.append(issue)
-        body += [detail() for _ in range(rng.choice([2, 3] if long else [0, 1, 1, 1, 2]))]
-        if use_dis and not dis_first:
-            body.append(distractor())
-        if not cue_first:
-            body.append(cue)
-        paras = [" ".join(body)]
-        if len(body) > 3 and rng.random() < 0.5:
-            k = rng.randint(1, len(body) - 1)
-            paras = [" ".join(body[:k]), " ".join(body[k:])]
-        if rng.random() < 0.75:
-            closer = pk.pick(CLOSERS)
-            if rng.random() < 0.5:
-                paras[-1] += " " + closer
-            else:
-                paras.append(closer)
-        name = sl["first"] if rng.random() < 0.5 else f"{sl['first']} {sl['last']}"
-        sig = pk.pick(SIGNOFFS) + "\n" + name
-        if rng.random() < 0.3:
-            sig += "\n" + pk.pick(SIG_EXTRAS).format_map(sl)
-        head = []
-        if rng.random() < 0.35:
-            subj = pk.pick(SUBJECTS[cat])
-            if urg == "critical" and rng.random() < 0.5:
-                subj = "URGENT - " + subj
-            head.append("Subject: " + subj)
-        head.append(pk.pick(GREETINGS))
-        sep = rng.choice(["\n\n", "\n"])
-        text = "\n".join(head) + sep + sep.join(paras) + sep + sig
+        text = email(rng, pk, cat, urg, sl, issue, cue, distractor, past, detail)
     elif style == "chat":
         parts = []
         if rng.random() < 0.6:

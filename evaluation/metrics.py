@@ -20,7 +20,7 @@ def parse_json(text: str):
     return None
 
 
-def _norm_value(v) -> str:
+def norm_value(v) -> str:
     return str(v).strip().lower() if v is not None else ""
 
 
@@ -32,7 +32,7 @@ def json_metrics(predictions: list[str], references: list[str], fields: list[str
         p, r = parse_json(pred), parse_json(ref) or {}
         valid += p is not None
         p = p or {}
-        ok = [(_norm_value(p.get(f)) == _norm_value(r.get(f))) and f in p for f in fields]
+        ok = [(norm_value(p.get(f)) == norm_value(r.get(f))) and f in p for f in fields]
         for f, good in zip(fields, ok):
             correct[f] += good
         exact += all(ok)

@@ -1,7 +1,7 @@
-"""What every training recipe (SFT: training/sft/recipe.py, preference tuning: training/preference/recipe.py) shares around the
-Trainer: the run fingerprint that says "already built", finding an interrupted run and its last complete checkpoint
-for `--resume`, and writing the artifact (adapter + merged model, manifest header, model card, metrics, drift
-reference)."""
+"""What every training recipe (SFT: training/sft/recipe.py, preference tuning: training/preference/recipe.py)
+shares around the Trainer: the run fingerprint that says "already built", finding an interrupted run and its last
+complete checkpoint for `--resume`, and writing the artifact (adapter + merged model, data report, plots,
+predictions, manifest header, model card, metrics, drift reference)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from chatdata import pipeline as data_mod
 from core import artifacts
-from core.config import config_hash, validate
+from core.config import config_hash, dump_yaml, validate
 from core.errors import ArtifactError
 from core.log import log
 from evaluation import quality as ev
@@ -67,7 +67,8 @@ def last_complete_checkpoint(folder: Path) -> str | None:
 def load_resume(root: Path, run_id: str | None) -> tuple[TrainConfig, Path]:
     runs = interrupted(root)
     if not runs:
-        raise ArtifactError(f"no interrupted run to resume under {root / '.work'}", hint="start one with `llmstack train`")
+        raise ArtifactError(f"no interrupted run to resume under {root / '.work'}",
+                            hint="start one with `llmstack train`")
     work = root / ".work" / run_id if run_id else runs[-1]
     if not (work / "config.yaml").is_file():
         raise ArtifactError("no such interrupted run", file=work, hint=f"known: {', '.join(d.name for d in runs)}")
@@ -144,6 +145,25 @@ def save_models(out: Path, tokenizer, merged, adapter_dir: Path | None, method: 
         tokenizer.save_pretrained(out / "merged")
         outputs["merged"] = "full model (safetensors + tokenizer), what compression and serving load"
     return outputs
+
+
+def write_common(out: Path, cfg: TrainConfig, tokenizer, prepared, models: dict, history: list[dict],
+                 predictions: dict[str, list[dict]]) -> dict:
+    """What every training artifact holds, written into `out`: the models (`models`: save_models' merged,
+    adapter_dir, method), the resolved config, the data report, token lengths and loss plots, the before / after
+    predictions. Returns the manifest's `outputs` entries."""
+    written = save_models(out, tokenizer, models["merged"], models["adapter_dir"], models["method"],
+                          cfg.output.save_merged)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    artifacts.write_json(out / "data_report.json", prepared.report)
+    (out / "data_report.md").write_text(data_mod.report_markdown(prepared.report))
+    report.length_histogram({s: [len(e.input_ids) for e in getattr(prepared, s)]
+                             for s in ("train", "validation", "test")}, cfg.data.max_seq_len, out / "token_lengths.png")
+    report.loss_curve(history, out / "loss_curve.png")
+    for name, preds in predictions.items():
+        if preds:
+            (out / f"predictions_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    return written
 
 
 def manifest_header(cfg: TrainConfig, run_id: str, fingerprint: str, base_path: str, parent: dict | None = None,

@@ -12,7 +12,6 @@ change) are in training/preference/metrics.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -21,13 +20,12 @@ from pathlib import Path
 
 import torch
 
-from chatdata import pipeline as data_mod
 from core import artifacts
-from core.config import config_hash, dump_yaml
+from core.config import config_hash
 from core.errors import ConfigError
 from core.log import log
 from modeling.model import load_model, load_tokenizer, resolve
-from training import methods, outputs, report
+from training import methods, outputs
 from training.config import TrainConfig, warn_poor_settings
 from training.preference.data import prepare, trl_rows
 from training.preference.metrics import METRIC_DEFINITIONS, evaluate, paired_change, table
@@ -177,8 +175,7 @@ def run(cfg: TrainConfig, *, force: bool = False) -> Path:
     warn_poor_settings(cfg)
     torch.set_num_threads(cfg.train.threads or max(1, os.cpu_count() or 1))
     torch.manual_seed(cfg.train.seed)
-    phase = artifacts.Phases()
-    t_start, timings, started_at = phase.start, phase.timings, artifacts.now()
+    phase, started_at = artifacts.Phases(), artifacts.now()
 
     # ---- data
     base_path, parent = resolve_model(cfg)
@@ -198,15 +195,14 @@ def run(cfg: TrainConfig, *, force: bool = False) -> Path:
     cfg.output.run_id = run_id
     work.mkdir(parents=True)
     try:
-        return _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fingerprint, phase, timings,
-                      t_start, started_at)
+        return _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fingerprint, phase,
+                      started_at)
     finally:
         if not cfg.output.keep_checkpoints:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fingerprint, phase, timings, t_start,
-           started_at) -> Path:
+def _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fingerprint, phase, started_at) -> Path:
     phase("data")
     log.info(f"run {run_id} ({cfg.recipe}): {len(prepared.train)} train / {len(prepared.validation)} validation / "
              f"{len(prepared.test)} test rows; {len(prepared.report['drops'])} rows dropped (see data_report.md)")
@@ -220,6 +216,39 @@ def _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fing
     phase("load_and_eval_before")
 
     # ---- train
+    model, train_stats, val, history = _fit(cfg, model, tokenizer, prepared, work, base_path, phase)
+
+    # ---- evaluation after, merge (the adapter is saved first: merging folds it into the weights)
+    method = cfg.method.name
+    adapter_dir = work / "adapter" if method not in ("full", "freeze") else None
+    if adapter_dir:
+        model.save_pretrained(adapter_dir)
+    merged = methods.merged(model, method)
+    after, after_preds = None, []
+    if cfg.eval.after:
+        after, after_preds, _ = evaluate(merged, tokenizer, prepared.test, cfg, ref=ref_logps, label="after")
+        if before_preds and after_preds:
+            after.update(paired_change(before_preds, after_preds))
+    train_stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    phase("merge_and_eval_after")
+
+    # ---- artifact (same layout and manifest as SFT)
+    final, table_md = _save(cfg, root, run_id, tokenizer, prepared, {"merged": merged, "adapter_dir": adapter_dir,
+                            "method": method}, history, {"before": before_preds, "after": after_preds},
+                            {"before": before, "after": after, "validation_loss": val.get("eval_loss"),
+                             "definitions": METRIC_DEFINITIONS}, train_stats,
+                            outputs.manifest_header(cfg, run_id, fingerprint, base_path, parent), phase, started_at)
+    n = (after or before or {}).get("n") or (after or before or {}).get("pairs", 0)
+    print(f"\n{cfg.recipe.upper()} before/after on the held-out preference rows ({n}):\n")
+    print(table_md)
+    print(f"\nartifact: {final}  (latest: {root / 'latest'})")
+    print(phase.summary())
+    return final
+
+
+def _fit(cfg: TrainConfig, model, tokenizer, prepared, work: Path, base_path: str, phase) -> tuple:
+    """Train with TRL's trainer for the recipe, validate; the model back on the CPU, the training stats, the
+    validation metrics and the log history."""
     t = cfg.train
     n_train = len(prepared.train) * (2 if cfg.recipe == "kto" else 1)
     per_epoch = -(-n_train // (t.batch_size * t.grad_accum))
@@ -252,53 +281,24 @@ def _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fing
                       if cfg.preference.precompute_ref else "a frozen copy of the starting model"),
     }
     model = model.to("cpu")
+    return model, train_stats, val, history
 
-    # ---- evaluation after, merge (the adapter is saved first: merging folds it into the weights)
-    method = cfg.method.name
-    adapter_dir = work / "adapter" if method not in ("full", "freeze") else None
-    if adapter_dir:
-        model.save_pretrained(adapter_dir)
-    merged = methods.merged(model, method)
-    after, after_preds = None, []
-    if cfg.eval.after:
-        after, after_preds, _ = evaluate(merged, tokenizer, prepared.test, cfg, ref=ref_logps, label="after")
-        if before_preds and after_preds:
-            after.update(paired_change(before_preds, after_preds))
-    train_stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    phase("merge_and_eval_after")
 
-    # ---- artifact (same layout and manifest as SFT)
+def _save(cfg: TrainConfig, root: Path, run_id: str, tokenizer, prepared, models: dict, history: list[dict],
+          predictions: dict, metrics: dict, train_stats: dict, header: dict, phase, started_at: str) -> tuple:
+    """The artifact, written atomically with the same layout and manifest as SFT; (its folder, the metrics table)."""
     with artifacts.atomic_dir(root, run_id) as out:
-        written = outputs.save_models(out, tokenizer, merged, adapter_dir, method, cfg.output.save_merged)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-        artifacts.write_json(out / "data_report.json", prepared.report)
-        (out / "data_report.md").write_text(data_mod.report_markdown(prepared.report))
-        report.length_histogram({s: [len(r.input_ids) for r in getattr(prepared, s)]
-                                 for s in ("train", "validation", "test")}, cfg.data.max_seq_len,
-                                out / "token_lengths.png")
-        report.loss_curve(history, out / "loss_curve.png")
-        for name, preds in (("before", before_preds), ("after", after_preds)):
-            if preds:
-                (out / f"predictions_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
-        table_md = table(before, after)
+        written = outputs.write_common(out, cfg, tokenizer, prepared, models, history, predictions)
+        table_md = table(metrics["before"], metrics["after"])
         manifest = {
-            **outputs.manifest_header(cfg, run_id, fingerprint, base_path, parent), "recipe": cfg.recipe,
-            "datasets": prepared.report["sources"], "config": cfg.model_dump(mode="json"),
-            "config_hash": config_hash(cfg, {"output.run_id"}),
-            "metrics": {"before": before, "after": after, "validation_loss": val.get("eval_loss"),
-                        "definitions": METRIC_DEFINITIONS},
-            "metrics_table": table_md, "training": train_stats, "outputs": written, "drift_reference": None,
-            "packages": artifacts.package_versions(), "started_at": started_at, "finished_at": artifacts.now(),
-            "wall_seconds": round(time.time() - t_start, 1),
+            **header, "recipe": cfg.recipe, "datasets": prepared.report["sources"],
+            "config": cfg.model_dump(mode="json"), "config_hash": config_hash(cfg, {"output.run_id"}),
+            "metrics": metrics, "metrics_table": table_md, "training": train_stats, "outputs": written,
+            "drift_reference": None, "packages": artifacts.package_versions(), "started_at": started_at,
+            "finished_at": artifacts.now(), "wall_seconds": round(time.time() - phase.start, 1),
         }
         phase("save")
-        manifest["timings"] = timings
+        manifest["timings"] = phase.timings
         outputs.finish_artifact(out, manifest, table_md)
-    final = root / run_id
     artifacts.set_latest(root, run_id)
-    n = (after or before or {}).get("n") or (after or before or {}).get("pairs", 0)
-    print(f"\n{cfg.recipe.upper()} before/after on the held-out preference rows ({n}):\n")
-    print(table_md)
-    print(f"\nartifact: {final}  (latest: {root / 'latest'})")
-    print(phase.summary())
-    return final
+    return root / run_id, table_md

@@ -17,12 +17,14 @@ import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
 
-from chatdata import pipeline as data_mod
 from chatdata import splits
 from core import artifacts
 from core.config import config_hash, dump_yaml
@@ -30,7 +32,7 @@ from core.errors import ArtifactError, ConfigError
 from core.log import log
 from evaluation import quality as ev
 from modeling.model import load_model, load_tokenizer, resolve
-from training import distributed, methods, outputs, report
+from training import distributed, methods, outputs
 from training.config import TrainConfig, warn_poor_settings
 from training.sft import curriculum
 from training.sft.trainer import AnswerLossTrainer, build_trainer
@@ -80,8 +82,50 @@ def run(cfg: TrainConfig | None = None, *, resume: bool = False, resume_id: str 
         dist.close()
 
 
+@dataclass
+class _Run:
+    """What the steps of one training run share."""
+    cfg: TrainConfig
+    dist: distributed.Dist
+    root: Path
+    work: Path | None
+    phase: artifacts.Phases
+    started_at: str
+    run_id: str = ""
+    base_path: str = ""
+    tokenizer: Any = None
+    prepared: Any = None
+    stages: list = field(default_factory=list)
+    fingerprint: str = ""
+
+
 def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resume_id: str | None,
          force: bool) -> Path:
+    r = _start(cfg, dist, resume, resume_id)
+    _prepare_data(r)
+    decided = dist.decide(lambda: _plan(r, resume, force))
+    if "built" in decided:
+        return _already_built(r, decided["built"])
+    r.cfg.output.run_id = r.run_id = decided["run_id"]
+    r.work = decided["work"]
+    r.phase("data")
+    log.info(f"run {r.run_id}: {len(r.prepared.train)} train / {len(r.prepared.validation)} validation / "
+             f"{len(r.prepared.test)} test examples; {len(r.prepared.report['drops'])} rows dropped (see "
+             "data_report.md)")
+    model, before = _load_and_eval_before(r)
+    t = _train(r, model)
+    model = _gather_trained(t.trainer, t.model, r.cfg, r.base_path, t.total, dist)
+    if not dist.main:
+        log.info(f"rank {dist.rank}: training done; rank 0 evaluates and writes the artifact")
+        return r.root / r.run_id
+    after = _merge_and_eval_after(r, model, t)
+    final, table_md, stage_md = _save(r, before, after, t)
+    _finish(r, final, (after.metrics or before["metrics"] or {}).get("n", 0), after, table_md, stage_md)
+    return final
+
+
+def _start(cfg: TrainConfig | None, dist: distributed.Dist, resume: bool, resume_id: str | None) -> _Run:
+    """The config (a resumed run's saved one), threads and seed, the phase clock."""
     root = Path((cfg.output.dir if cfg else "artifacts/train"))
     work = None
     if resume:
@@ -92,100 +136,104 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         warn_poor_settings(cfg)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size))
     torch.manual_seed(cfg.train.seed)
-    phase = artifacts.Phases(log)  # call at each phase's end: manifest `timings`, and the log
-    t_start, timings, started_at = phase.start, phase.timings, artifacts.now()
+    return _Run(cfg, dist, root, work, artifacts.Phases(log), artifacts.now())  # phase(): manifest `timings`, the log
 
-    # ---- data (every rank prepares it: deterministic for a seed)
+
+def _prepare_data(r: _Run) -> None:
+    """Base model folder, tokenizer, the data pipeline (every rank: deterministic for a seed), the fingerprint."""
+    cfg, dist = r.cfg, r.dist
     if dist.local_rank == 0:  # provisioning a built-in model writes its folder: one process per machine, first
-        base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
+        r.base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
     dist.barrier()
     if dist.local_rank != 0:
-        base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
-    tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    prepared, stages = curriculum.prepare_data(cfg, tokenizer, dist.world_size)
-    t = cfg.train
-    fingerprint = outputs.fingerprint(cfg, prepared, base_path, dist.world_size)
+        r.base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
+    r.tokenizer = load_tokenizer(r.base_path, cfg.model.trust_remote_code)
+    r.prepared, r.stages = curriculum.prepare_data(cfg, r.tokenizer, dist.world_size)
+    r.fingerprint = outputs.fingerprint(cfg, r.prepared, r.base_path, dist.world_size)
 
-    def plan() -> dict:
-        """Rank 0 decides: an existing artifact to reuse, or this run's id and work folder."""
-        if not resume and not force and (built := artifacts.find_built(root, fingerprint)):
-            return {"built": built}
-        if not resume:
-            for old in outputs.interrupted(root):
-                log.info(f"note: interrupted run {old.name} can be resumed with `llmstack train --resume {old.name}`")
-            run_id = cfg.output.run_id or artifacts.new_run_id()
-            new_work = root / ".work" / run_id
-            if (root / run_id).exists() or new_work.exists():
-                raise ConfigError(f"run {run_id} already exists", field="output.run_id")
-            cfg.output.run_id = run_id
-            new_work.mkdir(parents=True)
-            (new_work / "config.yaml").write_text(dump_yaml(cfg))
-            artifacts.write_json(new_work / "state.json", {"fingerprint": fingerprint, "started_at": started_at})
-            return {"run_id": run_id, "work": new_work}
-        if json.loads((work / "state.json").read_text())["fingerprint"] != fingerprint:
-            raise ArtifactError("the data or base model changed since this run started; cannot resume it", file=work,
-                                hint="start a new run with `llmstack train`")
-        return {"run_id": cfg.output.run_id, "work": work}
 
-    decided = dist.decide(plan)
-    if "built" in decided:
-        built = decided["built"]
-        if dist.main:
-            log.info(f"already built: {built} (same config, data and base model; pass --force to train again)")
-            m = artifacts.read_manifest(built)
-            print(ev.table(m["metrics"].get("before"), m["metrics"].get("after")))
-            artifacts.set_latest(root, built.name)
-        return built
-    cfg.output.run_id, work = decided["run_id"], decided["work"]
-    run_id = cfg.output.run_id
-    phase("data")
-    log.info(f"run {run_id}: {len(prepared.train)} train / {len(prepared.validation)} validation / "
-             f"{len(prepared.test)} test examples; {len(prepared.report['drops'])} rows dropped (see data_report.md)")
+def _plan(r: _Run, resume: bool, force: bool) -> dict:
+    """Rank 0 decides: an existing artifact to reuse, or this run's id and work folder."""
+    cfg, root = r.cfg, r.root
+    if not resume and not force and (built := artifacts.find_built(root, r.fingerprint)):
+        return {"built": built}
+    if not resume:
+        for old in outputs.interrupted(root):
+            log.info(f"note: interrupted run {old.name} can be resumed with `llmstack train --resume {old.name}`")
+        run_id = cfg.output.run_id or artifacts.new_run_id()
+        new_work = root / ".work" / run_id
+        if (root / run_id).exists() or new_work.exists():
+            raise ConfigError(f"run {run_id} already exists", field="output.run_id")
+        cfg.output.run_id = run_id
+        new_work.mkdir(parents=True)
+        (new_work / "config.yaml").write_text(dump_yaml(cfg))
+        artifacts.write_json(new_work / "state.json", {"fingerprint": r.fingerprint, "started_at": r.started_at})
+        return {"run_id": run_id, "work": new_work}
+    if json.loads((r.work / "state.json").read_text())["fingerprint"] != r.fingerprint:
+        raise ArtifactError("the data or base model changed since this run started; cannot resume it", file=r.work,
+                            hint="start a new run with `llmstack train`")
+    return {"run_id": cfg.output.run_id, "work": r.work}
 
-    # ---- model, evaluation before (rank 0; the others wait)
-    method = cfg.method.name
-    fast = methods.fast_loss(method)
-    pack = cfg.train.packing and methods.supports_packing(method)
-    if cfg.train.packing and not pack:
-        log.info(f"packing is off: {method} prepends virtual tokens to each example")
-    model = load_model(base_path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    max_len = cfg.data.max_seq_len
-    before, before_preds = None, []
-    if cfg.eval.before and dist.main:
-        cached = work / "before.json"
+
+def _already_built(r: _Run, built: Path) -> Path:
+    if r.dist.main:
+        log.info(f"already built: {built} (same config, data and base model; pass --force to train again)")
+        m = artifacts.read_manifest(built)
+        print(ev.table(m["metrics"].get("before"), m["metrics"].get("after")))
+        artifacts.set_latest(r.root, built.name)
+    return built
+
+
+def _load_and_eval_before(r: _Run) -> tuple[Any, dict]:
+    """The base model, and its evaluation on the test split (rank 0; cached in the work folder for --resume)."""
+    cfg = r.cfg
+    model = load_model(r.base_path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
+    before = {"metrics": None, "predictions": []}
+    if cfg.eval.before and r.dist.main:
+        cached = r.work / "before.json"
         if cached.is_file():
-            before, before_preds = json.loads(cached.read_text()).values()
+            before = json.loads(cached.read_text())
         else:
-            before, before_preds = ev.evaluate(model, tokenizer, prepared.test, cfg.eval, max_len=max_len, fast=True,
-                                               label="before")
-            artifacts.write_json(cached, {"metrics": before, "predictions": before_preds})
-    dist.barrier()
-    phase("load_and_eval_before")
+            metrics, preds = ev.evaluate(model, r.tokenizer, r.prepared.test, cfg.eval, max_len=cfg.data.max_seq_len,
+                                         fast=True, label="before")
+            before = {"metrics": metrics, "predictions": preds}
+            artifacts.write_json(cached, before)
+    r.dist.barrier()
+    r.phase("load_and_eval_before")
+    return model, before
 
-    # ---- train
-    per_epoch = -(-len(prepared.train) // (t.batch_size * t.grad_accum * dist.world_size))
+
+def _train(r: _Run, model) -> SimpleNamespace:
+    """Apply the method, train (from the last complete checkpoint when resuming), validate; the training stats."""
+    cfg, dist, t = r.cfg, r.dist, r.cfg.train
+    method = cfg.method.name
+    fast, pack = methods.fast_loss(method), t.packing and methods.supports_packing(method)
+    if t.packing and not pack:
+        log.info(f"packing is off: {method} prepends virtual tokens to each example")
+    per_epoch = -(-len(r.prepared.train) // (t.batch_size * t.grad_accum * dist.world_size))
     total = t.max_steps if t.max_steps > 0 else int(per_epoch * t.epochs + 0.999)
-    total = stages[-1].end if stages else total
+    total = r.stages[-1].end if r.stages else total
     model = methods.apply(model, cfg.method, total)
     params = methods.count_parameters(model)
     log.info(f"method {method}: {params['trainable']:,} trainable of {params['total']:,} parameters "
              f"({params['trainable_pct']}%), {total} steps, lr {cfg.effective_lr(dist.world_size):g}")
-    trainer, progress = build_trainer(cfg, model, tokenizer, prepared, work, pack=pack, fast=fast, dist=dist,
-                                      stages=stages)
-    last = dist.decide(lambda: outputs.last_complete_checkpoint(work / "checkpoints"))
+    trainer, progress = build_trainer(cfg, model, r.tokenizer, r.prepared, r.work, pack=pack, fast=fast, dist=dist,
+                                      stages=r.stages)
+    last = dist.decide(lambda: outputs.last_complete_checkpoint(r.work / "checkpoints"))
     if last:
         log.info(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
-    phase("train")
-    if stages:  # the last stage's end evaluated the validation set already
+    r.phase("train")
+    stage_rows = None
+    if r.stages:  # the last stage's end evaluated the validation set already
         ends = next(c for c in trainer.callback_handler.callbacks if isinstance(c, curriculum.StageEnds))
-        stage_rows = curriculum.stage_metrics(trainer.state.log_history, stages, ends.base)
+        stage_rows = curriculum.stage_metrics(trainer.state.log_history, r.stages, ends.base)
         val = {"eval_loss": stage_rows[-1]["validation_loss"]}
     else:
-        val = trainer.evaluate() if prepared.validation and cfg.train.final_validation else {}
-    phase("validation")
+        val = trainer.evaluate() if r.prepared.validation and t.final_validation else {}
+    r.phase("validation")
     tokens = dist.sum(trainer.tokens_seen)
-    train_stats = {
+    stats = {
         "steps": trainer.state.global_step, "tokens": tokens,
         "tokens_per_s": round(tokens / max(progress.step_time, 1e-9), 1),
         "step_seconds": round(progress.step_time, 1), "resumed_from": Path(last).name if last else None,
@@ -196,75 +244,77 @@ def _run(cfg: TrainConfig | None, dist: distributed.Dist, *, resume: bool, resum
         "distributed": dist.info() | {"type": str(trainer.accelerator.distributed_type.value),
                                       "mixed_precision": str(trainer.accelerator.mixed_precision)},
     }
-    model = _gather_trained(trainer, model, cfg, base_path, total, dist)
-    if not dist.main:
-        log.info(f"rank {dist.rank}: training done; rank 0 evaluates and writes the artifact")
-        return root / run_id
+    return SimpleNamespace(trainer=trainer, model=model, total=total, stats=stats, val=val, stage_rows=stage_rows,
+                           fast=fast, pack=pack)
 
-    # ---- evaluation after, merge (the adapter is saved first: merging folds it into the weights)
-    adapter_dir = work / "adapter" if method not in ("full", "freeze") else None
+
+def _merge_and_eval_after(r: _Run, model, t: SimpleNamespace) -> SimpleNamespace:
+    """Save the adapter (merging folds it into the weights), merge, evaluate after, profile the drift reference."""
+    cfg, method = r.cfg, r.cfg.method.name
+    adapter_dir = r.work / "adapter" if method not in ("full", "freeze") else None
     if adapter_dir:
         model.save_pretrained(adapter_dir)
     merged = methods.merged(model, method)
-    after, after_preds = None, []
+    final_model = merged if merged is not None else model
+    metrics, preds = None, []
     if cfg.eval.after:
-        eval_model = merged if merged is not None else model
-        after, after_preds = ev.evaluate(eval_model, tokenizer, prepared.test, cfg.eval, max_len=max_len,
-                                         fast=merged is not None or fast, pack=pack, label="after")
-    train_stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    phase("merge_and_eval_after")
-    drift_ref = outputs.drift_reference(cfg, tokenizer, prepared, after_preds,
-                                 merged if merged is not None else model) if cfg.drift.enabled else None
+        metrics, preds = ev.evaluate(final_model, r.tokenizer, r.prepared.test, cfg.eval, max_len=cfg.data.max_seq_len,
+                                     fast=merged is not None or t.fast, pack=t.pack, label="after")
+    t.stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    r.phase("merge_and_eval_after")
+    drift_ref = outputs.drift_reference(cfg, r.tokenizer, r.prepared, preds, final_model) if cfg.drift.enabled else None
     if drift_ref is not None:
-        phase("drift_reference")
+        r.phase("drift_reference")
+    return SimpleNamespace(metrics=metrics, predictions=preds, merged=merged, model=final_model,
+                           adapter_dir=adapter_dir, drift_ref=drift_ref)
 
-    # ---- artifact
-    with artifacts.atomic_dir(root, run_id) as out:
-        written = outputs.save_models(out, tokenizer, merged, adapter_dir, method, cfg.output.save_merged)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-        artifacts.write_json(out / "data_report.json", prepared.report)
-        (out / "data_report.md").write_text(data_mod.report_markdown(prepared.report))
+
+def _save(r: _Run, before: dict, after: SimpleNamespace, t: SimpleNamespace) -> tuple[Path, str, str | None]:
+    """The artifact, written atomically: models, data splits and reports, plots, predictions, model card, manifest."""
+    cfg, prepared, stages = r.cfg, r.prepared, r.stages
+    with artifacts.atomic_dir(r.root, r.run_id) as out:
+        history = t.trainer.state.log_history
+        written = outputs.write_common(out, cfg, r.tokenizer, prepared, {"merged": after.merged, "method":
+                                       cfg.method.name, "adapter_dir": after.adapter_dir}, history,
+                                       {"before": before["predictions"], "after": after.predictions})
         splits.save(prepared, out / splits.FOLDER)  # what compression distils and evaluates on
-        report.length_histogram({s: [len(e.input_ids) for e in getattr(prepared, s)]
-                                 for s in ("train", "validation", "test")}, max_len, out / "token_lengths.png")
-        report.loss_curve(trainer.state.log_history, out / "loss_curve.png")
         if stages:
-            curriculum.plot(trainer.state.log_history, stages, stage_rows, out / "curriculum.png")
-        for name, preds in (("before", before_preds), ("after", after_preds)):
-            if preds:
-                (out / f"predictions_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
-        if drift_ref is not None:
-            drift_ref.save(out)
+            curriculum.plot(history, stages, t.stage_rows, out / "curriculum.png")
+        if after.drift_ref is not None:
+            after.drift_ref.save(out)
             written["drift_reference"] = "drift_reference.json: the profile serving compares live traffic with"
-        table_md = ev.table(before, after)
-        stage_md = curriculum.table(stage_rows, prepared.report["curriculum"]) if stages else None
+        table_md = ev.table(before["metrics"], after.metrics)
+        stage_md = curriculum.table(t.stage_rows, prepared.report["curriculum"]) if stages else None
         manifest = {
-            **outputs.manifest_header(cfg, run_id, fingerprint, base_path),
+            **outputs.manifest_header(cfg, r.run_id, r.fingerprint, r.base_path),
             "datasets": prepared.report["sources"], "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg, {"output.run_id"}),
-            "metrics": {"before": before, "after": after, "validation_loss": val.get("eval_loss")},
-            "metrics_table": table_md, "training": train_stats, "outputs": written,
-            "curriculum": {"stages": prepared.report["curriculum"], "metrics": stage_rows,
+            "metrics": {"before": before["metrics"], "after": after.metrics, "validation_loss": t.val.get("eval_loss")},
+            "metrics_table": table_md, "training": t.stats, "outputs": written,
+            "curriculum": {"stages": prepared.report["curriculum"], "metrics": t.stage_rows,
                            "table": stage_md} if stages else None,
-            "drift_reference": drift_ref.meta if drift_ref is not None else None,
-            "packages": artifacts.package_versions(), "started_at": started_at, "finished_at": artifacts.now(),
-            "wall_seconds": round(time.time() - t_start, 1),
+            "drift_reference": after.drift_ref.meta if after.drift_ref is not None else None,
+            "packages": artifacts.package_versions(), "started_at": r.started_at, "finished_at": artifacts.now(),
+            "wall_seconds": round(time.time() - r.phase.start, 1),
         }
-        phase("save")
-        manifest["timings"] = timings
+        r.phase("save")
+        manifest["timings"] = r.phase.timings
         outputs.finish_artifact(out, manifest, table_md)
-    final = root / run_id
-    artifacts.set_latest(root, run_id)
+    artifacts.set_latest(r.root, r.run_id)
+    return r.root / r.run_id, table_md, stage_md
+
+
+def _finish(r: _Run, final: Path, n_test: int, after: SimpleNamespace, table_md: str, stage_md: str | None) -> None:
+    """The fairness check (when enabled), the work folder removed, the before / after table."""
+    cfg = r.cfg
     if cfg.fairness.enabled:  # bias checks on the merged model: reports + the manifest's `fairness` entry
         from evaluation.fairness import check as fairness
-        fairness.run(str(final), cfg.fairness, model=merged if merged is not None else model, tokenizer=tokenizer)
+        fairness.run(str(final), cfg.fairness, model=after.model, tokenizer=r.tokenizer)
     if not cfg.output.keep_checkpoints:
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"\nBefore/after on the held-out test split ({(after or before or {}).get('n', 0)} examples):\n")
+        shutil.rmtree(r.work, ignore_errors=True)
+    print(f"\nBefore/after on the held-out test split ({n_test} examples):\n")
     print(table_md)
-    if stages:
+    if r.stages:
         print(f"\nCurriculum: domain validation and general held-out loss after each stage:\n\n{stage_md}")
-    print(f"\nartifact: {final}  (latest: {root / 'latest'})")
-    print(phase.summary())
-    return final
-
+    print(f"\nartifact: {final}  (latest: {r.root / 'latest'})")
+    print(r.phase.summary())

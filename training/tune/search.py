@@ -203,12 +203,44 @@ def _pruner(cfg: TuneConfig):
 def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Path:
     """Run (or continue) the search; return its folder."""
     import optuna
-    from optuna.trial import TrialState
     from tqdm import tqdm
 
-    from training.sft import recipe as sft
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.time()
+    study, out, finished = _open_study(cfg, base, resume)
+    n_trials = _trials_left(cfg, finished)
+    deadline = started + cfg.budget.timeout_s if cfg.budget.timeout_s else None
+    log.info(f"tune {cfg.output.run_id}: sampler {cfg.sampler.name}, objective {cfg.objective.metric} "
+             f"({direction(cfg)}), pruner {cfg.pruning.pruner}, budget "
+             f"{n_trials if n_trials is not None else 'unbounded'} trials"
+             + (f" / {cfg.budget.timeout_s:g} s" if deadline else "") + f" -> {out}")
+    bar = tqdm(total=n_trials, desc="tune", unit="trial", dynamic_ncols=True)
+    completed = False
+    try:
+        if n_trials != 0:
+            study.optimize(_objective(cfg, base, out, deadline), n_trials=n_trials, timeout=cfg.budget.timeout_s,
+                           callbacks=[_after_trial(cfg, base, out, started, bar)], catch=(StackError,),
+                           gc_after_trial=True)
+        completed = True
+    finally:  # interrupted too: the table shows what finished (manifest "finished": false)
+        bar.close()
+        best = write_results(study, cfg, base, out, started, finished=completed)
+        artifacts.set_latest(Path(cfg.output.dir), cfg.output.run_id)
+    print((out / "trials.md").read_text())
+    if best:
+        print(f"best config: {out / 'best.yaml'}  (llmstack train --config {out / 'best.yaml'})")
+    else:
+        print("no trial completed: no best.yaml")
+    print(f"search: {out}  ({time.time() - started:.0f} s)")
+    return out
+
+
+def _open_study(cfg: TuneConfig, base: TrainConfig, resume: str | None):
+    """The search folder and its Optuna study (SQLite; a resumed one with the trials a killed search left running
+    marked failed); (study, folder, trials already finished)."""
+    import optuna
+    from optuna.trial import TrialState
+
     root = Path(cfg.output.dir)
     run_id = resume or cfg.output.run_id or artifacts.new_run_id()
     out = root / run_id
@@ -221,7 +253,6 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
     if resume is None:
         (out / "tune.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
         (out / "base_config.yaml").write_text(dump_yaml(base), encoding="utf-8")
-    started = time.time()
     study = optuna.create_study(study_name=run_id, storage=f"sqlite:///{(out / 'study.db').resolve()}",
                                 sampler=_sampler(cfg), pruner=_pruner(cfg), direction=direction(cfg),
                                 load_if_exists=True)
@@ -233,15 +264,25 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
     if resume is None:
         for params in cfg.enqueue:
             study.enqueue_trial(params)
+    return study, out, finished
+
+
+def _trials_left(cfg: TuneConfig, finished: int) -> int | None:
+    """budget.n_trials less the finished ones (None: unbounded); a grid stops at its size."""
     n_trials = None if cfg.budget.n_trials is None else max(cfg.budget.n_trials - finished, 0)
     if cfg.sampler.name == "grid":
         size = math.prod(len(grid_values(n, p)) for n, p in cfg.space.items())
         n_trials = min(n_trials, size) if n_trials is not None else size
-    deadline = started + cfg.budget.timeout_s if cfg.budget.timeout_s else None
+    return n_trials
+
+
+def _objective(cfg: TuneConfig, base: TrainConfig, out: Path, deadline: float | None):
+    """Optuna's objective: one SFT run with the trial's parameters (reporting its validation loss for pruning);
+    the objective metric from its manifest."""
+    from training.sft import recipe as sft
+
+    trials_dir = out / "trials"
     sign = -1.0 if direction(cfg) == "maximize" else 1.0
-    log.info(f"tune {run_id}: sampler {cfg.sampler.name}, objective {cfg.objective.metric} ({direction(cfg)}), "
-             f"pruner {cfg.pruning.pruner}, budget {n_trials if n_trials is not None else 'unbounded'} trials"
-             + (f" / {cfg.budget.timeout_s:g} s" if deadline else "") + f" -> {out}")
 
     def objective(trial):
         tid = f"trial-{trial.number:03d}"
@@ -267,8 +308,13 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
                               file=path / artifacts.MANIFEST, hint="check the base config's validation data and "
                               "eval settings")
         return float(value)
+    return objective
 
-    bar = tqdm(total=n_trials, desc="tune", unit="trial", dynamic_ncols=True)
+
+def _after_trial(cfg: TuneConfig, base: TrainConfig, out: Path, started: float, bar):
+    """Optuna's callback after each trial: the progress bar and its line, the best trial's merged model kept, the
+    results rewritten."""
+    from optuna.trial import TrialState
 
     def after_trial(study_, frozen):
         bar.update(1)
@@ -277,31 +323,14 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
             best = (min if direction(cfg) == "minimize" else max)(done, key=lambda t: t.value)
             bar.set_postfix({"best": f"{best.value:.4g}", "trial": best.number})
             if cfg.trials.keep_merged == "best":
-                _drop_merged(trials_dir, f"trial-{best.number:03d}")
+                _drop_merged(out / "trials", f"trial-{best.number:03d}")
         value = "" if frozen.state != TrialState.COMPLETE else f" {cfg.objective.metric}={frozen.value:.4g}"
         note = frozen.user_attrs.get("stopped") or frozen.user_attrs.get("error") or ""
         bar.write(f"trial {frozen.number}: {frozen.state.name.lower()}{value} "
                   + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in frozen.params.items())
                   + (f"  ({note})" if note else ""))
         write_results(study_, cfg, base, out, started, finished=False)
-
-    completed = False
-    try:
-        if n_trials != 0:
-            study.optimize(objective, n_trials=n_trials, timeout=cfg.budget.timeout_s, callbacks=[after_trial],
-                           catch=(StackError,), gc_after_trial=True)
-        completed = True
-    finally:  # interrupted too: the table shows what finished (manifest "finished": false)
-        bar.close()
-        best = write_results(study, cfg, base, out, started, finished=completed)
-        artifacts.set_latest(root, run_id)
-    print((out / "trials.md").read_text())
-    if best:
-        print(f"best config: {out / 'best.yaml'}  (llmstack train --config {out / 'best.yaml'})")
-    else:
-        print("no trial completed: no best.yaml")
-    print(f"search: {out}  ({time.time() - started:.0f} s)")
-    return out
+    return after_trial
 
 
 # ---------------------------------------------------------------- CLI
