@@ -122,11 +122,15 @@ k8s-render: setup  ## Kubernetes manifests of deploy/kubernetes/overlays/$(OVERL
 data: setup  ## run the data pipeline only and print the data report
 	$(CLI) data --config configs/train.yaml $(ARGS)
 
-test: setup system-deps openvino-env  ## the whole test suite (unit + real-model integration), < 15 min on 2 cores
-	$(PY) -m pytest -q -rs $(ARGS)
+# pytest-xdist: TEST_WORKERS processes, each test file whole on one of them (its module fixtures built once)
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
+
+test: setup system-deps openvino-env  ## the whole test suite (unit + real-model integration), ~10 min on 2 cores
+	$(PYTEST) $(ARGS)
 
 test-fast: setup system-deps openvino-env  ## tests without the real base model
-	$(PY) -m pytest -q -rs -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 bench-train: setup  ## our trainer vs a plain TRL SFTTrainer + peft baseline; JSON + Markdown in benchmarks/results/
 	$(PY) benchmarks/bench_train.py $(ARGS)

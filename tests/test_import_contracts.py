@@ -52,3 +52,19 @@ def test_a_new_import_across_the_layers_fails_naming_the_line(tmp_path, module, 
     assert res.returncode != 0
     assert f"{LAYERS} BROKEN" in res.stdout, res.stdout[-2000:]
     assert f"{broken} (l.{line})" in res.stdout, res.stdout[-2000:]
+
+
+def test_the_readme_layout_matches_the_tree():
+    """Every folder the README's layout names exists, and every package of the distribution is named there."""
+    import re
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("## Docs")]
+    named = set(re.findall(r"^([a-z_.][\w.-]*)/\s", layout, flags=re.M))
+    missing = sorted(n for n in named if not (ROOT / n).is_dir() and n not in ("models", "artifacts"))
+    assert not missing, f"the README layout names folders that do not exist: {missing}"
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include}
+    assert packages <= named, f"packages missing from the README layout: {sorted(packages - named)}"
+    assert len(readme.splitlines()) <= 250

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "tickets" / "test.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "data" / "tickets" / "test.jsonl"
 FIELDS = ("category", "product", "urgency")
 CATEGORIES = ["billing", "technical", "account", "shipping", "returns", "feature_request"]
 URGENCIES = ["low", "medium", "high", "critical"]
