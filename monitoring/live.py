@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Monitor:
     def __init__(self, cfg, reference: drift.Reference | None, reference_path: str | Path | None = None,
                  registry=None, reason: str = ""):
-        """cfg: serving.config.MonitoringCfg. reference None: drift off (reason says why); the log may still run."""
+        """cfg: monitoring.config.MonitoringCfg. reference None: drift off (reason says why); the log may still run."""
         from prometheus_client import REGISTRY, Counter, Gauge
 
         self.cfg, self.ref, self.ref_path = cfg, reference, str(reference_path) if reference_path else None

@@ -12,7 +12,7 @@ from core.errors import ConfigError
 from monitoring.live import build as build_monitor
 
 from .api import State
-from .bento import bundled
+from .bundle import bundled
 from .config import ServeConfig
 from .model_ref import ModelRef, gpu_available, resolve
 

@@ -5,7 +5,7 @@ Thin by design: the OpenAI API is a FastAPI app (serving/api.py) mounted at the 
 plus ours from serving/metrics.py). The config comes from LLMSTACK_SERVE_CONFIG (written by `llmstack serve`) or
 configs/serve.yaml.
 
-Built into a Bento (`llmstack bento`, serving/bento.py), the Bento arguments name the model (`model`: a BentoML model
+Built into a Bento (`llmstack bento`, deploy/bento.py), the Bento arguments name the model (`model`: a BentoML model
 tag, declared below so bento.yaml lists it and `bentoml containerize` ships it) and the config (`config`, baked at
 build time; LLMSTACK_SERVE_CONFIG still wins when set); the service then serves that model's folder.
 """

@@ -290,7 +290,7 @@ def test_bento_refuses_what_it_cannot_ship(tmp_path):
     from serving_fixtures import serve_cfg
 
     from core.errors import ConfigError
-    from serving import bento
+    from deploy import bento
     from serving.model_ref import ModelRef
 
     ref = ModelRef(tmp_path, "m", "transformers")

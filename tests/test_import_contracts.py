@@ -1,5 +1,5 @@
 """The import layers of pyproject.toml's [tool.importlinter] contract (import-linter, run here so `make test` runs
-it): CLI > stages (training | compression | serving, independent) > evaluation > shared libraries (chatdata |
+it): CLI > deploy > stages (training | compression | serving, independent) > evaluation > shared libraries (chatdata |
 modeling | monitoring | runtimes) > the spine. A new import up or across the layers fails with the module and line."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from conftest import ROOT
 
 LINT = Path(os.path.dirname(sys.executable)) / "lint-imports"
-PACKAGES = ["core", "llmstack", "chatdata", "modeling", "evaluation", "monitoring", "runtimes", "training", "compression",
+PACKAGES = ["core", "llmstack", "deploy", "chatdata", "modeling", "evaluation", "monitoring", "runtimes", "training", "compression",
             "serving"]
-LAYERS = "layers: CLI > stages > evaluation > shared libraries > spine"
+LAYERS = "layers: CLI > deploy > stages > evaluation > shared libraries > spine"
 
 
 def _lint(cwd: Path) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ from core.errors import StackWarning
 from evaluation.config import EvalCfg
 from evaluation.fairness.config import FairnessCfg
 from modeling.config import ModelCfg
+from monitoring.config import DriftRefCfg
 
 METHODS = ("full", "freeze", "lora", "dora", "adalora", "ia3", "prefix", "prompt", "ptuning")
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
@@ -135,21 +136,6 @@ class PreferenceCfg(Section):
     generate: bool = True
     """Before/after: greedy answers to the held-out prompts, scored as rejected-like or not (the demo's headline
     figure); off: only the log-probability metrics."""
-
-
-class DriftRefCfg(Section):
-    enabled: bool = True
-    """Store a drift reference profile in the artifact (drift_reference.json), which serving compares live traffic
-    with: the vocabulary and embedding centroid of the training prompts; prompt length, novel-token rate and
-    embedding distance of the validation prompts; output length, confidence (mean token log-probability) and finish
-    reason of the model's answers."""
-    max_prompts: int = Field(1000, ge=1)
-    """Training prompts the vocabulary and the embedding centroid are fitted on."""
-    outputs_from: Literal["eval", "validation"] = "eval"
-    """Where the reference answers come from: eval reuses the after-training evaluation's greedy generations (test
-    split, no extra cost); validation generates on the validation split (one more generation pass)."""
-    max_outputs: int = Field(200, ge=0)
-    """Answers profiled (validation: the first N validation rows)."""
 
 
 

@@ -38,6 +38,7 @@ COPY monitoring ./monitoring
 COPY runtimes ./runtimes
 COPY training ./training
 COPY compression ./compression
+COPY deploy/__init__.py deploy/bento.py ./deploy/
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && llmstack serve --help > /dev/null
 

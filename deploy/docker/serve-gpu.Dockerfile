@@ -46,6 +46,7 @@ COPY monitoring ./monitoring
 COPY runtimes ./runtimes
 COPY training ./training
 COPY compression ./compression
+COPY deploy/__init__.py deploy/bento.py ./deploy/
 RUN /opt/llmstack/bin/pip install --no-cache-dir --no-deps --no-build-isolation .
 
 # The GPU defaults, written and validated by the stack's own config loader (a typo fails the build).

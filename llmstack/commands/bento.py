@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def run(args) -> int:
-    from serving import bento
+    from deploy import bento
     from serving.model_ref import resolve
     from serving.runtime import load_config
 

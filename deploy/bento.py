@@ -1,4 +1,5 @@
-"""`llmstack bento`: the served model and the service as one Bento (BentoML's deployable unit).
+"""`llmstack bento`: the served model and the service as one Bento (BentoML's deployable unit), packaged beside
+the bentofile and the images it belongs with (deploy/).
 
 1. The folder `llmstack serve` would serve (config + overrides, resolved by serving.model_ref: the compress run's
    recommended variant by default) is imported into the BentoML model store as `llmstack-model:<version>`, the version
@@ -25,17 +26,10 @@ from pathlib import Path
 
 from core.errors import ConfigError, StackError
 
-from .model_ref import ModelRef
+from serving.bundle import BUNDLE_INFO, MODEL_NAME
+from serving.model_ref import ModelRef
 
-MODEL_NAME = "llmstack-model"
-BUNDLE_INFO = "llmstack_model.json"  # written into the stored model: what `llmstack serve` knew about it
 DEFAULT_BENTOFILE = "deploy/bentofile.yaml"
-
-
-def bundled(folder: str | Path) -> dict | None:
-    """The import-time description of a stored model folder, or None for any other folder."""
-    f = Path(folder) / BUNDLE_INFO
-    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
 
 
 def _tag_part(text: str) -> str:
