@@ -15,7 +15,9 @@ from pathlib import Path
 
 from core.artifacts import sha256_file
 from core.errors import DataError, StackError, collect
+from core.log import log
 
+from . import eda
 from .files import Example, detect_format, load_file, to_example
 
 REASONS = ("empty", "exact_duplicate", "near_duplicate", "overlong")
@@ -278,7 +280,24 @@ def prepare(cfg, tokenizer, seed: int, extra: dict[str, list] | None = None) -> 
                                              "test": length_stats(test)},
               "validation_from_train": not cfg.validation and cfg.val_ratio > 0,
               "test_is_validation": not splits["test"], "max_seq_len": cfg.max_seq_len, "drops": drops.items}
+    explored = {"train": train, "validation": val} | ({} if report["test_is_validation"] else {"test": test})
+    report["eda"] = eda.explore(explored, cfg.near_dup_threshold)
+    check_leakage(report["eda"]["leakage"], cfg.leakage)
     return Prepared(train, val, test, report, {name: [ex for ex, _ in splits[name]] for name in extra})
+
+
+def check_leakage(leaks: list[dict], mode: str) -> None:
+    """Validation / test rows also in the training split: a warning (data.leakage: warn), or one error naming every
+    such row (data.leakage: error)."""
+    if not leaks:
+        return
+    if mode == "error":
+        collect([DataError(f"{x['row']} ({x['split']}) is a{'n' if x['kind'] == 'exact' else ''} {x['kind']} "
+                           f"duplicate of training row {x['train_row']}", field="data.leakage",
+                           hint="remove it from one of the splits, or set data.leakage: warn") for x in leaks],
+                "rows leak from the training split")
+    log.warning(f"warning: {len(leaks)} validation / test rows are also in the training split (listed in the data "
+                "report); data.leakage: error stops the run instead")
 
 
 def report_markdown(report: dict) -> str:
@@ -306,4 +325,6 @@ def report_markdown(report: dict) -> str:
     if report["drops"]:
         lines += ["", f"## Dropped rows ({len(report['drops'])}, all listed in data_report.json)", ""]
         lines += [f"- {d['location']} [{d['split']}] {d['reason']}: {d['detail']}" for d in report["drops"][:50]]
+    if report.get("eda"):
+        lines += eda.markdown(report["eda"])
     return "\n".join(lines) + "\n"

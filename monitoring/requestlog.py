@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import sqlite3
 from pathlib import Path
 from typing import Callable
 
+from chatdata import pii
 from core.errors import ConfigError, DataError
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
@@ -22,19 +22,9 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
 COLUMNS = ("id", "ts", "endpoint", "model", "adapter", "backend", "prompt", "output", "prompt_tokens",
            "completion_tokens", "finish_reason", "status", "ttft_s", "e2e_s", "features")
 
-# Built-in redaction: e-mail addresses, card-like digit runs, phone numbers, IPv4 addresses.
-_PATTERNS = [
-    (re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+"), "[EMAIL]"),
-    (re.compile(r"\b(?:\d[ -]?){13,19}\b"), "[CARD]"),
-    (re.compile(r"(?<![\w-])\+?\d[\d ()./-]{7,}\d\b"), "[PHONE]"),
-    (re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"), "[IP]"),
-]
-
-
-def redact_builtin(text: str) -> str:
-    for pattern, mask in _PATTERNS:
-        text = pattern.sub(mask, text)
-    return text
+# Built-in redaction: e-mail addresses, card-like digit runs, phone numbers, IPv4 addresses (chatdata/pii.py: the same
+# patterns the data report looks for in training data).
+redact_builtin = pii.redact
 
 
 def redactor(spec: str) -> Callable[[str], str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from chatdata import eda
 from chatdata import pipeline as data_mod
 from core import artifacts
 from core.config import config_hash, dump_yaml, validate
@@ -160,6 +161,8 @@ def write_common(out: Path, cfg: TrainConfig, tokenizer, prepared, models: dict,
     report.length_histogram({s: [len(e.input_ids) for e in getattr(prepared, s)]
                              for s in ("train", "validation", "test")}, cfg.data.max_seq_len, out / "token_lengths.png")
     report.loss_curve(history, out / "loss_curve.png")
+    if prepared.report.get("eda"):  # label fields per split (chat data; preference rows have their own report)
+        eda.plot(prepared.report["eda"], out / "data_fields.png")
     for name, preds in predictions.items():
         if preds:
             (out / f"predictions_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))

@@ -15,6 +15,6 @@ def register(sub) -> None:
                        description="Validate, clean, deduplicate, tokenize and length-filter the configured datasets; "
                        "print the report (rows in/out, every drop with its reason, token lengths).")
     d.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    d.add_argument("--output", help="also write data_report.json here")
+    d.add_argument("--output", help="also write the report as JSON here, and the label fields per split as a PNG beside it")
     d.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     d.set_defaults(func=run)
