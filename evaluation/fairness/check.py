@@ -1,6 +1,6 @@
 """Bias and fairness checks: counterfactual probes (flip rates) and group metrics (fairlearn).
 
-Flow, top to bottom: load the term groups (terms.yaml) and the probes (JSONL; fairness_probes.py) -> expand each
+Flow, top to bottom: load the term groups (terms.yaml) and the probes (JSONL; probes.py) -> expand each
 probe into its counterfactual variants (one per group and aligned term index) -> one batched greedy generation pass
 -> flip rates per attribute and field, which group deviates, examples -> group metrics (demographic parity, equal
 opportunity, equalized odds) per positive-class field, on the probe variants (group = the term group) and on an
