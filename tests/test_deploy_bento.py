@@ -8,6 +8,7 @@ its drift reference must come from the Bento alone. No Docker engine here, so th
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import os
 import re
@@ -128,8 +129,10 @@ def test_serve_lock_covers_every_package_the_service_imports():
     assert {"serving.runtime", "serving.backends.onnx", "serving.backends.vllm", "monitoring.live"} <= modules
     assert not {m for m in modules if m.split(".")[0] in ("training", "compression")}, "serving imports training"
     include = yaml.safe_load((ROOT / "deploy" / "bentofile.yaml").read_text())["include"]
-    shipped = {pattern.split("/")[0] for pattern in include}
-    assert {m.split(".")[0] for m in modules} <= shipped, "the service imports a package the Bento does not include"
+    files = {_first_party_file(m).relative_to(ROOT).as_posix() for m in modules}
+    unshipped = sorted(f for f in files if not any(fnmatch.fnmatch(f, p) or fnmatch.fnmatch(f, p.replace("**/", ""))
+                                                   for p in include))  # BentoML's **: zero or more folders
+    assert not unshipped, f"the service imports modules the Bento does not include: {unshipped}"
     dists = metadata.packages_distributions()
     pins = lock_pins()
     missing = {}
@@ -207,7 +210,7 @@ def test_bento_holds_the_service_the_model_and_pinned_requirements(bento):
     assert {"serving/service.py", "serving/runtime.py", "serving/backends/onnx.py", "serving/static/dashboard.html",
             "core/errors.py", "llmstack/cli.py", "monitoring/live.py", "configs/serve.yaml"} <= files
     top = {f.split("/")[0] for f in files}
-    assert top <= {"core", "serving", "llmstack", "monitoring", "runtimes", "configs", "bentofile.yaml"}, top
+    assert top <= {"core", "chatdata", "serving", "llmstack", "monitoring", "runtimes", "configs", "bentofile.yaml"}, top
     assert "runtimes/openvino/worker.py" in files  # model.backend=openvino
     assert not [f for f in files if "__pycache__" in f or f.endswith((".pyc", ".onnx", ".safetensors"))]
     # the stored model: the variant's files, its drift reference and what `llmstack serve` knew about it
