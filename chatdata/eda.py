@@ -88,14 +88,9 @@ def top_ngrams(rows: list[Example], n: int, top: int = TOP_NGRAMS) -> list[tuple
 def leakage(splits: dict[str, list[Example]], threshold: float) -> list[dict]:
     """Validation / test rows whose prompt is in the training split: exact (same text) or near (estimated Jaccard
     similarity of word 3-grams >= threshold); each with the training row it matches."""
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHashLSH
 
-    from .pipeline import _shingles
-
-    def minhash(text: str) -> MinHash:
-        mh = MinHash(num_perm=128, seed=1)
-        mh.update_batch([s.encode() for s in _shingles(text)])
-        return mh
+    from .pipeline import minhash  # pipeline imports this module: imported here, not at the top
 
     train = splits.get("train", [])
     exact = {}

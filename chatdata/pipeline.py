@@ -48,6 +48,15 @@ def _shingles(text: str) -> set[str]:
     return {" ".join(words[i:i + 3]) for i in range(len(words) - 2)}
 
 
+def minhash(text: str):
+    """The MinHash (128 permutations, datasketch) of a text's word 3-grams: what near duplicates are judged by."""
+    from datasketch import MinHash
+
+    mh = MinHash(num_perm=128, seed=1)
+    mh.update_batch([s.encode() for s in _shingles(text)])
+    return mh
+
+
 class Drops:
     """Every dropped row with its reason; the data report lists them all."""
 
@@ -70,7 +79,7 @@ def dedup(rows: list[Example], split: str, drops: Drops, exact: bool, near: bool
     seen: dict[str, str] = {}
     lsh = None
     if near:
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import MinHashLSH
         lsh = MinHashLSH(threshold=threshold, num_perm=128)
     for i, ex in enumerate(rows):
         key = ex.flat_text()
@@ -78,8 +87,7 @@ def dedup(rows: list[Example], split: str, drops: Drops, exact: bool, near: bool
             drops.add(split, "exact_duplicate", ex, f"same as {seen[key]}")
             continue
         if lsh is not None:
-            mh = MinHash(num_perm=128, seed=1)
-            mh.update_batch([s.encode() for s in _shingles(key)])
+            mh = minhash(key)
             hits = lsh.query(mh)
             if hits:
                 drops.add(split, "near_duplicate", ex, f"near {rows[int(hits[0])].source}")

@@ -15,7 +15,7 @@ from chatdata import eda
 from chatdata import pipeline as data_mod
 from core import artifacts
 from core.config import config_hash, dump_yaml, validate
-from core.errors import ArtifactError
+from core.errors import ArtifactError, ConfigError
 from core.log import log
 from evaluation import quality as ev
 from modeling.model import BUILTIN, load_model, load_tokenizer
@@ -50,6 +50,27 @@ CHECKPOINT_FILES = {"weights": ("adapter_model.safetensors", "model.safetensors"
                                 "pytorch_model_fsdp_0", "pytorch_model_fsdp.bin", "latest"),
                     "optimizer": ("optimizer.pt", "optimizer.bin", "optimizer_0", "latest"),
                     "trainer state": ("trainer_state.json",)}
+
+
+def new_work(root: Path, cfg: TrainConfig) -> tuple[str, Path]:
+    """This run's id (output.run_id, else a new one) and its work folder, created; a run id in use is refused."""
+    run_id = cfg.output.run_id or artifacts.new_run_id()
+    work = root / ".work" / run_id
+    if (root / run_id).exists() or work.exists():
+        raise ConfigError(f"run {run_id} already exists", field="output.run_id")
+    cfg.output.run_id = run_id
+    work.mkdir(parents=True)
+    return run_id, work
+
+
+def reuse_built(root: Path, built: Path, table) -> Path:
+    """An artifact with this run's fingerprint exists: say so, print its before/after table (`table(before,
+    after)`), point `latest` at it."""
+    log.info(f"already built: {built} (same config, data and base model; pass --force to train again)")
+    m = artifacts.read_manifest(built)
+    print(table(m["metrics"].get("before"), m["metrics"].get("after")))
+    artifacts.set_latest(root, built.name)
+    return built
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

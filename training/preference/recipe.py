@@ -183,17 +183,8 @@ def run(cfg: TrainConfig, *, force: bool = False) -> Path:
     prepared = prepare(cfg, tokenizer)
     fingerprint = outputs.fingerprint(cfg, prepared, base_path)
     if not force and (built := artifacts.find_built(root, fingerprint)):
-        log.info(f"already built: {built} (same config, data and model; pass --force to train again)")
-        m = artifacts.read_manifest(built)
-        print(table(m["metrics"].get("before"), m["metrics"].get("after")))
-        artifacts.set_latest(root, built.name)
-        return built
-    run_id = cfg.output.run_id or artifacts.new_run_id()
-    work = root / ".work" / run_id
-    if (root / run_id).exists() or work.exists():
-        raise ConfigError(f"run {run_id} already exists", field="output.run_id")
-    cfg.output.run_id = run_id
-    work.mkdir(parents=True)
+        return outputs.reuse_built(root, built, table)
+    run_id, work = outputs.new_work(root, cfg)
     try:
         return _train(cfg, root, work, run_id, base_path, parent, tokenizer, prepared, fingerprint, phase,
                       started_at)

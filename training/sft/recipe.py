@@ -28,7 +28,7 @@ from accelerate.utils import DistributedType
 from chatdata import splits
 from core import artifacts
 from core.config import config_hash, dump_yaml
-from core.errors import ArtifactError, ConfigError
+from core.errors import ArtifactError
 from core.log import log
 from evaluation import quality as ev
 from modeling.model import load_model, load_tokenizer, resolve
@@ -160,12 +160,7 @@ def _plan(r: _Run, resume: bool, force: bool) -> dict:
     if not resume:
         for old in outputs.interrupted(root):
             log.info(f"note: interrupted run {old.name} can be resumed with `llmstack train --resume {old.name}`")
-        run_id = cfg.output.run_id or artifacts.new_run_id()
-        new_work = root / ".work" / run_id
-        if (root / run_id).exists() or new_work.exists():
-            raise ConfigError(f"run {run_id} already exists", field="output.run_id")
-        cfg.output.run_id = run_id
-        new_work.mkdir(parents=True)
+        run_id, new_work = outputs.new_work(root, cfg)
         (new_work / "config.yaml").write_text(dump_yaml(cfg))
         artifacts.write_json(new_work / "state.json", {"fingerprint": r.fingerprint, "started_at": r.started_at})
         return {"run_id": run_id, "work": new_work}
@@ -176,12 +171,7 @@ def _plan(r: _Run, resume: bool, force: bool) -> dict:
 
 
 def _already_built(r: _Run, built: Path) -> Path:
-    if r.dist.main:
-        log.info(f"already built: {built} (same config, data and base model; pass --force to train again)")
-        m = artifacts.read_manifest(built)
-        print(ev.table(m["metrics"].get("before"), m["metrics"].get("after")))
-        artifacts.set_latest(r.root, built.name)
-    return built
+    return outputs.reuse_built(r.root, built, ev.table) if r.dist.main else built
 
 
 def _load_and_eval_before(r: _Run) -> tuple[Any, dict]:
