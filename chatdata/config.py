@@ -9,6 +9,8 @@ from pydantic import Field
 
 from core.config import Section
 
+from .augment.config import AugmentCfg
+
 
 class DatasetSpec(Section):
     path: str
@@ -20,6 +22,20 @@ class DatasetSpec(Section):
     """Mixing weight, an upsampling factor: 2.0 repeats every row twice, 0.5 keeps a seeded half."""
     columns: dict[str, str] = {}
     """Rename file columns to the format's names, e.g. {instruction: question, output: answer}."""
+
+
+class ReweighCfg(Section):
+    enabled: bool = False
+    """Weight each training row's loss so that the term group it mentions and its label are independent
+    (Kamiran & Calders' reweighing; chatdata/reweigh.py)."""
+    terms: str = "data/fairness/augment_terms.yaml"
+    """Term groups that give a row its group (the fairness check's terms.yaml format); a row without a term: `none`."""
+    attributes: list[str] = []
+    """Attributes of `terms` that define the group (empty: every attribute)."""
+    label_field: str = "urgency"
+    """The JSON answer field that is the label."""
+    max_weight: float = Field(10.0, gt=0)
+    """Weights are clipped to this (a (group, label) cell with very few rows would otherwise dominate)."""
 
 
 class DataCfg(Section):
@@ -48,3 +64,8 @@ class DataCfg(Section):
     leakage: Literal["warn", "error"] = "warn"
     """Validation or test rows whose prompt is also in the training split (exactly, or a near duplicate at
     near_dup_threshold): warn (listed in the data report) or error (stop, naming every such row)."""
+    augment: AugmentCfg = Field(default_factory=AugmentCfg)
+    """New training rows from the training split (noise, slots, paraphrase, counterfactual), through a quality filter;
+    validation and test rows are never augmented (docs/training.md#augmentation)."""
+    reweigh: ReweighCfg = Field(default_factory=ReweighCfg)
+    """Per-row loss weights that balance term groups against a label (bias mitigation; docs/fairness.md)."""

@@ -17,6 +17,7 @@ from collections import Counter
 
 from . import pii
 from .files import Example
+from .similarity import minhash
 
 MAX_LABELS = 32
 TOP_NGRAMS = 15
@@ -90,7 +91,6 @@ def leakage(splits: dict[str, list[Example]], threshold: float) -> list[dict]:
     similarity of word 3-grams >= threshold); each with the training row it matches."""
     from datasketch import MinHashLSH
 
-    from .pipeline import minhash  # pipeline imports this module: imported here, not at the top
 
     train = splits.get("train", [])
     exact = {}

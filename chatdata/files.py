@@ -24,6 +24,9 @@ class Example:
     text: str | None = None
     input_ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    parent: str | None = None         # an augmented row: its original's source (chatdata/augment/)
+    operation: str | None = None      # ... and the operation that made it
+    weight: float = 1.0               # loss weight (chatdata/reweigh.py); 1.0 unless reweighing is on
 
     def flat_text(self) -> str:
         if self.text is not None:

@@ -8,7 +8,6 @@ Files: JSONL (read line by line with the json module: values keep their JSON typ
 from __future__ import annotations
 
 import random
-import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,9 @@ from core.artifacts import sha256_file
 from core.errors import DataError, StackError, collect
 from core.log import log
 
-from . import eda
+from . import eda, reweigh
 from .files import Example, detect_format, load_file, to_example
+from .similarity import minhash
 
 REASONS = ("empty", "exact_duplicate", "near_duplicate", "overlong")
 
@@ -39,22 +39,6 @@ def clean(ex: Example, form: str) -> bool:
     has_answer = any(m["role"] == "assistant" and m["content"] for m in ex.messages)
     has_prompt = any(m["role"] != "assistant" and m["content"] for m in ex.messages)
     return has_answer and has_prompt
-
-
-def _shingles(text: str) -> set[str]:
-    words = re.findall(r"\w+", text.lower())
-    if len(words) < 3:
-        return set(words) or {text}
-    return {" ".join(words[i:i + 3]) for i in range(len(words) - 2)}
-
-
-def minhash(text: str):
-    """The MinHash (128 permutations, datasketch) of a text's word 3-grams: what near duplicates are judged by."""
-    from datasketch import MinHash
-
-    mh = MinHash(num_perm=128, seed=1)
-    mh.update_batch([s.encode() for s in _shingles(text)])
-    return mh
 
 
 class Drops:
@@ -196,6 +180,15 @@ def _load_split(specs, split: str, cfg, drops: Drops, errors: list, sources: lis
     return out
 
 
+def read_rows(spec, cfg) -> list[Example]:
+    """One dataset's rows validated and cleaned (no de-duplication, no tokenization); one error naming every invalid
+    row."""
+    errors: list = []
+    rows = [ex for ex, _ in _load_split([spec], "train", cfg, Drops(), errors, [])]
+    collect(errors, "invalid rows")
+    return rows
+
+
 def _length_filter(rows, split, cfg, tokenizer, drops, errors):
     kept = []
     for ex in rows:
@@ -275,6 +268,8 @@ def prepare(cfg, tokenizer, seed: int, extra: dict[str, list] | None = None) -> 
         val = [train_rw[i][0] for i in sorted(val_idx)]
         train_rw = [train_rw[i] for i in range(len(train_rw)) if i not in val_idx]
     train = _mix(train_rw, seed)
+    train, augmented = _augment(train, cfg, tokenizer)
+    reweighed = reweigh.reweigh(train, cfg.reweigh) if cfg.reweigh.enabled else None
     test = [ex for ex, _ in splits["test"]] or val
     if not train and not extra:
         counts = drops.count("train")
@@ -287,11 +282,32 @@ def prepare(cfg, tokenizer, seed: int, extra: dict[str, list] | None = None) -> 
     report = {"sources": sources, "splits": {"train": length_stats(train), "validation": length_stats(val),
                                              "test": length_stats(test)},
               "validation_from_train": not cfg.validation and cfg.val_ratio > 0,
-              "test_is_validation": not splits["test"], "max_seq_len": cfg.max_seq_len, "drops": drops.items}
+              "test_is_validation": not splits["test"], "max_seq_len": cfg.max_seq_len, "drops": drops.items,
+              "augment": augmented, "reweigh": reweighed}
     explored = {"train": train, "validation": val} | ({} if report["test_is_validation"] else {"test": test})
     report["eda"] = eda.explore(explored, cfg.near_dup_threshold)
     check_leakage(report["eda"]["leakage"], cfg.leakage)
     return Prepared(train, val, test, report, {name: [ex for ex, _ in splits[name]] for name in extra})
+
+
+def _augment(train: list[Example], cfg, tokenizer) -> tuple[list[Example], dict | None]:
+    """The training rows with the augmentation's new rows (filtered, then length-filtered) after them, and its report.
+    A new row that is too long is dropped, never an error (data.overlong: error is about the rows you wrote)."""
+    if not cfg.augment.operations:
+        return train, None
+    from .augment import augment, report, rows
+    made = augment(train, cfg.augment, near_threshold=cfg.near_dup_threshold,
+                   base_model=getattr(tokenizer, "name_or_path", ""))
+    long = Drops()
+    kept = _length_filter(made.rows, "train", cfg.model_copy(update={"overlong": "drop"}) if cfg.overlong == "error"
+                          else cfg, tokenizer, long, [])
+    by_source = {ex.source: ex for ex in made.rows}
+    for d in long.items:
+        ex = by_source[d["location"]]
+        made.report["dropped"].append({"row": ex.source, "parent": ex.parent, "operation": ex.operation,
+                                       "reason": "overlong", "detail": d["detail"]})
+    log.info(f"augmentation: {len(kept)} new training rows from {len(train)}")
+    return train + kept, report.summary(made.report, kept, train, rows.template(train))
 
 
 def check_leakage(leaks: list[dict], mode: str) -> None:
@@ -333,6 +349,10 @@ def report_markdown(report: dict) -> str:
     if report["drops"]:
         lines += ["", f"## Dropped rows ({len(report['drops'])}, all listed in data_report.json)", ""]
         lines += [f"- {d['location']} [{d['split']}] {d['reason']}: {d['detail']}" for d in report["drops"][:50]]
+    if report.get("augment"):
+        from .augment.report import markdown
+        lines += markdown(report["augment"])
+    lines += reweigh.markdown(report.get("reweigh"))
     if report.get("eda"):
         lines += eda.markdown(report["eda"])
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """The prepared splits a training run trained and evaluated on, saved in its artifact as `data/<split>.jsonl` (one
-cleaned, deduplicated, length-filtered row per line: its source `file:line` and its chat `messages` or raw `text`), so
+cleaned, deduplicated, length-filtered row per line: its source `file:line`, its chat `messages` or raw `text`, and
+for an augmented row its `parent` and `operation`, for a reweighed one its `weight`), so
 that a later stage (compression) reads exactly those rows instead of running the data pipeline again."""
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def save(prepared: Prepared, folder: Path) -> None:
         lines = []
         for ex in getattr(prepared, split):
             row = {"source": ex.source}
+            if ex.parent is not None:  # an augmented row: its lineage
+                row.update(parent=ex.parent, operation=ex.operation)
+            if ex.weight != 1.0:
+                row["weight"] = ex.weight
             row.update({"messages": ex.messages} if ex.messages is not None else {"text": ex.text})
             lines.append(json.dumps(row, ensure_ascii=False))
         (folder / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -42,7 +47,9 @@ def load(folder: Path, tokenizer, report: dict | None = None) -> Prepared:
                 continue
             try:
                 row = json.loads(line)
-                ex = Example(source=row["source"], messages=row.get("messages"), text=row.get("text"))
+                ex = Example(source=row["source"], messages=row.get("messages"), text=row.get("text"),
+                             parent=row.get("parent"), operation=row.get("operation"),
+                             weight=float(row.get("weight", 1.0)))
                 if ex.messages is None and ex.text is None:
                     raise KeyError("messages or text")
             except (ValueError, KeyError, TypeError) as exc:

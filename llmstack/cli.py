@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # llmstack/commands/<name>.py, in the order `llmstack --help` lists them
-COMMANDS = ("train", "evaluate", "data", "compress", "serve", "bento", "drift", "log", "tune", "harness", "report",
+COMMANDS = ("train", "evaluate", "data", "augment", "compress", "serve", "bento", "drift", "log", "tune", "harness", "report",
             "fairness", "pairs", "model")
 
 

@@ -6,6 +6,10 @@ positions that restart at 0 per example and a block-diagonal causal mask, so no 
 
 Answer-only loss: the LM head (576 x 49152 for SmolLM2, a fifth of the FLOPs) is applied only at positions whose next
 token is an answer token, instead of materialising logits for the whole sequence.
+
+Loss weights: when the features carry a per-example "weight", the batch's `loss_weights` gives each token its
+example's weight and the answer loss sums weight x cross-entropy (the answer-token count, which normalises it, stays
+unweighted).
 """
 from __future__ import annotations
 
@@ -51,6 +55,13 @@ def shared_prefix(ids: list[list[int]], labels: list[list[int]], min_len: int) -
     return common_prefix(ids, answer, min_len)
 
 
+def _weights(features: list[dict]) -> torch.Tensor | None:
+    """The examples' loss weights (1.0 for a feature without one), or None when no feature has a "weight"."""
+    if not any("weight" in f for f in features):
+        return None
+    return torch.tensor([float(f.get("weight", 1.0)) for f in features], dtype=torch.float32)
+
+
 class Collator:
     """Collates tokenized examples into a batch for `answer_loss`.
 
@@ -68,46 +79,63 @@ class Collator:
     def __call__(self, features: list[dict]) -> dict:
         ids = [list(f["input_ids"]) for f in features]
         labels = [[-100] + list(f["labels"][1:]) for f in features]  # a sequence's first token is never predicted
-        n_tokens = sum(len(x) for x in ids)
+        n_tokens = torch.tensor(sum(len(x) for x in ids))
         p = shared_prefix(ids, labels, self.min_prefix) if self.share_prefix else 0
         if not self.pack and not p:
-            width = max(len(x) for x in ids)
-            pad = [width - len(x) for x in ids]
-            return {
-                "input_ids": torch.tensor([x + [self.pad_id] * q for x, q in zip(ids, pad)]),
-                "labels": torch.tensor([y + [-100] * q for y, q in zip(labels, pad)]),
-                "attention_mask": torch.tensor([[1] * len(x) + [0] * q for x, q in zip(ids, pad)]),
-                "n_tokens": torch.tensor(n_tokens),
-            }
+            batch, owner = self._padded(ids, labels, n_tokens)
+        else:
+            batch, owner = self._rows(ids, labels, p, n_tokens)
+        weights = _weights(features)
+        if weights is not None:  # each token carries its example's weight; padding (owner -1) gets 0
+            batch["loss_weights"] = torch.cat([weights, torch.zeros(1)])[owner]
+        return batch
+
+    def _padded(self, ids: list[list[int]], labels: list[list[int]],
+                n_tokens: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """One example per row, right-padded; also each token's example index (-1 for padding)."""
+        width = max(len(x) for x in ids)
+        pad = [width - len(x) for x in ids]
+        batch = {
+            "input_ids": torch.tensor([x + [self.pad_id] * q for x, q in zip(ids, pad)]),
+            "labels": torch.tensor([y + [-100] * q for y, q in zip(labels, pad)]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * q for x, q in zip(ids, pad)]),
+            "n_tokens": n_tokens,
+        }
+        return batch, torch.tensor([[i] * len(x) + [-1] * q for i, (x, q) in enumerate(zip(ids, pad))])
+
+    def _rows(self, ids: list[list[int]], labels: list[list[int]], p: int,
+              n_tokens: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Packed rows (or one example per row) with a 4D mask, less the shared prefix of p tokens; also each token's
+        example index (-1 for padding)."""
         prefix, ids, labels = ids[0][:p], [x[p:] for x in ids], [y[p:] for y in labels]
         rows = _pack([len(x) for x in ids], self.max_len - p) if self.pack else [[i] for i in range(len(ids))]
         width = max(sum(len(ids[i]) for i in row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_id)
         lab = torch.full((len(rows), width), -100)
         pos = torch.zeros((len(rows), width), dtype=torch.long)
-        seg = torch.full((len(rows), width), -1)  # segment id per token; -1 = padding
+        owner = torch.full((len(rows), width), -1)  # the example each token belongs to; -1 = padding
         for r, row in enumerate(rows):
             at = 0
-            for s, i in enumerate(row):
+            for i in row:
                 n = len(ids[i])
                 input_ids[r, at:at + n] = torch.tensor(ids[i])
                 lab[r, at:at + n] = torch.tensor(labels[i])
                 pos[r, at:at + n] = torch.arange(p, p + n)
-                seg[r, at:at + n] = s
+                owner[r, at:at + n] = i
                 at += n
-        same = seg[:, :, None] == seg[:, None, :]
+        same = owner[:, :, None] == owner[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
-        allowed = (same & causal) & (seg[:, :, None] >= 0)
+        allowed = (same & causal) & (owner[:, :, None] >= 0)
         allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no all-masked rows)
         if p:  # every token also sees the whole shared prefix
             allowed = torch.cat([torch.ones(len(rows), width, p, dtype=torch.bool), allowed], dim=2)
         mask = torch.zeros(allowed.shape, dtype=self.mask_dtype).masked_fill_(~allowed,
                                                                               torch.finfo(self.mask_dtype).min)
         batch = {"input_ids": input_ids, "labels": lab, "position_ids": pos, "attention_mask": mask[:, None],
-                 "n_tokens": torch.tensor(n_tokens)}
+                 "n_tokens": n_tokens}
         if p:
             batch["prefix_ids"] = torch.tensor([prefix])
-        return batch
+        return batch, owner
 
 
 def prefix_cache(decoder, prefix_ids: torch.Tensor, batch_size: int):
@@ -127,8 +155,16 @@ def decoder_and_head(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def _summed_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Summed cross-entropy of the rows of `logits`, each term times its weight when there are weights."""
+    if weights is None:
+        return F.cross_entropy(logits, target, reduction="sum")
+    return (F.cross_entropy(logits, target, reduction="none") * weights.to(logits)).sum()
+
+
 def answer_loss(model, batch: dict, fast: bool = True) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over answer tokens and their count.
+    """Summed cross-entropy over answer tokens (each times its `loss_weights` entry, when the batch has them) and
+    their count (unweighted).
 
     fast=True runs the decoder and applies the LM head only where the next token is an answer token. fast=False goes
     through the model's own forward (needed by methods that change it: prefix / prompt / p-tuning, AdaLoRA) and
@@ -140,6 +176,7 @@ def answer_loss(model, batch: dict, fast: bool = True) -> tuple[torch.Tensor, in
     target = labels[:, 1:]
     keep = target != -100
     n = int(keep.sum())
+    weights = batch["loss_weights"][:, 1:][keep] if "loss_weights" in batch else None
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if fast:
         decoder, head = decoder_and_head(model)
@@ -147,7 +184,7 @@ def answer_loss(model, batch: dict, fast: bool = True) -> tuple[torch.Tensor, in
             kwargs["past_key_values"] = prefix_cache(decoder, batch["prefix_ids"], labels.shape[0])
         hidden = decoder(**kwargs, use_cache=False).last_hidden_state[:, :-1]
         logits = head(hidden[keep]).float()
-        return F.cross_entropy(logits, target[keep], reduction="sum"), n
+        return _summed_ce(logits, target[keep], weights), n
     out = model(**kwargs, use_cache=False)
     logits = out.logits[:, -labels.shape[1]:][:, :-1]  # prompt-learning methods prepend virtual tokens
-    return F.cross_entropy(logits[keep].float(), target[keep], reduction="sum"), n
+    return _summed_ce(logits[keep].float(), target[keep], weights), n

@@ -20,12 +20,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from chatdata.terms import Attribute, load_terms
 from core import artifacts
 from core.errors import ConfigError, DataError, StackError, collect
 from core.log import log
 from evaluation.fairness.config import FairnessCfg
-from evaluation.fairness.probes import (Attribute, Probe, _parse_answer, _read_rows, load_probes, load_terms,
-                                        prompt_messages, variants)
+from evaluation.fairness.probes import Probe, _parse_answer, _read_rows, load_probes, prompt_messages, variants
 from evaluation.fairness.report import record_in_manifest, write_reports
 
 INVALID = "<no answer>"  # the value of a field the answer does not contain (unparseable JSON included)

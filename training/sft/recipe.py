@@ -26,6 +26,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from chatdata import splits
+from chatdata.augment import report as augment_report
 from core import artifacts
 from core.config import config_hash, dump_yaml
 from core.errors import ArtifactError
@@ -278,6 +279,8 @@ def _save(r: _Run, before: dict, after: SimpleNamespace, t: SimpleNamespace) -> 
         manifest = {
             **outputs.manifest_header(cfg, r.run_id, r.fingerprint, r.base_path),
             "datasets": prepared.report["sources"], "config": cfg.model_dump(mode="json"),
+            "augmentation": augment_report.manifest_entry(prepared.report.get("augment")),
+            "reweighing": prepared.report.get("reweigh"),
             "config_hash": config_hash(cfg, {"output.run_id"}),
             "metrics": {"before": before["metrics"], "after": after.metrics, "validation_loss": t.val.get("eval_loss")},
             "metrics_table": table_md, "training": t.stats, "outputs": written,

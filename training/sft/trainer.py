@@ -187,7 +187,12 @@ def _training_args(cfg: TrainConfig, work: Path, n_train: int, world_size: int =
 
 
 def _features(rows) -> list[dict]:
-    return [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
+    """The collator's features; each carries its example's loss "weight" only when some weight differs from 1 (so an
+    unweighted run batches exactly as without weights)."""
+    weights = [float(getattr(e, "weight", 1.0)) for e in rows]
+    if all(w == 1.0 for w in weights):
+        return [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
+    return [{"input_ids": e.input_ids, "labels": e.labels, "weight": w} for e, w in zip(rows, weights)]
 
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, prepared, work: Path, *, pack: bool, fast: bool,
