@@ -1,0 +1,105 @@
+"""What data augmentation and bias mitigation change, measured (issue 21): `make bench-data`.
+
+1. Low data: the demo task trained on 100 original rows (a seeded seventh of data/tickets/train.jsonl) without
+   augmentation, with noise (char + word + casing) and with paraphrases by the base model; same steps, seed and
+   test rows. Scored on the test rows and on a noisy copy of them (char_noise at strength 0.15: robustness).
+2. Bias mitigation: the demo config on all 700 rows, without mitigation, with counterfactual augmentation and with
+   reweighing (both from data/fairness/augment_terms.yaml, held out from the fairness probes' terms); each scored on
+   the test rows and by `llmstack fairness` on the probes (flip rate, group metrics).
+
+Writes benchmarks/results/data.{json,md}. Every run is a real `llmstack` command; the artifacts go to
+artifacts/bench-data/ (not committed)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = Path("artifacts/bench-data")
+RESULTS = Path("benchmarks/results")
+LOW = ["data.train=[{path: data/tickets/train.jsonl, weight: 0.142857}]"]
+NOISE = ("data.augment.operations=[{op: char_noise, rate: 1, seed: 1}, {op: word_noise, rate: 0.5, seed: 2}, "
+         "{op: casing, rate: 0.5, seed: 3}]")
+PARAPHRASE = ("data.augment.operations=[{op: paraphrase, rate: 1, seed: 4, "
+              "generator: {model: base, max_new_tokens: 160, temperature: 0.7}}]")
+CDA = "data.augment.operations=[{op: counterfactual, rate: 1, seed: 5}]"
+RUNS = {  # name -> (part, overrides)
+    "low-none": ("low", LOW),
+    "low-noise": ("low", LOW + [NOISE]),
+    "low-paraphrase": ("low", LOW + [PARAPHRASE]),
+    "full-none": ("bias", []),
+    "full-counterfactual": ("bias", [CDA]),
+    "full-reweigh": ("bias", ["data.reweigh.enabled=true", "data.reweigh.label_field=urgency"]),
+}
+FAIRNESS_ARGS = ["--max-probes", "9", "--max-terms", "1", "--threads", "2"]
+
+
+def llmstack(*args: str) -> None:
+    cmd = [sys.executable, "-m", "llmstack", *args]
+    print("$", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def cpu() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    flags = sorted({f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in info})
+    return {"model": model.group(1) if model else platform.processor(), "flags": flags,
+            "cores": len(re.findall(r"^processor", info, re.M))}
+
+
+def scores(metrics: dict) -> dict:
+    return {"exact_match": metrics.get("exact_match"), "json_valid": metrics.get("json_valid"),
+            **{f"acc_{k}": v for k, v in (metrics.get("field_accuracy") or {}).items()}}
+
+
+def one_run(name: str, part: str, overrides: list[str], noisy: Path) -> dict:
+    art = OUT / name
+    if not (art / "manifest.json").exists():
+        llmstack("train", f"output.dir={OUT}", f"output.run_id={name}", *overrides)
+    manifest = json.loads((art / "manifest.json").read_text())
+    report = json.loads((art / "data_report.json").read_text())
+    row = {"run": name, "part": part, "overrides": overrides, "train_rows": report["splits"]["train"]["n"],
+           "augmentation": {k: v for k, v in (manifest.get("augmentation") or {}).items() if k != "lineage"},
+           "test": scores(manifest["metrics"]["after"]), "train_seconds": manifest["timings"].get("train")}
+    if part == "low":
+        out = OUT / f"{name}-noisy.json"
+        if not out.exists():
+            llmstack("eval", str(art), f"data.test=[{{path: {noisy}}}]", "eval.max_samples=100", "--output", str(out))
+        row["noisy_test"] = scores(json.loads(out.read_text())["metrics"])
+    else:
+        if not (art / "fairness.json").exists():
+            llmstack("fairness", str(art), *FAIRNESS_ARGS)
+        f = json.loads((art / "fairness.json").read_text())
+        row["fairness"] = {"flip_rate": {a: m["flip_rate"] for a, m in f["flips"].items()},
+                           "pairwise_flip_rate": {a: m["pairwise_flip_rate"] for a, m in f["flips"].items()},
+                           "group_metrics": f["group_metrics"]["probes"], "flagged": f["flagged"],
+                           "reasons": f["reasons"]}
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    noisy = OUT / "test_noisy.jsonl"
+    if not noisy.exists():
+        llmstack("augment", "data/tickets/test.jsonl", "-o", str(noisy), "--only-new",
+                 "data.augment.operations=[{op: char_noise, rate: 1, strength: 0.15, seed: 7}]",
+                 "data.augment.filter.dedup=false", "data.augment.filter.same_language=false")
+    rows, started = [], time.time()
+    for name in args.runs.split(","):
+        rows.append(one_run(name, *RUNS[name], noisy))
+        (RESULTS / "data.json").write_text(json.dumps({"machine": cpu(), "runs": rows}, indent=2) + "\n")
+    print(f"done in {time.time() - started:.0f} s; {RESULTS / 'data.json'}")
+
+
+if __name__ == "__main__":
+    main()
