@@ -69,9 +69,9 @@ def _casing(op: AugmentOp, ex: Example, k: int, rnd: random.Random, shared, cont
 
     def edit(paragraph: str) -> str:
         if whole:
-            return " ".join(t if t in keep else t.lower() for t in paragraph.split(" "))
-        return " ".join(t if t in keep or rnd.random() >= op.strength else rnd.choice((t.lower(), t.upper()))
-                        for t in paragraph.split(" "))
+            return _untokens([t if t in keep else t.lower() for t in _tokens(paragraph)])
+        return _untokens([t if t in keep or rnd.random() >= op.strength else rnd.choice((t.lower(), t.upper()))
+                          for t in _tokens(paragraph)])
     return derive(ex, shared, edit, "casing:lower" if whole else "casing:words", k)
 
 
