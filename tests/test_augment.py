@@ -231,6 +231,12 @@ def test_paraphrase_round_trips_through_the_projects_own_server(tiny_model_dir, 
             if ex.source in made:  # (a reply equal to the message itself is dropped as unchanged)
                 assert free_text(made[ex.source], shared) == want.message.content.strip()
                 assert made[ex.source].reference() == ex.reference()
+        regen = augment(rows, cfg({"op": "paraphrase", "generator": gen, "answer_model": gen}, dedup=False,
+                                  same_language=False, min_length_ratio=0, max_length_ratio=100), near_threshold=0.9)
+        for new in regen.rows:  # the answer regenerated for the new prompt, by the answer model (greedy)
+            want = client.chat.completions.create(model="tiny", temperature=0, max_tokens=12,
+                                                  messages=new.prompt_messages()).choices[0].message.content
+            assert new.reference() == want
         bad = {"model": "tiny", "endpoint": "http://127.0.0.1:9/v1", "max_new_tokens": 4}
         with pytest.raises(DataError) as err:
             augment(rows, cfg({"op": "paraphrase", "generator": bad}), near_threshold=0.9)
@@ -310,3 +316,19 @@ def test_a_training_run_records_lineage_and_trains_with_the_weights(tiny_config,
     assert {round(float(x), 4) for w in train_batches for x in w.unique()} - {0.0} <= {round(x, 4) for x in weights}
     assert "## Augmentation" in (art / "data_report.md").read_text()
     assert "## Reweighing" in (art / "data_report.md").read_text()
+
+
+@pytest.mark.parametrize("config, section", [("configs/curriculum.yaml", "data.augment"),
+                                             ("configs/dpo.yaml", "data.reweigh")])
+def test_recipes_that_do_not_augment_refuse_the_settings_instead_of_ignoring_them(config, section, tokenizer):
+    from core.config import load
+    from training.config import TrainConfig
+    from training.preference import data as preference_data
+    from training.sft import curriculum
+
+    override = "data.augment.operations=[{op: casing}]" if section == "data.augment" else "data.reweigh.enabled=true"
+    cfg = load(TrainConfig, config, [override])
+    prepare = curriculum.prepare_data if "curriculum" in config else preference_data.prepare
+    with pytest.raises(ConfigError) as err:
+        prepare(cfg, tokenizer)
+    assert err.value.field == section

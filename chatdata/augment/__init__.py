@@ -35,7 +35,9 @@ def _make(op: AugmentOp, i: int, rows: list[Example], shared, base_model: str, w
     from . import text
     if op.op == "paraphrase":
         from .generate import generator, paraphrases
-        return paraphrases(op, rows, shared, generator(op.generator, base_model, f"{where}.operations.{i}.generator")), 0
+        at = f"{where}.operations.{i}"
+        answer = generator(op.answer_model, base_model, f"{at}.answer_model", greedy=True) if op.answer_model else None
+        return paraphrases(op, rows, shared, generator(op.generator, base_model, f"{at}.generator"), answer), 0
     if op.op == "counterfactual":
         from ..terms import load_terms
         from .counterfactual import TermIndex, build

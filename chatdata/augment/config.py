@@ -51,6 +51,9 @@ class AugmentOp(Section):
     """paraphrase: the model that rewrites."""
     instruction: str = DEFAULT_PARAPHRASE
     """paraphrase: what the model is asked to do with the message (the message follows it)."""
+    answer_model: Optional[Generator] = None
+    """paraphrase: for tasks whose answer depends on the wording (free text, summaries), this model answers each new
+    prompt (greedy) and its answer replaces the original's; null keeps the original answer (labels)."""
     terms: str = "data/fairness/augment_terms.yaml"
     """counterfactual: the term groups to swap (the format of the fairness check's terms.yaml). Keep them apart from
     the terms the fairness probes use, so the check measures terms the model never saw swapped."""

@@ -87,9 +87,11 @@ def _local(path: str, cfg: Generator, temperature: float, where: str) -> Generat
     return generate
 
 
-def paraphrases(op: AugmentOp, rows: list[Example], shared, generate: Generate) -> list[Example]:
+def paraphrases(op: AugmentOp, rows: list[Example], shared, generate: Generate,
+                answer: Generate | None = None) -> list[Example]:
     """One new row per drawn copy: the model rewrites the free part of the message; the answer is kept (the label
-    check, when configured, drops rows whose labels it no longer supports)."""
+    check, when configured, drops rows whose labels it no longer supports), or with `answer` (op.answer_model)
+    regenerated for the new prompt."""
     import torch
 
     from .rows import copies
@@ -102,4 +104,8 @@ def paraphrases(op: AugmentOp, rows: list[Example], shared, generate: Generate) 
     for (ex, k), text in zip(todo, texts):
         parts = iter([text.strip()])
         out.append(derive(ex, shared, lambda p, parts=parts: next(parts, ""), "paraphrase", k))
+    if answer is not None and out and out[0].messages is not None:
+        for new, text in zip(out, answer([new.prompt_messages() for new in out])):
+            last = max(i for i, m in enumerate(new.messages) if m["role"] == "assistant")
+            new.messages[last]["content"] = text
     return out

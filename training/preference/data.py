@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 from chatdata import pipeline as data_mod
 from core import artifacts
-from core.errors import DataError, StackError, collect
+from core.errors import ConfigError, DataError, StackError, collect
 from training.config import TrainConfig
 
 
@@ -216,6 +216,10 @@ def prepare(cfg: TrainConfig, tokenizer) -> SimpleNamespace:
     once with every invalid row."""
     d = cfg.data
     drops, errors, sources, splits = data_mod.Drops(), [], [], {}
+    if d.augment.operations or d.reweigh.enabled:
+        raise ConfigError("augmentation and reweighing apply to SFT rows, not to preference pairs",
+                          field="data.augment" if d.augment.operations else "data.reweigh",
+                          hint="augment the rows the pairs are made from with `llmstack augment`, or remove it")
     if not d.train:
         raise DataError("no training dataset configured", field="data.train")
     for split, specs in (("train", d.train), ("validation", d.validation), ("test", d.test)):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 from chatdata.pipeline import Example
-from core.errors import DataError, collect
+from core.errors import ConfigError, DataError, collect
 from core.log import log
 
 GENERAL = "curriculum.general_eval"
@@ -253,7 +253,12 @@ def prepare_data(cfg, tokenizer, world_size: int = 1):
     a curriculum)."""
     from chatdata.pipeline import prepare
 
-    prepared = prepare(cfg.data, tokenizer, cfg.train.seed, extra=extra_splits(cfg.curriculum))
+    extra = extra_splits(cfg.curriculum)
+    if extra and (cfg.data.augment.operations or cfg.data.reweigh.enabled):
+        raise ConfigError("augmentation and reweighing apply to data.train; a curriculum builds its rows from its "
+                          "stages' datasets", field="data.augment" if cfg.data.augment.operations else "data.reweigh",
+                          hint="augment a stage's dataset with `llmstack augment` and name the written file")
+    prepared = prepare(cfg.data, tokenizer, cfg.train.seed, extra=extra)
     return prepared, attach(cfg, prepared, cfg.train.batch_size * cfg.train.grad_accum * world_size)
 
 
