@@ -1,13 +1,13 @@
 """What data augmentation and bias mitigation change, measured (issue 21): `make bench-data`.
 
 1. Low data: the demo task trained on 100 original rows (a seeded seventh of data/tickets/train.jsonl) without
-   augmentation, with noise (char + word + casing) and with paraphrases by the base model; same steps, seed and
-   test rows. Scored on the test rows and on a noisy copy of them (char_noise at strength 0.15: robustness).
+   augmentation, with noise (char + word + casing), with paraphrases by the base model and with product names
+   swapped for their synonyms; same steps, seed and test rows. Scored on the test rows and on a noisy copy of them (char_noise at strength 0.15: robustness).
 2. Bias mitigation: the demo config on all 700 rows, without mitigation, with counterfactual augmentation and with
    reweighing (both from data/fairness/augment_terms.yaml, held out from the fairness probes' terms); each scored on
    the test rows and by `llmstack fairness` on the probes (flip rate, group metrics).
 
-Writes benchmarks/results/data.{json,md}. Every run is a real `llmstack` command; the artifacts go to
+Writes benchmarks/results/data.{json,md} (after each run). Every run is a real `llmstack` command; the artifacts go to
 artifacts/bench-data/ (not committed)."""
 from __future__ import annotations
 
@@ -28,11 +28,14 @@ NOISE = ("data.augment.operations=[{op: char_noise, rate: 1, seed: 1}, {op: word
          "{op: casing, rate: 0.5, seed: 3}]")
 PARAPHRASE = ("data.augment.operations=[{op: paraphrase, rate: 1, seed: 4, "
               "generator: {model: base, max_new_tokens: 160, temperature: 0.7}}]")
+SYNONYMS = ("data.augment.operations=[{op: synonyms, rate: 1, seed: 6, synonyms: data/tickets/product_forms.yaml}]",
+            "data.augment.filter.near_dup_threshold=0.97")
 CDA = "data.augment.operations=[{op: counterfactual, rate: 1, seed: 5}]"
 RUNS = {  # name -> (part, overrides)
     "low-none": ("low", LOW),
     "low-noise": ("low", LOW + [NOISE]),
     "low-paraphrase": ("low", LOW + [PARAPHRASE]),
+    "low-synonyms": ("low", LOW + list(SYNONYMS)),
     "full-none": ("bias", []),
     "full-counterfactual": ("bias", [CDA]),
     "full-reweigh": ("bias", ["data.reweigh.enabled=true", "data.reweigh.label_field=urgency"]),
@@ -84,6 +87,31 @@ def one_run(name: str, part: str, overrides: list[str], noisy: Path) -> dict:
     return row
 
 
+def _cell(v) -> str:
+    return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['model']}, {m['cores']} cores; CPU flags {', '.join(m['flags']) or 'none of the listed'}.",
+             "", "| run | train rows | exact match | category | product | urgency | noisy test: exact match | "
+             "category | product | urgency |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in result["runs"] if r["part"] == "low"):
+        t, n = r["test"], r.get("noisy_test", {})
+        lines.append(f"| {r['run']} | {r['train_rows']} | " + " | ".join(_cell(d.get(k)) for d in (t, n) for k in (
+            "exact_match", "acc_category", "acc_product", "acc_urgency")) + " |")
+    lines += ["", "| run | train rows | exact match | urgency | flip rate (any): gender / origin / nationality | "
+              "pairwise (any) | flagged |", "|---|---|---|---|---|---|---|"]
+    for r in (r for r in result["runs"] if r["part"] == "bias"):
+        f = r["fairness"]
+        flips = " / ".join(_cell(f["flip_rate"].get(a, {}).get("any")) for a in ("gender", "origin", "nationality"))
+        pair = " / ".join(_cell(f["pairwise_flip_rate"].get(a, {}).get("any"))
+                          for a in ("gender", "origin", "nationality"))
+        lines.append(f"| {r['run']} | {r['train_rows']} | {_cell(r['test']['exact_match'])} | "
+                     f"{_cell(r['test'].get('acc_urgency'))} | {flips} | {pair} | {f['flagged']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
@@ -97,7 +125,9 @@ def main() -> None:
     rows, started = [], time.time()
     for name in args.runs.split(","):
         rows.append(one_run(name, *RUNS[name], noisy))
-        (RESULTS / "data.json").write_text(json.dumps({"machine": cpu(), "runs": rows}, indent=2) + "\n")
+        result = {"machine": cpu(), "runs": rows}
+        (RESULTS / "data.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / "data.md").write_text(markdown(result))
     print(f"done in {time.time() - started:.0f} s; {RESULTS / 'data.json'}")
 
 

@@ -59,8 +59,9 @@ class DataCfg(Section):
     """Drop exact duplicates (after cleaning) within each split."""
     dedup_near: bool = True
     """Drop near duplicates within each split (MinHash LSH on word 3-grams, datasketch)."""
-    near_dup_threshold: float = Field(0.9, gt=0, le=1)
-    """Estimated Jaccard similarity at or above which two rows are near duplicates."""
+    near_dup_threshold: float = Field(0.9, gt=0, le=0.98)
+    """Estimated Jaccard similarity at or above which two rows are near duplicates (at most 0.98: MinHash LSH on 128
+    permutations cannot band a higher threshold; an exact duplicate is dedup_exact's)."""
     leakage: Literal["warn", "error"] = "warn"
     """Validation or test rows whose prompt is also in the training split (exactly, or a near duplicate at
     near_dup_threshold): warn (listed in the data report) or error (stop, naming every such row)."""

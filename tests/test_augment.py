@@ -89,6 +89,26 @@ def test_slots_replace_one_value_in_prompt_and_answer_alike():
         assert json.loads(new.reference())["category"] == "technical"
 
 
+def test_synonyms_name_the_same_thing_another_way_and_keep_the_answer(tmp_path):
+    forms = write_yaml(tmp_path / "forms.yaml", {"router": ["Nimbus R2", "Nimbus R2 router", "NR-200"],
+                                                 "camera": ["Aurora Cam", "AC-4K"]})
+    rows = [chat("f:0", "My Nimbus R2 router keeps dropping wifi every evening since the update.",
+                 {"product": "router"}),
+            chat("f:1", "the nr-200 will not start after a power cut yesterday, lights stay off.", {"product": "router"}),
+            chat("f:2", "Nothing about products in this message, only a question about my invoice.", {"product": ""})]
+    out = augment(rows, cfg({"op": "synonyms", "synonyms": str(forms)}, same_language=False, near_dup_threshold=0.98),
+                  near_threshold=0.9)
+    assert out.report["operations"][0]["not_applicable"] == 1 and len(out.rows) == 2
+    first, second = out.rows
+    assert first.operation == "synonyms:router" and first.reference() == rows[0].reference()
+    assert re.search(r"My (Nimbus R2|NR-200) keeps", message(first))          # the longest form was replaced whole
+    assert re.search(r"the (nimbus r2|nimbus r2 router) will", message(second))  # a lower-case form stays lower-case
+    bad = write_yaml(tmp_path / "bad.yaml", {"router": ["only one"]})
+    with pytest.raises(ConfigError) as err:
+        augment(rows, cfg({"op": "synonyms", "synonyms": str(bad)}), near_threshold=0.9)
+    assert err.value.field == "router" and err.value.line == 1
+
+
 def test_slots_without_patterns_is_a_config_error_naming_the_field():
     with pytest.raises(StackError) as err:
         from core.config import validate

@@ -42,7 +42,8 @@ def _make(op: AugmentOp, i: int, rows: list[Example], shared, base_model: str, w
         from ..terms import load_terms
         from .counterfactual import TermIndex, build
         return text.per_row(op, rows, shared, build, TermIndex(load_terms(op.terms)))
-    context = text.slot_values(op, rows, shared) if op.op == "slots" else None
+    context = text.slot_values(op, rows, shared) if op.op == "slots" else \
+        text.synonym_groups(op) if op.op == "synonyms" else None
     return text.per_row(op, rows, shared, text.BUILDERS[op.op], context)
 
 
@@ -57,7 +58,8 @@ def augment(rows: list[Example], cfg: AugmentCfg, *, near_threshold: float, base
     if cfg.filter.label_check is not None:
         from .generate import generator
         label_generate = generator(cfg.filter.label_check, base_model, f"{where}.filter.label_check", greedy=True)
-    keep = Filter(cfg.filter, rows, shared, near_threshold, _label_fields(cfg, rows), label_generate)
+    keep = Filter(cfg.filter, rows, shared, cfg.filter.near_dup_threshold or near_threshold, _label_fields(cfg, rows),
+                  label_generate)
     out, per_op = [], []
     for i, op in enumerate(cfg.operations):
         made, not_applicable = _make(op, i, rows, shared, base_model, where)

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from core.config import Section
 
-OPERATIONS = ("char_noise", "word_noise", "casing", "slots", "paraphrase", "counterfactual")
+OPERATIONS = ("char_noise", "word_noise", "casing", "slots", "synonyms", "paraphrase", "counterfactual")
 DEFAULT_PARAPHRASE = ("Rewrite the following customer message in other words. Keep every fact, product name, number, "
                       "code and the sender's name. Reply with the rewritten message only.")
 
@@ -33,10 +33,10 @@ class Generator(Section):
 
 class AugmentOp(Section):
     """One operation. Fields that do not apply to `op` are ignored."""
-    op: Literal["char_noise", "word_noise", "casing", "slots", "paraphrase", "counterfactual"]
+    op: Literal["char_noise", "word_noise", "casing", "slots", "synonyms", "paraphrase", "counterfactual"]
     """char_noise: typos, swapped / deleted / inserted letters (nlpaug); word_noise: deleted or swapped words (nlpaug);
     casing: words lower- or upper-cased; slots: values matched by `slots` replaced by others from the data, in prompt
-    and answer alike; paraphrase: a language model rewrites the message (`generator`); counterfactual: names and
+    and answer alike; synonyms: a surface form replaced by another of its group (`synonyms`), answer unchanged; paraphrase: a language model rewrites the message (`generator`); counterfactual: names and
     gendered or national terms swapped for another group's (`terms`), labels unchanged."""
     rate: float = Field(1.0, ge=0, le=10)
     """New rows per original row, on average: 0.5 gives a seeded half of the rows one each, 2 gives every row two."""
@@ -47,6 +47,10 @@ class AugmentOp(Section):
     slots: dict[str, str] = {}
     """slots: name -> regular expression of a value that appears in the prompt and may appear in the answer, e.g.
     {error_code: 'ERR-\\d+'}; a new row replaces every value of one slot by another value seen in the training rows."""
+    synonyms: str | dict[str, list[str]] = {}
+    """synonyms: named groups of interchangeable surface forms (e.g. a product id -> its names), inline or the path of
+    a YAML file with that mapping; a new row replaces every form of one group found in the message by other forms
+    of that group (e.g. data/tickets/product_forms.yaml)."""
     generator: Generator = Field(default_factory=Generator)
     """paraphrase: the model that rewrites."""
     instruction: str = DEFAULT_PARAPHRASE
@@ -64,6 +68,8 @@ class AugmentOp(Section):
     def _needs(self):
         if self.op == "slots" and not self.slots:
             raise ValueError("op slots needs `slots:` (name -> regular expression)")
+        if self.op == "synonyms" and not self.synonyms:
+            raise ValueError("op synonyms needs `synonyms:` (group -> interchangeable forms, or a YAML file of that)")
         return self
 
     @property
@@ -74,8 +80,10 @@ class AugmentOp(Section):
 class AugmentFilter(Section):
     """What an augmented row must pass to be kept; every drop is listed with its reason in the data report."""
     dedup: bool = True
-    """Drop new rows that are exact or near duplicates (data.near_dup_threshold, MinHash) of an original row or of
-    another new row."""
+    """Drop new rows that are exact or near duplicates (MinHash) of an original row or of another new row."""
+    near_dup_threshold: Optional[float] = Field(None, gt=0, le=0.98)
+    """Similarity at or above which a new row is a near duplicate (null: data.near_dup_threshold). An edit of one
+    name in a long message stays above 0.9: raise it for operations that change little on purpose (synonyms)."""
     min_length_ratio: float = Field(0.5, ge=0)
     """Drop a new row whose message is shorter than this times its original's."""
     max_length_ratio: float = Field(2.0, gt=0)

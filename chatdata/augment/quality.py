@@ -4,7 +4,7 @@
 - length: the new message is shorter / longer than the configured ratios of its original's;
 - language: py3langid (its model ships inside the package; nothing is downloaded) names another language than it
   names for the original;
-- exact_duplicate / near_duplicate: the same text as, or a near duplicate (MinHash at data.near_dup_threshold; here
+- exact_duplicate / near_duplicate: the same text as, or a near duplicate (MinHash at filter.near_dup_threshold; here
   case counts, so that a casing variant is not its original's duplicate) of, an original row or an earlier new row;
 - label_changed: the label-check model, answering the new prompt, gives another value for a label field than the
   original's answer has;

@@ -9,6 +9,8 @@ import random
 import re
 from typing import Callable
 
+from core.errors import ConfigError
+
 from ..files import Example
 from .config import AugmentOp
 from .rows import answer, copies, derive, free_text, row_seed, seeded
@@ -101,9 +103,44 @@ def _slots(op: AugmentOp, ex: Example, k: int, rnd: random.Random, shared, value
     return derive(ex, shared, edit, f"slots:{name}", k, answer_edit=edit)
 
 
+def synonym_groups(op: AugmentOp) -> dict[str, list[str]]:
+    """op.synonyms, read from its YAML file when it names one (a mapping of group -> list of forms)."""
+    if not isinstance(op.synonyms, str):
+        return op.synonyms
+    from core.config import read_yaml
+    groups, lines = read_yaml(op.synonyms)
+    for name, forms in groups.items():
+        if not (isinstance(forms, list) and len(forms) > 1 and all(isinstance(f, str) and f for f in forms)):
+            raise ConfigError("must list at least two interchangeable forms (strings)", file=op.synonyms,
+                              line=lines.get((name,)), field=str(name))
+    return groups
+
+
+def _synonyms(op: AugmentOp, ex: Example, k: int, rnd: random.Random, shared, groups) -> Example | None:
+    """Every form of one synonym group found in the message replaced by another form of the group (matched in any
+    case; a form found all lower-case is written lower-case)."""
+    text = free_text(ex, shared)
+    found = [name for name, forms in groups.items() if len(forms) > 1 and _alternation(forms).search(text)]
+    if not found:
+        return None
+    name = rnd.choice(found)
+    group, pattern = groups[name], _alternation(groups[name])
+
+    def one(m):
+        old = m.group(0)
+        new = rnd.choice([f for f in group if f.lower() != old.lower()])
+        return new.lower() if old.islower() else new
+    return derive(ex, shared, lambda p: pattern.sub(one, p), f"synonyms:{name}", k)
+
+
+def _alternation(forms: list[str]) -> re.Pattern:
+    alts = sorted(forms, key=len, reverse=True)
+    return re.compile(r"(?<!\w)(" + "|".join(re.escape(f) for f in alts) + r")(?!\w)", re.IGNORECASE)
+
+
 BUILDERS = {"char_noise": _nlpaug_edit(_char_augmenter, CHAR_ACTIONS),
             "word_noise": _nlpaug_edit(_word_augmenter, WORD_ACTIONS),
-            "casing": _casing, "slots": _slots}
+            "casing": _casing, "slots": _slots, "synonyms": _synonyms}
 
 
 def per_row(op: AugmentOp, rows: list[Example], shared, build: Callable, context=None) -> tuple[list[Example], int]:
