@@ -9,7 +9,6 @@ from pydantic import Field, model_validator
 
 from core.config import Section
 
-OPERATIONS = ("char_noise", "word_noise", "casing", "slots", "synonyms", "paraphrase", "counterfactual")
 DEFAULT_PARAPHRASE = ("Rewrite the following customer message in other words. Keep every fact, product name, number, "
                       "code and the sender's name. Reply with the rewritten message only.")
 
@@ -72,10 +71,6 @@ class AugmentOp(Section):
             raise ValueError("op synonyms needs `synonyms:` (group -> interchangeable forms, or a YAML file of that)")
         return self
 
-    @property
-    def name(self) -> str:
-        return self.op
-
 
 class AugmentFilter(Section):
     """What an augmented row must pass to be kept; every drop is listed with its reason in the data report."""
@@ -91,8 +86,8 @@ class AugmentFilter(Section):
     same_language: bool = True
     """Drop a new row whose message is not in its original's language (py3langid)."""
     label_check: Optional[Generator] = None
-    """Label preservation: this model answers each new row's prompt, and the row is dropped when a label field of its
-    answer differs from the original's answer (e.g. a fine-tuned artifact; null: no check)."""
+    """Label preservation: this model answers each new row's prompt (greedy), and the row is dropped when a label
+    field of its answer differs from the original's answer (e.g. a fine-tuned artifact; null: no check)."""
     label_fields: list[str] = []
     """JSON answer fields that are labels (empty: the label-like fields the data report finds)."""
     max_per_original: int = Field(2, ge=1)

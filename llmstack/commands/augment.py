@@ -13,7 +13,7 @@ def run(args) -> int:
 def register(sub) -> None:
     a = sub.add_parser("augment", help="augment a dataset file (noise, slots, paraphrase, counterfactual) with a "
                        "quality filter", formatter_class=LazyEpilog,
-                       epilog=config_help("chatdata.augment.config", "AugmentCfg"),
+                       epilog=config_help("chatdata.augment.config", "AugmentCfg", "data.augment."),
                        description="Apply the data.augment operations of a training config to one dataset file: "
                        "each new row passes the quality filter (duplicates, length, language, label check, cap per "
                        "original) or is listed with the reason it was dropped. Writes chat JSONL (the original rows, "

@@ -18,12 +18,13 @@ class LazyEpilog(argparse.RawDescriptionHelpFormatter):
         super().add_text(text() if callable(text) else text)
 
 
-def config_help(module: str, name: str):
-    """The epilog of a command with a config: every option of the config model, rendered when --help asks."""
+def config_help(module: str, name: str, prefix: str = ""):
+    """The epilog of a command with a config: every option of the config model (a section of it: `prefix`, e.g.
+    "data.augment."), rendered when --help asks."""
     def render() -> str:
         from core.config import describe
         model = getattr(importlib.import_module(module), name)
-        return "config options (YAML sections; override any with section.key=value):\n" + describe(model)
+        return "config options (YAML sections; override any with section.key=value):\n" + describe(model, prefix)
     return render
 
 
