@@ -46,9 +46,8 @@ def reweigh(rows: list[Example], cfg) -> dict:
     n, n_g, n_y, n_gy = len(labelled), Counter(g for g, _ in labelled), Counter(y for _, y in labelled), \
         Counter(labelled)
     weight = {c: min(n_g[c[0]] * n_y[c[1]] / (n * k), cfg.max_weight) for c, k in n_gy.items()}
-    for ex, cell in zip(rows, cells):
-        if cell[1] is not None:
-            ex.weight = ex.weight * weight[cell]
+    for ex, cell in zip(rows, cells):  # a row mixed in twice is one object: assigned, not multiplied
+        ex.weight = weight[cell] if cell[1] is not None else 1.0
     table = [{"group": g, "label": y, "rows": n_gy[(g, y)], "expected": round(n_g[g] * n_y[y] / n, 2),
               "weight": round(weight[(g, y)], 4)} for g, y in sorted(n_gy)]
     return {"label_field": cfg.label_field, "terms": cfg.terms, "rows": n, "unlabelled": len(cells) - n,

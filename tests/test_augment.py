@@ -352,3 +352,24 @@ def test_recipes_that_do_not_augment_refuse_the_settings_instead_of_ignoring_the
     with pytest.raises(ConfigError) as err:
         prepare(cfg, tokenizer)
     assert err.value.field == section
+
+
+def test_a_row_mixed_in_twice_is_augmented_once_and_weighed_once(tmp_path, tokenizer):
+    """data.train weight 2 repeats each row (the same object twice): one set of new rows, one weight per row."""
+    from chatdata import pipeline
+
+    rows = write_jsonl(tmp_path / "t.jsonl", ticket_rows(10))
+    names = {m.group(1) for r in read_jsonl(rows) for m in re.finditer(r"\n(\w+) \w+$", r["input"])}
+    terms = write_yaml(tmp_path / "t.yaml", {"attributes": {"gender": {"groups": {
+        "a": {"name": sorted(names)[::2]}, "b": {"name": sorted(names)[1::2]}}}}})
+    cfg = DataCfg.model_validate({"train": [{"path": str(rows), "weight": 2}], "validation": [], "val_ratio": 0,
+                                  "test": [{"path": "data/tickets/test.jsonl"}],
+                                  "augment": {"operations": [{"op": "char_noise", "rate": 1}]},
+                                  "reweigh": {"enabled": True, "terms": str(terms), "label_field": "urgency"}})
+    out = pipeline.prepare(cfg, tokenizer, seed=1)
+    rep = out.report["augment"]
+    assert rep["rows_original"] == 10 and rep["operations"][0]["made"] == 10
+    assert Counter(ex.parent for ex in out.train if ex.parent) == Counter({p: 1 for p in {
+        ex.parent for ex in out.train if ex.parent}})
+    weights = {cell["weight"] for cell in out.report["reweigh"]["cells"]}
+    assert {round(ex.weight, 4) for ex in out.train} <= weights

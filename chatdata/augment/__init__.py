@@ -49,10 +49,11 @@ def _make(op: AugmentOp, i: int, rows: list[Example], shared, base_model: str, w
 
 def augment(rows: list[Example], cfg: AugmentCfg, *, near_threshold: float, base_model: str = "",
             where: str = "data.augment") -> Augmented:
-    """New rows from `rows` (the training split) by each operation in turn, filtered; `base_model` is what a
-    generator's `model: base` means; `where` names the config section in errors."""
+    """New rows from `rows` (the training split, each distinct row once) by each operation in turn, filtered;
+    `base_model` is what a generator's `model: base` means; `where` names the config section in errors."""
     if not cfg.operations or not rows:
         return Augmented([])
+    rows = list({ex.source: ex for ex in rows}.values())  # a row mixed in more than once is augmented once
     shared = template(rows)
     label_generate = None
     if cfg.filter.label_check is not None:
