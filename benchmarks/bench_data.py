@@ -65,7 +65,8 @@ def scores(metrics: dict) -> dict:
 def one_run(name: str, part: str, overrides: list[str], noisy: Path) -> dict:
     art = OUT / name
     if not (art / "manifest.json").exists():
-        llmstack("train", f"output.dir={OUT}", f"output.run_id={name}", *overrides)
+        # the base model's score before training is the same for every run: measured once, by `make train`
+        llmstack("train", f"output.dir={OUT}", f"output.run_id={name}", "eval.before=false", *overrides)
     manifest = json.loads((art / "manifest.json").read_text())
     report = json.loads((art / "data_report.json").read_text())
     row = {"run": name, "part": part, "overrides": overrides, "train_rows": report["splits"]["train"]["n"],
