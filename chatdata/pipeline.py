@@ -257,16 +257,7 @@ def prepare(cfg, tokenizer, seed: int, extra: dict[str, list] | None = None) -> 
         splits[split] = [(ex, w) for ex, w in rw if id(ex) in kept]
     collect(errors, "invalid rows")
 
-    train_rw = splits["train"]
-    val = [ex for ex, _ in splits["validation"]]
-    if not cfg.validation and cfg.val_ratio > 0:
-        rng = random.Random(seed)
-        order = list(range(len(train_rw)))
-        rng.shuffle(order)
-        n_val = max(1, round(cfg.val_ratio * len(order))) if len(order) > 1 else 0
-        val_idx = set(order[:n_val])
-        val = [train_rw[i][0] for i in sorted(val_idx)]
-        train_rw = [train_rw[i] for i in range(len(train_rw)) if i not in val_idx]
+    train_rw, val = _carve_validation(splits["train"], [ex for ex, _ in splits["validation"]], cfg, seed)
     train = _mix(train_rw, seed)
     train, augmented = _augment(train, cfg, tokenizer)
     reweighed = reweigh.reweigh(train, cfg.reweigh) if cfg.reweigh.enabled else None
@@ -288,6 +279,17 @@ def prepare(cfg, tokenizer, seed: int, extra: dict[str, list] | None = None) -> 
     report["eda"] = eda.explore(explored, cfg.near_dup_threshold)
     check_leakage(report["eda"]["leakage"], cfg.leakage)
     return Prepared(train, val, test, report, {name: [ex for ex, _ in splits[name]] for name in extra})
+
+
+def _carve_validation(train_rw: list, val: list[Example], cfg, seed: int) -> tuple[list, list[Example]]:
+    """(training rows, validation rows): without a validation dataset, a seeded data.val_ratio of the training rows."""
+    if cfg.validation or cfg.val_ratio <= 0:
+        return train_rw, val
+    order = list(range(len(train_rw)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(cfg.val_ratio * len(order))) if len(order) > 1 else 0
+    val_idx = set(order[:n_val])
+    return [train_rw[i] for i in range(len(train_rw)) if i not in val_idx], [train_rw[i][0] for i in sorted(val_idx)]
 
 
 def _augment(train: list[Example], cfg, tokenizer) -> tuple[list[Example], dict | None]:
