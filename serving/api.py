@@ -7,7 +7,6 @@ middleware) checks the API key and the body size on every route, BentoML's own i
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -46,27 +45,84 @@ class State:
 
 
 # ---------------------------------------------------------------- auth and body size
-class Guard:
-    """Bearer API key on every route but the open ones; bodies over the limit refused with 413 before parsing."""
+USAGE = "llmstack_usage"  # the ASGI scope entry where the routes leave a request's key name and tokens
 
-    def __init__(self, app, api_key: str | None = None, open_routes=(), max_body_bytes: int = 1 << 20):
-        self.app, self.key, self.open, self.max_body = app, api_key, tuple(open_routes), max_body_bytes
+
+class Guard:
+    """Bearer API keys on every route but the open ones (serving/keys.py: named keys with limits, counted and
+    audited); bodies over the limit refused with 413 before parsing."""
+
+    def __init__(self, app, api_key: str | None = None, open_routes=(), max_body_bytes: int = 1 << 20,
+                 keys_file: str | None = None, audit_log: str | None = None, registry=None):
+        from .keys import Audit, KeyRing, Limiter
+
+        self.app, self.open, self.max_body = app, tuple(open_routes), max_body_bytes
+        self.ring, self.limiter = KeyRing(keys_file, api_key), Limiter()
+        self.audit = Audit(audit_log) if self.ring.enabled else None
+        self.registry = registry
+
+    @property
+    def metrics(self):
+        from .keys import key_metrics
+        return key_metrics(self.registry)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.key and path not in self.open:
-            auth = headers.get("authorization", "")
-            if not auth.lower().startswith("bearer "):
-                return await _send_error(send, oa.APIError(
-                    401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
-                    code="missing_api_key", headers={"WWW-Authenticate": "Bearer"}))
-            if not hmac.compare_digest(auth[7:].strip().encode(), self.key.encode()):
-                return await _send_error(send, oa.APIError(401, "invalid API key", type="authentication_error",
-                                                           code="invalid_api_key",
-                                                           headers={"WWW-Authenticate": "Bearer"}))
+        if not self.ring.enabled or path in self.open:
+            return await self._limited_body(scope, receive, send, headers)
+        key, refusal = self._admit(headers)
+        usage = scope[USAGE] = {"key": key.name if key else None}
+        t0, status = time.perf_counter(), {"code": 500}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+        try:
+            if refusal is not None:
+                return await _send_error(send_status, refusal)
+            return await self._limited_body(scope, receive, send_status, headers)
+        finally:
+            self._account(usage, path, status["code"], time.perf_counter() - t0)
+
+    def _admit(self, headers: dict):
+        """(key, None) for a request that may go on; (key or None, the APIError to answer) otherwise."""
+        auth = headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            return None, oa.APIError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                                     type="authentication_error", code="missing_api_key",
+                                     headers={"WWW-Authenticate": "Bearer"})
+        key = self.ring.lookup(auth[7:].strip())
+        if key is None:
+            return None, oa.APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key",
+                                     headers={"WWW-Authenticate": "Bearer"})
+        hit = self.limiter.admit(key)
+        if hit is None:
+            return key, None
+        limit, wait = hit
+        self.metrics.limited.labels(key_name=key.name, limit=limit).inc()
+        return key, oa.APIError(429, f"rate limit of the key '{key.name}' reached ({limit}: "
+                                f"{getattr(key, limit)}); retry in {wait} s", type="rate_limit_error",
+                                code="rate_limited", headers={"Retry-After": str(wait)})
+
+    def _account(self, usage: dict, route: str, status: int, seconds: float) -> None:
+        """Counters, the key's token window and the audit line, once the response is sent."""
+        name = usage.get("key")
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        m = self.metrics
+        m.requests.labels(key_name=name or "unauthenticated", route=route, status=str(status)).inc()
+        if name:
+            m.tokens.labels(key_name=name, kind="prompt").inc(prompt)
+            m.tokens.labels(key_name=name, kind="completion").inc(completion)
+            self.limiter.spend(name, prompt + completion)
+        self.audit.write({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "key": name, "route": route,
+                          "status": status, "prompt_tokens": prompt, "completion_tokens": completion,
+                          "seconds": round(seconds, 3)})
+
+    async def _limited_body(self, scope, receive, send, headers: dict):
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await _send_error(send, _too_large(self.max_body))
@@ -144,7 +200,7 @@ def build_app(state: State | None = None) -> FastAPI:
             raise oa.APIError(400, f"messages: the chat template rejected them ({exc})", param="messages") from None
         ids = st.tok(text, add_special_tokens=False)["input_ids"]
         trace = _Trace(st, req.model, adapter, "chat", json.dumps(messages, ensure_ascii=False),
-                       "\n".join(str(m["content"] or "") for m in messages), ids)
+                       "\n".join(str(m["content"] or "") for m in messages), ids, request.scope.get(USAGE))
         return await _generate(request, st, req, ids, adapter, chat=True, trace=trace)
 
     @app.post("/v1/completions", **oa.openapi_route(oa.CompletionRequest))
@@ -155,7 +211,7 @@ def build_app(state: State | None = None) -> FastAPI:
         ids = st.tok(req.prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise oa.APIError(400, "prompt: empty prompt", param="prompt")
-        trace = _Trace(st, req.model, adapter, "completion", req.prompt, req.prompt, ids)
+        trace = _Trace(st, req.model, adapter, "completion", req.prompt, req.prompt, ids, request.scope.get(USAGE))
         return await _generate(request, st, req, ids, adapter, chat=False, trace=trace)
 
     return app
@@ -239,8 +295,10 @@ def _params(st: State, req, n_prompt: int, chat: bool) -> Params:
 class _Trace:
     """One request as the monitor sees it: collected while the answer streams, handed over once at the end."""
 
-    def __init__(self, st: State, model: str, adapter: str, endpoint: str, prompt: str, text: str, ids: list[int]):
+    def __init__(self, st: State, model: str, adapter: str, endpoint: str, prompt: str, text: str, ids: list[int],
+                 usage: dict | None = None):
         self.st, self.model, self.adapter, self.endpoint = st, model, adapter, endpoint
+        self.usage = usage  # the key's entry (Guard): tokens are counted against it
         self.prompt, self.text, self.ids = prompt, text, ids
         self.rid = ""
         self.t0, self.ts, self.first = time.perf_counter(), time.time(), None
@@ -254,9 +312,13 @@ class _Trace:
             self.parts.append(ev.text)
 
     def done(self, last: Event | None, status: str) -> None:
-        if self.sent or self.st.monitor is None:
+        if self.sent:
             return
         self.sent = True
+        if self.usage is not None:
+            self.usage.update(prompt_tokens=len(self.ids), completion_tokens=last.completion_tokens if last else 0)
+        if self.st.monitor is None:
+            return
         end = time.perf_counter()
         self.st.monitor.observe({
             "id": self.rid, "ts": self.ts, "endpoint": self.endpoint, "model": self.model, "adapter": self.adapter,

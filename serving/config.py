@@ -60,6 +60,13 @@ class AuthCfg(Section):
     """Environment variable holding the API key; when it is set, every route except open_routes needs
     'Authorization: Bearer <key>'. Unset: no key needed. Or set <api_key_env>_FILE to a file holding the key
     (a Docker / Kubernetes secret, e.g. /run/secrets/llmstack_api_key)."""
+    keys_file: Optional[str] = None
+    """Named API keys (YAML: keys.<name>: {sha256, requests_per_min, tokens_per_min}; `llmstack keys add` writes
+    them): every route except open_routes needs one of them; per-key counters in /metrics, per-key limits (429 with
+    Retry-After), an audit line per request. Re-read when it changes: a revoked key is refused from then on."""
+    audit_log: Optional[str] = None
+    """Where the audit lines go (JSONL, appended): time, key name, route, status, tokens, seconds; never the prompt.
+    Null: the `llmstack.audit` logger (the server's log)."""
     open_routes: list[str] = ["/livez", "/healthz", "/readyz", "/metrics", "/drift", "/dashboard"]
     """Routes reachable without the key (health probes, the Prometheus scrape, the drift JSON and the dashboard
     page: aggregates only, never prompts)."""

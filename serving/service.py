@@ -49,5 +49,6 @@ class LLMService:
         close_state(self.state)
 
 
-LLMService.add_asgi_middleware(Guard, api_key=CFG.auth.api_key(),
-                               open_routes=CFG.auth.open_routes, max_body_bytes=CFG.limits.max_body_bytes)
+LLMService.add_asgi_middleware(Guard, api_key=CFG.auth.api_key(), keys_file=CFG.auth.keys_file,
+                               audit_log=CFG.auth.audit_log, open_routes=CFG.auth.open_routes,
+                               max_body_bytes=CFG.limits.max_body_bytes)

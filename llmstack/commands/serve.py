@@ -22,10 +22,17 @@ def run(args) -> int:
     cfg.model.path = str(ref.folder)  # absolute: the worker may start elsewhere
     for a in cfg.adapters:
         a.path = os.path.abspath(a.path)
+    key = "set" if cfg.auth.api_key() else f"off (set {cfg.auth.api_key_env} or {cfg.auth.api_key_env}_FILE to require one)"
+    if cfg.auth.keys_file:
+        from serving.keys import read_keys
+        cfg.auth.keys_file = os.path.abspath(cfg.auth.keys_file)
+        key = f"{len(read_keys(cfg.auth.keys_file))} named keys from {args_path(cfg.auth.keys_file)}" + \
+            (" and the default key" if key == "set" else "")
+    if cfg.auth.audit_log:
+        cfg.auth.audit_log = os.path.abspath(cfg.auth.audit_log)
     fd, path = tempfile.mkstemp(prefix="llmstack-serve-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(cfg.model_dump(mode="json"), f)
-    key = "set" if cfg.auth.api_key() else f"off (set {cfg.auth.api_key_env} or {cfg.auth.api_key_env}_FILE to require one)"
     print(f"serving {ref.folder} as '{ref.name}' on {ref.backend} at http://{cfg.server.host}:{cfg.server.port}/v1 "
           f"(API key {key})", flush=True)
     bentoml = os.path.join(os.path.dirname(sys.executable), "bentoml")
@@ -36,6 +43,13 @@ def run(args) -> int:
     # wipe each other's metrics: one home per port unless the user chose one.
     os.environ.setdefault("BENTOML_HOME", os.path.join(tempfile.gettempdir(), f"llmstack-bentoml-{cfg.server.port}"))
     os.execv(bentoml, argv)
+
+
+def args_path(path: str) -> str:
+    """A path as the user would write it: relative to the working folder when inside it."""
+    import os
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def register(sub) -> None:
