@@ -176,6 +176,11 @@ def build_app(state: State | None = None) -> FastAPI:
         from .dashboard import page
         return HTMLResponse(page())
 
+    @app.get("/playground", response_class=HTMLResponse, include_in_schema=False)
+    async def playground_page():
+        from .playground import page
+        return HTMLResponse(page())
+
     @app.get("/drift")
     async def drift(request: Request):
         st = request.app.state.llm

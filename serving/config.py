@@ -67,9 +67,9 @@ class AuthCfg(Section):
     audit_log: Optional[str] = None
     """Where the audit lines go (JSONL, appended): time, key name, route, status, tokens, seconds; never the prompt.
     Null: the `llmstack.audit` logger (the server's log)."""
-    open_routes: list[str] = ["/livez", "/healthz", "/readyz", "/metrics", "/drift", "/dashboard"]
-    """Routes reachable without the key (health probes, the Prometheus scrape, the drift JSON and the dashboard
-    page: aggregates only, never prompts)."""
+    open_routes: list[str] = ["/livez", "/healthz", "/readyz", "/metrics", "/drift", "/dashboard", "/playground"]
+    """Routes reachable without the key (health probes, the Prometheus scrape, the drift JSON, the dashboard page:
+    aggregates only, never prompts; the playground page, whose API calls still need the key)."""
 
     def api_key(self, environ=None) -> str | None:
         """The key from <api_key_env>, else from the file <api_key_env>_FILE names; None when neither is set.
