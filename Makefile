@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train train-distributed dpo curriculum tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env openvino-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train bench-data data clean help
+.PHONY: setup system-deps train train-distributed dpo curriculum tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env openvino-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train bench-data mlflow data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -134,6 +134,9 @@ test-fast: setup system-deps openvino-env  ## tests without the real base model
 
 bench-train: setup  ## our trainer vs a plain TRL SFTTrainer + peft baseline; JSON + Markdown in benchmarks/results/
 	$(PY) benchmarks/bench_train.py $(ARGS)
+
+mlflow: setup  ## browse the tracked runs (train, tune, compress, preference) in the MLflow UI on 127.0.0.1:5000
+	.venv/bin/mlflow ui --backend-store-uri sqlite:///artifacts/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 bench-data: setup  ## augmentation on 100 rows and bias mitigation, each trained and scored (about an hour on 2 cores); JSON + Markdown in benchmarks/results/
 	$(PY) benchmarks/bench_data.py $(ARGS)

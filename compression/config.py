@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from chatdata.config import DataCfg
 from core.config import Section
 from evaluation.config import EvalCfg
+from tracking.config import TrackingCfg
 
 PRUNE = ("none", "depth", "width", "depth+width", "sparsity")
 QUANTIZE = ("none", "int8_block", "int8_dynamic", "int8_static", "int4", "gptq", "bnb_int8", "bnb_nf4")
@@ -244,6 +245,8 @@ class CompressConfig(Section):
     openvino: OpenVinoCfg = OpenVinoCfg()
     """The OpenVINO environment (variants with format openvino)."""
     output: OutputCfg = OutputCfg()
+    tracking: TrackingCfg = TrackingCfg()
+    """Experiment tracking (MLflow): the run logged with each variant's measurements and the report."""
     """Where the run goes."""
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from core import artifacts
 from core.config import config_hash, dump_yaml, validate
 from core.errors import ArtifactError, ConfigError, StackError
 from core.log import log
+from tracking import runs as tracking_runs
 
 from .build import Builder, PhaseClock, distill_steps, prune_setting
 from .config import CompressConfig, DataCfg, EvalCfg, VariantCfg
@@ -77,6 +78,7 @@ def run(cfg: CompressConfig, fast: bool = False) -> Path:
         md = write_report(cfg, out, report_rows, reference, best, json_fields, clock)
         write_manifest(cfg, out, run_id, parent, built, best, fast, clock, started_at)
     artifacts.set_latest(root, run_id)
+    tracking_runs.record(root / run_id, cfg.tracking)
     print("\n" + md)
     if best is None:
         log.warning("warning: no variant passed the quality gate; serving should use the input model")

@@ -18,6 +18,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ["LLMSTACK_TRACKING"] = "off"  # MLflow tracking: on only in the tests that check it (tests/test_tracking.py)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,6 +1,6 @@
 """The import layers of pyproject.toml's [tool.importlinter] contract (import-linter, run here so `make test` runs
 it): CLI > deploy > stages (training | compression | serving, independent) > evaluation | monitoring > shared
-libraries (chatdata | modeling | runtimes) > the spine. A new import up or across the layers fails with the module
+libraries (chatdata | modeling | runtimes | tracking) > the spine. A new import up or across the layers fails with the module
 and line."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT
 
 LINT = Path(os.path.dirname(sys.executable)) / "lint-imports"
-PACKAGES = ["core", "llmstack", "deploy", "chatdata", "modeling", "evaluation", "monitoring", "runtimes", "training", "compression",
-            "serving"]
+PACKAGES = ["core", "llmstack", "deploy", "chatdata", "modeling", "evaluation", "monitoring", "runtimes", "tracking",
+            "training", "compression", "serving"]
 LAYERS = "import layers: CLI > deploy > stages > evaluation, monitoring > shared > core"
 
 

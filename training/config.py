@@ -14,6 +14,7 @@ from evaluation.config import EvalCfg
 from evaluation.fairness.config import FairnessCfg
 from modeling.config import ModelCfg
 from monitoring.config import DriftRefCfg
+from tracking.config import TrackingCfg
 
 METHODS = ("full", "freeze", "lora", "dora", "adalora", "ia3", "prefix", "prompt", "ptuning")
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
@@ -253,6 +254,8 @@ class TrainConfig(Section):
     """Continued pre-training and staged data mixing (off unless stages are given)."""
     output: OutputCfg = OutputCfg()
     """Where the artifact goes."""
+    tracking: TrackingCfg = TrackingCfg()
+    """Experiment tracking (MLflow): the finished run logged with its config, metrics and reports."""
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -29,7 +29,7 @@ def fingerprint(cfg: TrainConfig, prepared, base_path: str, world_size: int = 1)
     model_id = [(p.name, p.stat().st_size) for p in weights] or base_path
     datasets = sorted((s["path"], s["sha256"]) for s in prepared.report["sources"])
     ignore = {"output.run_id", "output.keep_checkpoints", "train.threads", "train.ddp_backend",
-              "train.ddp_find_unused_parameters", "fairness"}  # fairness checks do not change the trained model
+              "train.ddp_find_unused_parameters", "fairness", "tracking"}  # checks and tracking do not change the model
     parts = [config_hash(cfg, ignore), datasets, model_id]
     if world_size > 1:  # the effective batch is batch_size x grad_accum x world_size (1 process: as before)
         parts.append({"world_size": world_size})

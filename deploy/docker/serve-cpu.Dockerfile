@@ -36,6 +36,7 @@ COPY evaluation ./evaluation
 COPY serving ./serving
 COPY monitoring ./monitoring
 COPY runtimes ./runtimes
+COPY tracking ./tracking
 COPY training ./training
 COPY compression ./compression
 COPY deploy/__init__.py deploy/bento.py ./deploy/

@@ -25,6 +25,7 @@ from core.config import config_hash
 from core.errors import ConfigError
 from core.log import log
 from modeling.model import load_model, load_tokenizer, resolve
+from tracking import runs as tracking_runs
 from training import methods, outputs
 from training.config import TrainConfig, warn_poor_settings
 from training.preference.data import prepare, trl_rows
@@ -292,4 +293,5 @@ def _save(cfg: TrainConfig, root: Path, run_id: str, tokenizer, prepared, models
         manifest["timings"] = phase.timings
         outputs.finish_artifact(out, manifest, table_md)
     artifacts.set_latest(root, run_id)
+    tracking_runs.record(root / run_id, cfg.tracking, history)
     return root / run_id, table_md

@@ -33,6 +33,7 @@ from core.errors import ArtifactError
 from core.log import log
 from evaluation import quality as ev
 from modeling.model import load_model, load_tokenizer, resolve
+from tracking import runs as tracking_runs
 from training import distributed, methods, outputs
 from training.config import TrainConfig, warn_poor_settings
 from training.sft import curriculum
@@ -294,6 +295,7 @@ def _save(r: _Run, before: dict, after: SimpleNamespace, t: SimpleNamespace) -> 
         manifest["timings"] = r.phase.timings
         outputs.finish_artifact(out, manifest, table_md)
     artifacts.set_latest(r.root, r.run_id)
+    tracking_runs.record(r.root / r.run_id, cfg.tracking, t.trainer.state.log_history)
     return r.root / r.run_id, table_md, stage_md
 
 

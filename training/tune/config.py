@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from core.config import Section, apply_overrides, parse_override, read_yaml, validate
 from core.errors import ConfigError, StackError, collect
 from core.log import log
+from tracking.config import TrackingCfg
 from training.config import TrainConfig
 
 DEFAULT_TUNE_CONFIG = "configs/tune.yaml"
@@ -129,6 +130,9 @@ class TuneConfig(Section):
     trials: TrialsCfg = TrialsCfg()
     """What each trial computes and keeps."""
     output: TuneOutputCfg = TuneOutputCfg()
+    tracking: TrackingCfg = TrackingCfg()
+    """Experiment tracking (MLflow): the study logged with the best trial; each trial's training run is logged by
+    the base config's own tracking section."""
     """Where the search goes."""
 
 

@@ -25,6 +25,7 @@ from core import artifacts
 from core.config import dump_yaml, read_yaml, validate
 from core.errors import ConfigError, StackError
 from core.log import log
+from tracking import runs as tracking_runs
 from training.config import TrainConfig
 from training.tune.config import (NO_CHECKPOINTS, ParamSpec, TuneConfig, TuneOutputCfg, _set, direction, grid_values,
                                   load_tune)
@@ -226,6 +227,7 @@ def run(cfg: TuneConfig, base: TrainConfig, *, resume: str | None = None) -> Pat
         bar.close()
         best = write_results(study, cfg, base, out, started, finished=completed)
         artifacts.set_latest(Path(cfg.output.dir), cfg.output.run_id)
+        tracking_runs.record(out, cfg.tracking)
     print((out / "trials.md").read_text())
     if best:
         print(f"best config: {out / 'best.yaml'}  (llmstack train --config {out / 'best.yaml'})")
