@@ -10,6 +10,7 @@ from pydantic import Field
 from core.config import Section
 from core.errors import ConfigError
 from monitoring.config import MonitoringCfg
+from tracking.config import RegistryCfg
 
 
 class ModelCfg(Section):
@@ -168,6 +169,8 @@ class ServeConfig(Section):
     """The supervised OpenVINO GenAI worker (backend openvino)."""
     monitoring: MonitoringCfg = MonitoringCfg()
     """Drift detection and the request log."""
+    registry: RegistryCfg = RegistryCfg()
+    """The MLflow model registry: what is served is registered and aliased (`models:/<name>@<alias>` serves it)."""
     adapters: list[AdapterCfg] = []
     """Multi-LoRA: adapters on the served base, each chosen by the request's model name (transformers: peft
     mixed-adapter batches; vllm: --lora-modules). The base must be the HF model the adapters were trained on."""

@@ -17,7 +17,7 @@ def tracked(monkeypatch, tmp_path):
     """Tracking on (conftest turns it off for the other tests), into a fresh SQLite store."""
     monkeypatch.setenv("LLMSTACK_TRACKING", "on")
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    (tmp_path / "mlflow").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # also for the CLI subprocesses (never the repository's store)
     return uri
 
 
@@ -89,3 +89,28 @@ def test_tracking_is_off_with_the_environment_switch(tmp_path, monkeypatch):
     write_yaml(tmp_path / "x.yaml", {})
     assert record(tmp_path, TrackingCfg(uri=f"sqlite:///{tmp_path / 'never.db'}")) is None
     assert not (tmp_path / "never.db").exists()
+
+
+def test_serve_registers_what_it_serves_and_serves_models_uris(tracked, tiny_model_dir, tmp_path):
+    """llmstack serve registers the served folder (version + lineage tags) and sets @production; serving
+    models:/llmstack@production serves that folder again and reuses its version; an unknown alias is refused."""
+    import httpx
+    from conftest import run_cli
+    from mlflow import MlflowClient
+    from serving_fixtures import start_server, stop_server
+
+    env = {"LLMSTACK_TRACKING": "on", "MLFLOW_TRACKING_URI": tracked}
+    proc, base, _ = start_server(tiny_model_dir, log_path=tmp_path / "a.log", **env)
+    stop_server(proc)
+    client = MlflowClient(tracking_uri=tracked, registry_uri=tracked)
+    prod = client.get_model_version_by_alias("llmstack", "production")
+    assert prod.source == str(tiny_model_dir.resolve()) and prod.tags["llmstack.path"] == prod.source
+
+    proc, base, _ = start_server("models:/llmstack@production", log_path=tmp_path / "b.log", **env)
+    try:
+        assert httpx.get(base + "/v1/models").json()["data"][0]["id"] == "tiny"
+    finally:
+        stop_server(proc)
+    assert [v.version for v in client.search_model_versions("name='llmstack'")] == [prod.version]  # reused
+    bad = run_cli(["serve", "--model", "models:/llmstack@staging"], timeout=120)
+    assert bad.returncode == 2 and "model.path" in bad.stderr and "models:/llmstack@staging" in bad.stderr

@@ -73,12 +73,17 @@ def record(folder: Path, cfg: TrackingCfg, history: list[dict] | None = None) ->
         return None
 
 
+def ensure_sqlite_folder(uri: str) -> str:
+    """A relative SQLite store's folder is created (MLflow creates the file, not its folder)."""
+    if uri.startswith("sqlite:///"):  # sqlite:///relative/path or sqlite:////absolute/path
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
 def _client(cfg: TrackingCfg):
     from mlflow import MlflowClient
 
-    uri = cfg.resolved_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    uri = ensure_sqlite_folder(cfg.resolved_uri())
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 

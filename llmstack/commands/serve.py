@@ -18,8 +18,14 @@ def run(args) -> int:
                                                                  ("server.host", args.host),
                                                                  ("server.port", args.port)) if v is not None]
     cfg = load_config(args.config, overrides)
+    if cfg.model.path.startswith("models:/"):  # the model registry: the folder a version / alias names
+        from tracking import registry
+        cfg.model.path = registry.resolve(cfg.model.path, cfg.registry)
     ref = resolve(cfg.model.path, cfg.model.backend, cfg.model.name, cfg.model.file_name)  # errors before start-up
     cfg.model.path = str(ref.folder)  # absolute: the worker may start elsewhere
+    if cfg.registry.enabled:
+        from tracking import registry
+        registry.register(ref.folder, cfg.registry)
     for a in cfg.adapters:
         a.path = os.path.abspath(a.path)
     key = "set" if cfg.auth.api_key() else f"off (set {cfg.auth.api_key_env} or {cfg.auth.api_key_env}_FILE to require one)"
