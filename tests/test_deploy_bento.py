@@ -210,7 +210,8 @@ def test_bento_holds_the_service_the_model_and_pinned_requirements(bento):
     assert {"serving/service.py", "serving/runtime.py", "serving/backends/onnx.py", "serving/static/dashboard.html",
             "core/errors.py", "llmstack/cli.py", "monitoring/live.py", "configs/serve.yaml"} <= files
     top = {f.split("/")[0] for f in files}
-    assert top <= {"core", "chatdata", "serving", "llmstack", "monitoring", "runtimes", "configs", "bentofile.yaml"}, top
+    assert top <= {"core", "chatdata", "serving", "llmstack", "monitoring", "runtimes", "tracking", "configs",
+                   "bentofile.yaml"}, top
     assert "runtimes/openvino/worker.py" in files  # model.backend=openvino
     assert not [f for f in files if "__pycache__" in f or f.endswith((".pyc", ".onnx", ".safetensors"))]
     # the stored model: the variant's files, its drift reference and what `llmstack serve` knew about it
