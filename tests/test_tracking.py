@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from conftest import write_yaml
+from conftest import run_cli, write_yaml
 
 from core import artifacts
 
@@ -41,7 +41,16 @@ def test_a_training_run_is_logged_and_reads_back(tracked, tiny_config):
     after = manifest["metrics"]["after"]
     assert run.data.metrics["metrics.after.json_valid"] == pytest.approx(after["json_valid"])
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"README.md", "data_report.md", "manifest.json", "loss_curve.png"} <= names
+    assert {"README.md", "data_report.md", "manifest.json", "loss_curve.png", "train_history.json"} <= names
+
+    again = run_cli(["track", str(art)])                               # an existing artifact, logged on demand
+    assert again.returncode == 0, again.stderr
+    second = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id != run.info.run_id]
+    assert len(second) == 1 and second[0].data.tags["llmstack.run_id"] == manifest["run_id"]
+    assert [m.value for m in client.get_metric_history(second[0].info.run_id, "step.loss")] == \
+        [m.value for m in loss]                                        # the loss curve from train_history.json
+    bad = run_cli(["track", str(art / "merged")])
+    assert bad.returncode == 2 and "no manifest.json" in bad.stderr
 
 
 def test_a_broken_tracking_server_is_a_warning_and_the_run_completes(tracked, tiny_config, monkeypatch, caplog):
@@ -95,7 +104,6 @@ def test_serve_registers_what_it_serves_and_serves_models_uris(tracked, tiny_mod
     """llmstack serve registers the served folder (version + lineage tags) and sets @production; serving
     models:/llmstack@production serves that folder again and reuses its version; an unknown alias is refused."""
     import httpx
-    from conftest import run_cli
     from mlflow import MlflowClient
     from serving_fixtures import start_server, stop_server
 
