@@ -46,7 +46,8 @@ def test_lora_on_the_real_base_model(tmp_path):
 
     # ---- complete artifact
     for name in ("manifest.json", "config.yaml", "data_report.json", "data_report.md", "metrics.json", "README.md",
-                 "loss_curve.png", "token_lengths.png", "predictions_before.jsonl", "predictions_after.jsonl",
+                 "loss_curve.png", "train_history.json", "token_lengths.png", "predictions_before.jsonl",
+                 "predictions_after.jsonl",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "merged/model.safetensors",
                  "merged/config.json", "merged/tokenizer.json", "merged/chat_template.jinja", "data_fields.png",
                  "data/train.jsonl", "data/validation.jsonl", "data/test.jsonl"):

@@ -90,8 +90,8 @@ def test_recipe_end_to_end(tmp_path, tiny_model_dir, pref_data, recipe, method):
         assert m["metrics"][when]["format_errors"] == pytest.approx(
             sum(k in preference_metrics.FORMAT_KINDS for k in kinds[when]) / len(kinds[when]), abs=1e-4)
     expected = {"manifest.json", "config.yaml", "data_report.json", "data_report.md", "metrics.json", "README.md",
-                "loss_curve.png", "token_lengths.png", "predictions_before.jsonl", "predictions_after.jsonl",
-                "merged"} | ({"adapter"} if method == "lora" else set())
+                "loss_curve.png", "train_history.json", "token_lengths.png", "predictions_before.jsonl",
+                "predictions_after.jsonl", "merged"} | ({"adapter"} if method == "lora" else set())
     assert {p.name for p in path.iterdir()} == expected
     assert_loadable(path)
     assert (tmp_path / "out" / "latest").resolve() == path.resolve()

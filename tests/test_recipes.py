@@ -24,8 +24,8 @@ from training.sft import recipe as sft
 
 PEFT = [m for m in METHODS if m not in ("full", "freeze")]
 COMMON_FILES = {"manifest.json", "config.yaml", "data_report.json", "data_report.md", "metrics.json", "README.md",
-                "loss_curve.png", "token_lengths.png", "predictions_after.jsonl", "drift_reference.json", "data",
-                "data_fields.png"}
+                "loss_curve.png", "train_history.json", "token_lengths.png", "predictions_after.jsonl",
+                "drift_reference.json", "data", "data_fields.png"}
 MERGED_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 PNG = b"\x89PNG\r\n\x1a\n"
 PROMPT_KEY = "prompt_embeddings"
