@@ -6,6 +6,8 @@
 2. Bias mitigation: the demo config on all 700 rows, without mitigation, with counterfactual augmentation and with
    reweighing (both from data/fairness/augment_terms.yaml, held out from the fairness probes' terms); each scored on
    the test rows and by `llmstack fairness` on the probes (flip rate, group metrics).
+3. The seed spread: both baselines again with another seed (LoRA init and data order): a difference between the
+   runs above smaller than this is not evidence.
 
 Writes benchmarks/results/data.{json,md} (after each run). Every run is a real `llmstack` command; the artifacts go to
 artifacts/bench-data/ (not committed)."""
@@ -39,6 +41,9 @@ RUNS = {  # name -> (part, overrides)
     "full-none": ("bias", []),
     "full-counterfactual": ("bias", [CDA]),
     "full-reweigh": ("bias", ["data.reweigh.enabled=true", "data.reweigh.label_field=urgency"]),
+    # the spread a different seed alone gives (LoRA init and data order): what a difference above must exceed
+    "low-none-seed7": ("low", LOW + ["train.seed=7"]),
+    "full-none-seed7": ("seed", ["train.seed=7"]),
 }
 FAIRNESS_ARGS = ["--max-probes", "9", "--max-terms", "1", "--threads", "2"]
 
@@ -77,7 +82,7 @@ def one_run(name: str, part: str, overrides: list[str], noisy: Path) -> dict:
         if not out.exists():
             llmstack("eval", str(art), f"data.test=[{{path: {noisy}}}]", "eval.max_samples=100", "--output", str(out))
         row["noisy_test"] = scores(json.loads(out.read_text())["metrics"])
-    else:
+    elif part == "bias":
         if not (art / "fairness.json").exists():
             llmstack("fairness", str(art), *FAIRNESS_ARGS)
         f = json.loads((art / "fairness.json").read_text())
@@ -103,8 +108,8 @@ def markdown(result: dict) -> str:
             "exact_match", "acc_category", "acc_product", "acc_urgency")) + " |")
     lines += ["", "| run | train rows | exact match | urgency | flip rate (any): gender / origin / nationality | "
               "pairwise (any) | flagged |", "|---|---|---|---|---|---|---|"]
-    for r in (r for r in result["runs"] if r["part"] == "bias"):
-        f = r["fairness"]
+    for r in (r for r in result["runs"] if r["part"] in ("bias", "seed")):
+        f = r.get("fairness") or {"flip_rate": {}, "pairwise_flip_rate": {}, "flagged": "-"}
         flips = " / ".join(_cell(f["flip_rate"].get(a, {}).get("any")) for a in ("gender", "origin", "nationality"))
         pair = " / ".join(_cell(f["pairwise_flip_rate"].get(a, {}).get("any"))
                           for a in ("gender", "origin", "nationality"))
