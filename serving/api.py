@@ -171,15 +171,7 @@ def build_app(state: State | None = None) -> FastAPI:
     async def _api_error(_: Request, exc: oa.APIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
-    async def dashboard_page():
-        from .dashboard import page
-        return HTMLResponse(page())
-
-    @app.get("/playground", response_class=HTMLResponse, include_in_schema=False)
-    async def playground_page():
-        from .playground import page
-        return HTMLResponse(page())
+    _pages(app)
 
     @app.get("/drift")
     async def drift(request: Request):
@@ -220,6 +212,19 @@ def build_app(state: State | None = None) -> FastAPI:
         return await _generate(request, st, req, ids, adapter, chat=False, trace=trace)
 
     return app
+
+
+def _pages(app: FastAPI) -> None:
+    """The two self-contained pages: /dashboard (metrics and drift) and /playground (chat)."""
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard_page():
+        from .dashboard import page
+        return HTMLResponse(page())
+
+    @app.get("/playground", response_class=HTMLResponse, include_in_schema=False)
+    async def playground_page():
+        from .playground import page
+        return HTMLResponse(page())
 
 
 def _state(request: Request) -> State:
