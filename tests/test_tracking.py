@@ -122,3 +122,41 @@ def test_serve_registers_what_it_serves_and_serves_models_uris(tracked, tiny_mod
     assert [v.version for v in client.search_model_versions("name='llmstack'")] == [prod.version]  # reused
     bad = run_cli(["serve", "--model", "models:/llmstack@staging"], timeout=120)
     assert bad.returncode == 2 and "model.path" in bad.stderr and "models:/llmstack@staging" in bad.stderr
+
+
+def test_preference_and_tune_runs_are_logged_too(tracked, tmp_path, tiny_model_dir, tiny_data):
+    """A DPO run lands in llmstack-train with its recipe and per-step loss; a 2-trial study in llmstack-tune, each
+    trial's training run in llmstack-train."""
+    from conftest import read_jsonl, tiny_config_dict, write_jsonl
+    from mlflow import MlflowClient
+
+    from core.config import load
+    from training.config import TrainConfig
+    from training.preference import recipe as preference
+    from training.tune import search as tune
+
+    rows = read_jsonl(tiny_data["train"])[:4]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
+         "rejected": r["output"].replace('"urgency": "', '"urgency": "x')} for r in rows])
+    cfg = tiny_config_dict(tiny_model_dir, {"train": pairs, "validation": pairs, "test": pairs}, tmp_path / "dpo")
+    cfg.update(recipe="dpo")
+    cfg["data"].update(validation=[], val_ratio=0, dedup_near=False)
+    cfg["train"].update(max_steps=2, save_steps=50)
+    dpo = preference.run(load(TrainConfig, write_yaml(tmp_path / "dpo.yaml", cfg)))
+    client = MlflowClient(tracking_uri=tracked)
+    (run,) = client.search_runs([client.get_experiment_by_name("llmstack-train").experiment_id])
+    assert run.data.params["recipe"] == "dpo" and run.data.tags["llmstack.artifact"].endswith(dpo.name)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "step.loss")] == [1, 2]
+
+    base = tiny_config_dict(tiny_model_dir, tiny_data, tmp_path / "trials")
+    write_yaml(tmp_path / "base.yaml", base)
+    study = write_yaml(tmp_path / "tune.yaml", {
+        "base": str(tmp_path / "base.yaml"), "space": {"train.lr": {"type": "categorical", "choices": [1e-3, 5e-3]}},
+        "sampler": {"name": "grid"}, "budget": {"n_trials": None}, "pruning": {"pruner": "none"},
+        "output": {"dir": str(tmp_path / "tune"), "run_id": "t1"}})
+    tune.run(*tune.load_tune(study))
+    (study_run,) = client.search_runs([client.get_experiment_by_name("llmstack-tune").experiment_id])
+    assert study_run.data.tags["llmstack.run_id"] == "t1"
+    trials = client.search_runs([client.get_experiment_by_name("llmstack-train").experiment_id])
+    assert sorted(r.data.params["train.lr"] for r in trials if r.info.run_id != run.info.run_id) == ["0.001", "0.005"]
