@@ -46,6 +46,7 @@ class State:
 
 # ---------------------------------------------------------------- auth and body size
 USAGE = "llmstack_usage"  # the ASGI scope entry where the routes leave a request's key name and tokens
+API_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")  # the `route` label; any other path: "other"
 
 
 class Guard:
@@ -113,7 +114,8 @@ class Guard:
         name = usage.get("key")
         prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         m = self.metrics
-        m.requests.labels(key_name=name or "unauthenticated", route=route, status=str(status)).inc()
+        label = route if route in API_ROUTES else "other"  # a path a client makes up must not make a new series
+        m.requests.labels(key_name=name or "unauthenticated", route=label, status=str(status)).inc()
         if name:
             m.tokens.labels(key_name=name, kind="prompt").inc(prompt)
             m.tokens.labels(key_name=name, kind="completion").inc(completion)

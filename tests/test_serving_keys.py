@@ -53,6 +53,8 @@ def test_named_keys_limits_metrics_audit_and_revocation(tiny_model_dir, tmp_path
             ask(base, c)
         with pytest.raises(openai.AuthenticationError):
             ask(base, "sk-not-a-key")
+        for i in range(3):                              # made-up paths: one "other" series, not one per path
+            assert httpx.get(f"{base}/v1/x{i}", headers={"Authorization": f"Bearer {b}"}).status_code == 404
 
         metrics = httpx.get(base + "/metrics", timeout=10).text
         for secret in (a, b, c):
@@ -61,6 +63,8 @@ def test_named_keys_limits_metrics_audit_and_revocation(tiny_model_dir, tmp_path
         assert metric_sum(metrics, "llm_key_requests_total", key_name="team-a", route=CHAT, status="429") == 1
         assert metric_sum(metrics, "llm_key_requests_total", key_name="team-b", route=CHAT, status="200") == 1
         assert metric_sum(metrics, "llm_key_rate_limited_total", key_name="team-c", limit="tokens_per_min") == 1
+        assert metric_sum(metrics, "llm_key_requests_total", key_name="team-b", route="other", status="404") == 3
+        assert 'route="/v1/x0"' not in metrics       # (BentoML's own bentoml_* series do label raw paths)
         for name, usages in used.items():
             for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
                 assert metric_sum(metrics, "llm_key_tokens_total", key_name=name, kind=kind) == \
@@ -68,9 +72,10 @@ def test_named_keys_limits_metrics_audit_and_revocation(tiny_model_dir, tmp_path
 
         lines = [json.loads(x) for x in audit.read_text().splitlines()]
         assert [(x["key"], x["status"]) for x in lines] == [("team-a", 200)] * 3 + [
-            ("team-a", 429), ("team-b", 200), ("team-c", 200), ("team-c", 429), (None, 401)]
+            ("team-a", 429), ("team-b", 200), ("team-c", 200), ("team-c", 429), (None, 401)] + [("team-b", 404)] * 3
         assert [x["completion_tokens"] for x in lines[:3]] == [u.completion_tokens for u in used["team-a"]]
-        assert all(x["route"] == CHAT and x["seconds"] >= 0 for x in lines)
+        assert all(x["route"] == CHAT and x["seconds"] >= 0 for x in lines[:8])
+        assert [x["route"] for x in lines[8:]] == ["/v1/x0", "/v1/x1", "/v1/x2"]  # the audit keeps the real path
         assert "parcel" not in audit.read_text()        # no prompt text in the audit trail
 
         r = run_cli(["keys", "revoke", "team-b", "--file", str(keys_file)])
