@@ -19,6 +19,7 @@ from pathlib import Path
 from .errors import ArtifactError
 
 MANIFEST = "manifest.json"
+TRAIN_HISTORY = "train_history.json"  # a training artifact's per-step trainer log (loss curve, tracking)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -17,8 +17,8 @@ from core.log import log
 
 from .config import TrackingCfg
 
-FILES = ("README.md", "data_report.md", "report.md", "trials.md", "fairness.md", "metrics.json", "manifest.json",
-         "train_history.json")
+FILES = ("README.md", "data_report.md", "report.md", "trials.md", "fairness.md", "metrics.json", artifacts.MANIFEST,
+         artifacts.TRAIN_HISTORY)
 MAX_PARAM = 6000  # MLflow's limit on a parameter value
 
 
@@ -62,9 +62,6 @@ def steps(history: list[dict] | None) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-HISTORY = "train_history.json"  # a training artifact's per-step log (training/outputs.py writes it)
-
-
 def record(folder: Path, cfg: TrackingCfg, history: list[dict] | None = None) -> str | None:
     """Log the artifact in `folder` as one MLflow run; its MLflow run id, or None (off, or failed: a warning).
     history: the trainer's per-step log (default: the artifact's train_history.json, when it has one)."""
@@ -101,8 +98,8 @@ def _record(folder: Path, cfg: TrackingCfg, history: list[dict] | None) -> str:
     from mlflow.entities import Metric, Param
 
     manifest = json.loads((folder / artifacts.MANIFEST).read_text())
-    if history is None and (folder / HISTORY).is_file():
-        history = json.loads((folder / HISTORY).read_text())
+    if history is None and (folder / artifacts.TRAIN_HISTORY).is_file():
+        history = json.loads((folder / artifacts.TRAIN_HISTORY).read_text())
     stage = manifest.get("stage", "run")
     client, uri = _client(cfg)
     parent = manifest.get("parent") or {}

@@ -22,9 +22,6 @@ from modeling.model import BUILTIN, load_model, load_tokenizer
 from training import report
 from training.config import TrainConfig
 
-HISTORY = "train_history.json"
-
-
 def fingerprint(cfg: TrainConfig, prepared, base_path: str, world_size: int = 1) -> str:
     base = Path(base_path)
     weights = sorted(base.glob("*.safetensors")) if base.is_dir() else []
@@ -184,7 +181,7 @@ def write_common(out: Path, cfg: TrainConfig, tokenizer, prepared, models: dict,
     report.length_histogram({s: [len(e.input_ids) for e in getattr(prepared, s)]
                              for s in ("train", "validation", "test")}, cfg.data.max_seq_len, out / "token_lengths.png")
     report.loss_curve(history, out / "loss_curve.png")
-    artifacts.write_json(out / HISTORY, history)  # the trainer's log per step: loss curve, experiment tracking
+    artifacts.write_json(out / artifacts.TRAIN_HISTORY, history)
     if prepared.report.get("eda"):  # label fields per split (chat data; preference rows have their own report)
         eda.plot(prepared.report["eda"], out / "data_fields.png")
     for name, preds in predictions.items():
