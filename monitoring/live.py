@@ -162,6 +162,18 @@ class Monitor:
                               "dataset_drift": None}
         return out | res
 
+    def rebase(self, served_folder: str | Path) -> None:
+        """A new model is served (a swap): compare with its reference from now on, starting from an empty window.
+        The request log goes on (one log across models: each row names its model)."""
+        ref, path, reason = reference_for(self.cfg, served_folder)
+        with self._lock:
+            self.ref, self.ref_path, self.reason = ref, str(path) if path else None, reason
+            self.window.clear()
+            self.result, self.computed_at, self._new = None, None, 0
+        self.g_rows.set(0)
+        if ref is None:  # the last verdicts belong to the old model's reference
+            self.g_dataset.set(0)
+
     def close(self) -> None:
         self.flush(5)
         self._stop.set()
@@ -170,14 +182,21 @@ class Monitor:
             self.log.close()
 
 
-def build(cfg, served_folder: str | Path, registry=None) -> Monitor:
-    """The service's monitor: the reference from cfg.drift.reference, else found next to the served model."""
+def reference_for(cfg, served_folder: str | Path) -> tuple[drift.Reference | None, Path | None, str]:
+    """The drift reference for a served model: cfg.drift.reference, else the one found next to the model; or None
+    and the reason in words."""
     if not cfg.drift.enabled:
-        return Monitor(cfg, None, registry=registry, reason="monitoring.drift.enabled is false")
+        return None, None, "monitoring.drift.enabled is false"
     found = Path(cfg.drift.reference) if cfg.drift.reference else drift.find_reference(served_folder)
     if found is None:
         reason = (f"no {drift.FILE} next to {served_folder} or its parent artifacts (train with drift.enabled, "
                   "or set monitoring.drift.reference)")
         log.warning(f"drift monitoring off: {reason}")
-        return Monitor(cfg, None, registry=registry, reason=reason)
-    return Monitor(cfg, drift.Reference.load(found), found, registry=registry)
+        return None, None, reason
+    return drift.Reference.load(found), found, ""
+
+
+def build(cfg, served_folder: str | Path, registry=None) -> Monitor:
+    """The service's monitor: the reference from cfg.drift.reference, else found next to the served model."""
+    ref, path, reason = reference_for(cfg, served_folder)
+    return Monitor(cfg, ref, path, registry=registry, reason=reason)

@@ -33,20 +33,25 @@ class State:
     """What the routes need: the generator, the tokenizer, the served names, the limits and the metrics."""
 
     def __init__(self, cfg, generator: Generator, tokenizer, model_name: str, context: int, metrics=None,
-                 adapters: list[str] | None = None, lineage: dict | None = None):
+                 adapters: list[str] | None = None, lineage: dict | None = None, alias: str | None = None):
         self.cfg, self.gen, self.tok, self.model_name, self.context = cfg, generator, tokenizer, model_name, context
         self.metrics, self.adapters, self.lineage = metrics, list(adapters or []), lineage or {}
+        self.alias = alias or model_name  # the name clients keep using across model swaps (serving/swap.py)
         self.monitor = None  # monitoring.live.Monitor: drift and the request log, fed after each request
         self.backend = ""
+        self.inflight = 0  # requests holding this state; a swapped-out model is freed when it reaches 0
 
     @property
     def names(self) -> list[str]:
-        return [self.model_name] + self.adapters
+        """What /v1/models lists: this model's own id, the stable alias (once a swap made them differ), adapters."""
+        return [self.model_name] + ([self.alias] if self.alias != self.model_name else []) + self.adapters
 
 
 # ---------------------------------------------------------------- auth and body size
 USAGE = "llmstack_usage"  # the ASGI scope entry where the routes leave a request's key name and tokens
-API_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")  # the `route` label; any other path: "other"
+API_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/admin/reload")  # the `route` label; any
+# other path: "other"
+ADMIN_PREFIX = "/admin/"  # routes only admin keys may call (the default key is one)
 
 
 class Guard:
@@ -75,6 +80,10 @@ class Guard:
         if not self.ring.enabled or path in self.open:
             return await self._limited_body(scope, receive, send, headers)
         key, refusal = self._admit(headers)
+        if refusal is None and path.startswith(ADMIN_PREFIX) and not key.admin:
+            refusal = oa.APIError(403, f"the key '{key.name}' may not use the admin routes (give it `admin: true` "
+                                  "in the keys file, or use the default key)", type="permission_error",
+                                  code="not_admin")
         usage = scope[USAGE] = {"key": key.name if key else None}
         t0, status = time.perf_counter(), {"code": 500}
 
@@ -188,32 +197,70 @@ def build_app(state: State | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", **oa.openapi_route(oa.ChatRequest))
     async def chat(request: Request):
-        st = _state(request)
-        req = await _parse(request, oa.ChatRequest)
-        adapter = _adapter(st, req.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                    for m in req.messages]
-        try:
-            text = st.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # noqa: BLE001 - e.g. a template that refuses a role order
-            raise oa.APIError(400, f"messages: the chat template rejected them ({exc})", param="messages") from None
-        ids = st.tok(text, add_special_tokens=False)["input_ids"]
-        trace = _Trace(st, req.model, adapter, "chat", json.dumps(messages, ensure_ascii=False),
-                       "\n".join(str(m["content"] or "") for m in messages), ids, request.scope.get(USAGE))
-        return await _generate(request, st, req, ids, adapter, chat=True, trace=trace)
+        return await _leased(request, _chat)
 
     @app.post("/v1/completions", **oa.openapi_route(oa.CompletionRequest))
     async def completions(request: Request):
-        st = _state(request)
-        req = await _parse(request, oa.CompletionRequest)
-        adapter = _adapter(st, req.model)
-        ids = st.tok(req.prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise oa.APIError(400, "prompt: empty prompt", param="prompt")
-        trace = _Trace(st, req.model, adapter, "completion", req.prompt, req.prompt, ids, request.scope.get(USAGE))
-        return await _generate(request, st, req, ids, adapter, chat=False, trace=trace)
+        return await _leased(request, _completion)
+
+    @app.post("/admin/reload", include_in_schema=False)
+    async def reload(request: Request):
+        from .swap import ReloadRequest, reload_route
+        return await reload_route(request, await _parse(request, ReloadRequest))
 
     return app
+
+
+async def _leased(request: Request, handler):
+    """Run a generation route holding the served state (a swap frees the old model once no request holds it); a
+    streamed answer hands the hold to its stream, which lets go when the last chunk is sent."""
+    st = _state(request)
+    st.inflight += 1
+    lease = {"held": True}
+
+    def release():
+        if lease["held"]:
+            lease["held"] = False
+            st.inflight -= 1
+    try:
+        response = await handler(request, st, release)
+        if isinstance(response, StreamingResponse):
+            lease["streaming"] = True
+        return response
+    finally:
+        if not lease.get("streaming"):
+            release()
+
+
+async def _chat(request: Request, st: State, release):
+    req = await _parse(request, oa.ChatRequest)
+    adapter = _adapter(st, req.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
+    try:
+        text = st.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. a template that refuses a role order
+        raise oa.APIError(400, f"messages: the chat template rejected them ({exc})", param="messages") from None
+    ids = st.tok(text, add_special_tokens=False)["input_ids"]
+    trace = _Trace(st, _answered_by(st, adapter), adapter, "chat", json.dumps(messages, ensure_ascii=False),
+                   "\n".join(str(m["content"] or "") for m in messages), ids, request.scope.get(USAGE))
+    return await _generate(request, st, req, ids, adapter, chat=True, trace=trace, release=release)
+
+
+async def _completion(request: Request, st: State, release):
+    req = await _parse(request, oa.CompletionRequest)
+    adapter = _adapter(st, req.model)
+    ids = st.tok(req.prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise oa.APIError(400, "prompt: empty prompt", param="prompt")
+    trace = _Trace(st, _answered_by(st, adapter), adapter, "completion", req.prompt, req.prompt, ids,
+                   request.scope.get(USAGE))
+    return await _generate(request, st, req, ids, adapter, chat=False, trace=trace, release=release)
+
+
+def _answered_by(st: State, adapter: str) -> str:
+    """The `model` of the response: the adapter asked for, else the served model's own id (after a swap, the new
+    model's, whichever name the request used)."""
+    return adapter or st.model_name
 
 
 def _pages(app: FastAPI) -> None:
@@ -273,7 +320,7 @@ def _lone_surrogate(data, path: tuple = ()) -> tuple | None:
 
 
 def _adapter(st: State, model: str) -> str:
-    if model == st.model_name:
+    if model in (st.model_name, st.alias):
         return ""
     if model in st.adapters:
         return model
@@ -344,7 +391,8 @@ def _status(ev: Event) -> str:
     return "error" if ev.error else ("cancelled" if ev.finish == "abort" else "success")
 
 
-async def _generate(request: Request, st: State, req, ids: list[int], adapter: str, chat: bool, trace: _Trace):
+async def _generate(request: Request, st: State, req, ids: list[int], adapter: str, chat: bool, trace: _Trace,
+                    release=None):
     params = _params(st, req, len(ids), chat)
     rid = oa.new_id("chatcmpl" if chat else "cmpl")
     trace.rid = rid
@@ -358,9 +406,9 @@ async def _generate(request: Request, st: State, req, ids: list[int], adapter: s
                           code="overloaded", headers={"Retry-After": str(st.cfg.limits.retry_after_s)}) from None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse(st, req.model, rid, first, events, len(ids), chat, include_usage, trace),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return await _collect(request, st, req.model, rid, first, events, len(ids), chat, trace)
+        return StreamingResponse(_sse(st, trace.model, rid, first, events, len(ids), chat, include_usage, trace,
+                                      release), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await _collect(request, st, trace.model, rid, first, events, len(ids), chat, trace)
 
 
 async def _collect(request: Request, st: State, model: str, rid: str, first: Event, events, n_prompt: int,
@@ -399,7 +447,7 @@ async def _collect(request: Request, st: State, model: str, rid: str, first: Eve
 
 
 async def _sse(st: State, model: str, rid: str, first: Event, events, n_prompt: int, chat: bool,
-               include_usage: bool, trace: _Trace):
+               include_usage: bool, trace: _Trace, release=None):
     """SSE chunks as OpenAI sends them; a client that disconnects closes this generator, which cancels the request."""
     def data(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -432,3 +480,5 @@ async def _sse(st: State, model: str, rid: str, first: Event, events, n_prompt: 
     finally:
         trace.done(None, "cancelled")  # no-op when the request finished
         await events.aclose()
+        if release is not None:
+            release()

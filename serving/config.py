@@ -54,6 +54,9 @@ class LimitsCfg(Section):
     the same way, e.g. the same system prompt); 0: off. In-process backends only (vLLM has its own)."""
     retry_after_s: int = Field(1, ge=1)
     """The Retry-After an overloaded server answers."""
+    drain_timeout_s: float = Field(300, gt=0)
+    """Model swaps (POST /admin/reload, `llmstack reload`): how long the old model may take to finish the requests
+    it holds before it is freed anyway (their streams then end with an error)."""
 
 
 class AuthCfg(Section):
@@ -62,8 +65,8 @@ class AuthCfg(Section):
     'Authorization: Bearer <key>'. Unset: no key needed. Or set <api_key_env>_FILE to a file holding the key
     (a Docker / Kubernetes secret, e.g. /run/secrets/llmstack_api_key)."""
     keys_file: Optional[str] = None
-    """Named API keys (YAML: keys.<name>: {sha256, requests_per_min, tokens_per_min}; `llmstack keys add` writes
-    them): every route except open_routes needs one of them; per-key counters in /metrics, per-key limits (429 with
+    """Named API keys (YAML: keys.<name>: {sha256, requests_per_min, tokens_per_min, admin}; `llmstack keys add`
+    writes them; only `admin: true` keys may swap the model): every route except open_routes needs one of them; per-key counters in /metrics, per-key limits (429 with
     Retry-After), an audit line per request. Re-read when it changes: a revoked key is refused from then on."""
     audit_log: Optional[str] = None
     """Where the audit lines go (JSONL, appended): time, key name, route, status, tokens, seconds; never the prompt.

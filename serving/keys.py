@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class Key:
     sha256: str
     requests_per_min: int | None = None
     tokens_per_min: int | None = None
+    admin: bool = False  # may call /admin/* (model swaps); the single default key always may
 
 
 def read_keys(path: str | Path) -> dict[str, Key]:
@@ -67,10 +69,13 @@ def read_keys(path: str | Path) -> dict[str, Key]:
         for k, v in limits.items():
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{k} must be a whole number >= 1 (or left out: no limit)", **where)
-        unknown = set(spec) - {"sha256", "requests_per_min", "tokens_per_min"}
+        admin = spec.get("admin", False)
+        if not isinstance(admin, bool):
+            raise ConfigError("admin must be true or false", **where)
+        unknown = set(spec) - {"sha256", "requests_per_min", "tokens_per_min", "admin"}
         if unknown:
             raise ConfigError(f"unknown settings {sorted(unknown)}", **where)
-        out[sha] = Key(str(name), sha, **limits)
+        out[sha] = Key(str(name), sha, **limits, admin=admin)
     return out
 
 
@@ -113,7 +118,7 @@ class KeyRing:
     def lookup(self, presented: str) -> Key | None:
         self._maybe_reload()
         if self.single is not None and hmac.compare_digest(presented.encode(), self.single.encode()):
-            return Key("default", digest(self.single))
+            return Key("default", digest(self.single), admin=True)
         return self.keys.get(digest(presented))
 
 
@@ -168,17 +173,13 @@ class KeyMetrics:
                                ("key_name", "limit"), **kw)
 
 
-_METRICS: dict[int, KeyMetrics] = {}
+_METRICS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def key_metrics(registry=None) -> KeyMetrics:
     """The per-key counters of `registry` (default: prometheus-client's), made once per registry."""
-    from prometheus_client import REGISTRY
-
-    reg = registry if registry is not None else REGISTRY
-    if id(reg) not in _METRICS:
-        _METRICS[id(reg)] = KeyMetrics(reg)
-    return _METRICS[id(reg)]
+    from .metrics import per_registry
+    return per_registry(_METRICS, KeyMetrics, registry)
 
 
 class Audit:
@@ -219,7 +220,7 @@ def _save(path: Path, data: dict) -> None:
 
 
 def add_key(path: str | Path, name: str, requests_per_min: int | None = None,
-            tokens_per_min: int | None = None) -> str:
+            tokens_per_min: int | None = None, admin: bool = False) -> str:
     """A new random key named `name`, its hash and limits written to the keys file; returns the key (shown once)."""
     import secrets
 
@@ -230,7 +231,8 @@ def add_key(path: str | Path, name: str, requests_per_min: int | None = None,
                           hint="revoke it first, or choose another name")
     key = "sk-" + secrets.token_urlsafe(32)
     entry = {"sha256": digest(key)}
-    entry.update({k: v for k, v in (("requests_per_min", requests_per_min), ("tokens_per_min", tokens_per_min)) if v})
+    entry.update({k: v for k, v in (("requests_per_min", requests_per_min), ("tokens_per_min", tokens_per_min),
+                                    ("admin", admin)) if v})
     data["keys"][name] = entry
     _save(path, data)
     return key

@@ -60,7 +60,10 @@ def _vllm_sees_gpu(python: str) -> bool:
     return out.returncode == 0 and out.stdout.strip().endswith("True")
 
 
-def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
+def build_state(cfg: ServeConfig, registry=None, monitor=None, alias: str | None = None,
+                taken: tuple[str, ...] = ()) -> tuple[State, ModelRef]:
+    """Load and warm the model of cfg.model. A swap (serving/swap.py) passes the running service's monitor (re-based
+    on the new model's drift reference), its alias and the model ids already used (the new id must differ)."""
     from transformers import AutoTokenizer
 
     from .engine import Engine, EngineGenerator
@@ -71,6 +74,7 @@ def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
     if bundle:
         ref.lineage = bundle.get("lineage") or ref.lineage
         ref.name = cfg.model.name or bundle.get("name") or ref.name
+    ref.name = _unique(ref.name, ref.lineage, taken)
     adapters = {a.name: a.path for a in cfg.adapters}
     if adapters and ref.backend in ("onnxruntime", "openvino"):
         raise ConfigError(f"LoRA adapters need an HF base model on the transformers or vllm backend; "
@@ -104,14 +108,28 @@ def build_state(cfg: ServeConfig, registry=None) -> tuple[State, ModelRef]:
                         max_waiting=lim.max_waiting, metrics=metrics, prefix_cache_mb=lim.prefix_cache_mb)
         gen = EngineGenerator(engine.start())
     log.info(f"serving {ref.folder} as '{ref.name}' on {ref.backend}")
-    state = State(cfg, gen, tok, ref.name, _context(ref.folder), metrics, list(adapters), ref.lineage)
+    state = State(cfg, gen, tok, ref.name, _context(ref.folder), metrics, list(adapters), ref.lineage, alias)
     state.backend = ref.backend
-    state.monitor = build_monitor(cfg.monitoring, ref.folder, registry=registry)
+    if monitor is not None:
+        monitor.rebase(ref.folder)
+    state.monitor = monitor if monitor is not None else build_monitor(cfg.monitoring, ref.folder, registry=registry)
     return state, ref
 
 
-def close_state(state: State) -> None:
-    if state.monitor is not None:
+def _unique(name: str, lineage: dict, taken: tuple[str, ...]) -> str:
+    """A model id no earlier model of this service had: responses name the model that answered, so two models must
+    not share one (two compress runs both call their variant onnx-fp32): then the run id is added."""
+    if name not in taken:
+        return name
+    for candidate in (f"{name}@{lineage.get('run_id')}" if lineage.get("run_id") else None,
+                      *(f"{name}#{i}" for i in range(2, 10000))):
+        if candidate and candidate not in taken:
+            return candidate
+    raise ConfigError(f"no free model id for '{name}'", field="model.name")
+
+
+def close_state(state: State, keep_monitor: bool = False) -> None:
+    if state.monitor is not None and not keep_monitor:
         state.monitor.close()
     gen = state.gen
     if hasattr(gen, "engine"):

@@ -18,6 +18,7 @@ import bentoml
 from serving.api import Guard, build_app
 from serving.config import ServeConfig
 from serving.runtime import CONFIG_ENV, build_state, close_state, load_config
+from serving.swap import Swapper
 
 BENTO_ARGS = bentoml.use_arguments()  # empty unless built / served as a Bento
 BENTO_MODEL = getattr(BENTO_ARGS, "model", None)
@@ -38,15 +39,16 @@ class LLMService:
         if BENTO_MODEL:
             cfg = CFG.model_copy(deep=True)
             cfg.model.path = str(self.bento_model.path)
-        self.state, self.ref = build_state(cfg)
-        app.state.llm = self.state
+        state, self.ref = build_state(cfg)
+        app.state.llm = state
+        app.state.swapper = Swapper(app, cfg)  # POST /admin/reload: another model, without a restart
 
     def __is_ready__(self) -> bool:
-        return bool(self.state.gen.ready)
+        return bool(app.state.llm.gen.ready)  # the served model, a swapped-in one included
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        close_state(self.state)
+        close_state(app.state.llm)
 
 
 LLMService.add_asgi_middleware(Guard, api_key=CFG.auth.api_key(), keys_file=CFG.auth.keys_file,

@@ -8,7 +8,7 @@ def run(args) -> int:
     from serving import keys
 
     if args.action == "add":
-        key = keys.add_key(args.file, args.name, args.requests_per_min, args.tokens_per_min)
+        key = keys.add_key(args.file, args.name, args.requests_per_min, args.tokens_per_min, args.admin)
         print(f"key '{args.name}' added to {args.file}; the key (shown only now, store it safely):\n{key}")
     elif args.action == "revoke":
         keys.revoke_key(args.file, args.name)
@@ -16,7 +16,8 @@ def run(args) -> int:
     else:
         found = keys.read_keys(args.file).values()
         for k in sorted(found, key=lambda k: k.name):
-            print(f"{k.name}\trequests/min {k.requests_per_min or '-'}\ttokens/min {k.tokens_per_min or '-'}")
+            role = "\tadmin" if k.admin else ""
+            print(f"{k.name}\trequests/min {k.requests_per_min or '-'}\ttokens/min {k.tokens_per_min or '-'}{role}")
     return 0
 
 
@@ -31,6 +32,8 @@ def register(sub) -> None:
     k.add_argument("--file", default=DEFAULT_FILE, help="the keys file (default: %(default)s)")
     k.add_argument("--requests-per-min", type=int, help="add: requests per minute this key may make (429 beyond)")
     k.add_argument("--tokens-per-min", type=int, help="add: prompt + completion tokens per minute (429 beyond)")
+    k.add_argument("--admin", action="store_true", help="add: the key may also call the admin routes (POST "
+                   "/admin/reload: swap the served model; `llmstack reload`)")
     k.set_defaults(func=_checked)
 
 
