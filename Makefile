@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train train-distributed dpo curriculum tune fairness harness eval-report compress serve monitor drift-demo bench-serve vllm-env openvino-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train bench-data mlflow data clean help
+.PHONY: setup system-deps train train-distributed dpo curriculum tune fairness harness eval-report compress serve monitor drift-demo retrain bench-retrain bench-serve vllm-env openvino-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train bench-data mlflow data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -87,6 +87,9 @@ serve: setup openvino-env  ## OpenAI-compatible BentoML service on 127.0.0.1:300
 
 drift-demo: setup  ## against a running `make serve`: in-distribution, then shifted traffic; drift verdicts flip (terminal, /dashboard); ARGS='--n 60'
 	$(CLI) drift demo $(ARGS)
+
+retrain: setup openvino-env  ## retrain from the request log of `make serve` (configs/retrain.yaml): candidate, old vs new, decision in artifacts/retrain/latest; ARGS='--promote'
+	$(CLI) retrain --config configs/retrain.yaml $(ARGS)
 
 monitor: setup system-deps  ## local Prometheus (rules loaded) scraping the service on 127.0.0.1:3000; UI on 127.0.0.1:9090; ARGS='--target 127.0.0.1:8080 --port 9091'
 	$(PY) deploy/prometheus/monitor.py $(ARGS)

@@ -7,7 +7,10 @@ Each file is chat JSONL, one user message per row ({"messages": [{"role": "user"
 training builds its prompts (the triage instruction, a blank line, the customer's message):
 - in_distribution.jsonl: the validation split and the second half of the test split (never in the drift reference:
   training profiles the train split's prompts and the first test rows' answers)
-- language.jsonl: the same task in German (another language)
+- language.jsonl: the same task in German (another language); language_labeled.jsonl holds the same tickets row for
+  row with their reference answers (instruction / input / output, as data/tickets): the German scenario sets
+  category and urgency ("dringend" raises medium to high), the product is the one named, the summary is English like
+  the training answers. The retraining demo trains on part of them and scores on the rest (docs/retraining.md).
 - domain.jsonl: questions from another domain (cooking, travel, programming, gardening) under the same instruction
 - long.jsonl: much longer prompts: a support thread of 4 to 6 earlier in-distribution messages quoted before the new
   one
@@ -25,18 +28,31 @@ sys.path.insert(0, str(HERE))
 from ticket_vocab import INSTRUCTION  # noqa: E402
 
 DE_PRODUCTS = ["Nimbus R2 Router", "Aurora Cam 4K", "Pulse Watch", "Vault Backup", "Echo Lautsprecher", "Orbit App"]
+PRODUCT_IDS = {"Nimbus R2 Router": ("nimbus_router", "Nimbus R2 Router"), "Aurora Cam 4K": ("aurora_camera", "Aurora Cam 4K"),
+               "Pulse Watch": ("pulse_watch", "Pulse Watch"), "Vault Backup": ("vault_backup", "Vault Backup"),
+               "Echo Lautsprecher": ("echo_speaker", "Echo Speaker"), "Orbit App": ("orbit_app", "Orbit App")}
 DE_OPEN = ["Guten Tag,", "Hallo zusammen,", "Sehr geehrte Damen und Herren,", "Hallo Support-Team,", "Moin,"]
-DE_ISSUE = [
-    "mein {p} startet seit dem letzten Update nicht mehr und zeigt nur eine rote Lampe.",
-    "die Rechnung für {p} wurde diesen Monat doppelt abgebucht, bitte erstatten Sie den Betrag.",
-    "ich kann mich nicht mehr in mein Konto einloggen, das Passwort wird abgelehnt, obwohl es stimmt.",
-    "das Paket mit meinem {p} ist seit zwei Wochen unterwegs und die Sendungsverfolgung zeigt nichts Neues.",
-    "ich möchte meinen {p} zurückgeben, er passt leider nicht zu meinem Bedarf.",
-    "es wäre schön, wenn die {p} eine Funktion für dunkle Darstellung bekäme.",
-    "die Verbindung meines {p} bricht ständig ab, Fehlermeldung E-42 erscheint jedes Mal.",
-    "der Akku meiner {p} wird sehr heiß und riecht verbrannt, ich habe Angst, sie weiter zu benutzen.",
-    "nach dem Umzug funktioniert die Einrichtung des {p} nicht mehr, das WLAN wird nicht gefunden.",
-    "mein Abonnement für {p} wurde ohne Nachfrage verlängert, ich möchte kündigen.",
+DE_ISSUE = [  # (German text, category, urgency, English summary)
+    ("mein {p} startet seit dem letzten Update nicht mehr und zeigt nur eine rote Lampe.", "technical", "high",
+     "The customer's {name} no longer starts after the last update and shows a red light."),
+    ("die Rechnung für {p} wurde diesen Monat doppelt abgebucht, bitte erstatten Sie den Betrag.", "billing",
+     "medium", "Customer was charged twice this month for the {name} and asks for a refund."),
+    ("ich kann mich nicht mehr in mein Konto für {p} einloggen, das Passwort wird abgelehnt, obwohl es stimmt.",
+     "account", "medium", "Customer cannot log in to the {name} account; the correct password is rejected."),
+    ("das Paket mit meinem {p} ist seit zwei Wochen unterwegs und die Sendungsverfolgung zeigt nichts Neues.",
+     "shipping", "medium", "The {name} parcel has been in transit for two weeks without tracking updates."),
+    ("ich möchte meinen {p} zurückgeben, er passt leider nicht zu meinem Bedarf.", "returns", "low",
+     "Customer wants to return the {name} because it does not fit their needs."),
+    ("es wäre schön, wenn die {p} eine Funktion für dunkle Darstellung bekäme.", "feature_request", "low",
+     "Customer suggests adding a dark mode to the {name}."),
+    ("die Verbindung meines {p} bricht ständig ab, Fehlermeldung E-42 erscheint jedes Mal.", "technical", "medium",
+     "The {name} keeps losing its connection with error E-42."),
+    ("der Akku meiner {p} wird sehr heiß und riecht verbrannt, ich habe Angst, sie weiter zu benutzen.", "technical",
+     "critical", "The {name} battery gets very hot and smells burnt; the customer is afraid to use it."),
+    ("nach dem Umzug funktioniert die Einrichtung des {p} nicht mehr, das WLAN wird nicht gefunden.", "technical",
+     "medium", "After moving, the {name} setup fails because the Wi-Fi network is not found."),
+    ("mein Abonnement für {p} wurde ohne Nachfrage verlängert, ich möchte kündigen.", "billing", "medium",
+     "The {name} subscription was renewed without asking and the customer wants to cancel."),
 ]
 DE_DETAIL = ["Ich habe das Gerät schon neu gestartet.", "Das Problem besteht seit Montag.",
              "Mein Kollege hat dasselbe Problem.", "Bitte melden Sie sich schnell, es ist dringend.",
@@ -68,6 +84,20 @@ def prompt(message: str) -> str:
     return f"{INSTRUCTION}\n\n{message}"
 
 
+def german_ticket(rng: random.Random) -> tuple[str, str]:
+    """One German ticket and its reference answer (compact JSON, as the training answers are written)."""
+    opener, (issue, category, urgency, summary), product = rng.choice(DE_OPEN), rng.choice(DE_ISSUE), \
+        rng.choice(DE_PRODUCTS)
+    detail, closer = rng.choice(DE_DETAIL), rng.choice(DE_CLOSE)
+    if "dringend" in detail and urgency in ("low", "medium"):
+        urgency = "high"
+    pid, name = PRODUCT_IDS[product]
+    message = "\n".join(x for x in (opener, issue.format(p=product), detail, closer) if x)
+    answer = json.dumps({"category": category, "product": pid, "urgency": urgency,
+                         "summary": summary.format(name=name)}, ensure_ascii=False)
+    return message, answer
+
+
 def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -84,9 +114,8 @@ def main(argv=None) -> int:
     tickets = HERE / "tickets"
     held_out = read(tickets / "validation.jsonl") + read(tickets / "test.jsonl")[100:]
     sets = {"in_distribution": [chat(prompt(r["input"])) for r in held_out]}
-    sets["language"] = [chat(prompt("\n".join(x for x in (
-        rng.choice(DE_OPEN), rng.choice(DE_ISSUE).format(p=rng.choice(DE_PRODUCTS)), rng.choice(DE_DETAIL),
-        rng.choice(DE_CLOSE)) if x))) for _ in range(args.n)]
+    german = [german_ticket(rng) for _ in range(args.n)]
+    sets["language"] = [chat(prompt(message)) for message, _ in german]
     sets["domain"] = [chat(prompt(rng.choice(DOMAIN).format(**{k: rng.choice(v) for k, v in FILL.items()})))
                       for _ in range(args.n)]
     pool = [r["input"] for r in held_out]
@@ -96,6 +125,8 @@ def main(argv=None) -> int:
         thread = "\n\n".join(f"--- earlier message {i + 1} ---\n{m}" for i, m in enumerate(earlier))
         long_rows.append(chat(prompt(f"{thread}\n\n--- new message ---\n{rng.choice(pool)}")))
     sets["long"] = long_rows
+    sets["language_labeled"] = [{"instruction": INSTRUCTION, "input": message, "output": answer}
+                                for message, answer in german]
     for name, rows in sets.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"{out / name}.jsonl: {len(rows)} rows")

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # llmstack/commands/<name>.py, in the order `llmstack --help` lists them
-COMMANDS = ("train", "evaluate", "data", "augment", "compress", "serve", "reload", "keys", "bento", "drift", "log",
-            "track", "tune", "harness", "report", "fairness", "pairs", "model")
+COMMANDS = ("train", "evaluate", "data", "augment", "compress", "serve", "reload", "retrain", "keys", "bento", "drift",
+            "log", "track", "tune", "harness", "report", "fairness", "pairs", "model")
 
 
 class _IntermixedParser(argparse.ArgumentParser):

@@ -122,7 +122,8 @@ def read(path: str | Path, since: float | None = None, limit: int | None = None)
 def export(path: str | Path, out: str | Path, since: float | None = None, drifted_only: bool = False,
            reference=None) -> int:
     """Finished requests as a training dataset (chat `messages` JSONL: the prompt's messages plus the model's
-    answer as the assistant turn, to review and correct before training). drifted_only keeps rows whose prompt
+    answer as the assistant turn, to review and correct before training; `review: pending` for the reviewer to set
+    to accepted, corrected or rejected: `llmstack retrain` with traffic.select=review trains on the first two). drifted_only keeps rows whose prompt
     features lie outside the reference's central 95% for at least one numeric prompt feature."""
     rows = [r for r in read(path, since) if r["status"] == "success" and r["output"]]
     if drifted_only:
@@ -136,8 +137,9 @@ def export(path: str | Path, out: str | Path, since: float | None = None, drifte
         for r in rows:
             prompt = json.loads(r["prompt"]) if r["endpoint"] == "chat" else [{"role": "user", "content": r["prompt"]}]
             msgs = prompt + [{"role": "assistant", "content": r["output"]}]
-            f.write(json.dumps({"messages": msgs, "meta": {"request_id": r["id"], "ts": r["ts"], "model": r["model"],
-                                                           "finish_reason": r["finish_reason"]}}) + "\n")
+            f.write(json.dumps({"messages": msgs, "review": "pending", "meta": {
+                "request_id": r["id"], "ts": r["ts"], "model": r["model"], "finish_reason": r["finish_reason"]}},
+                ensure_ascii=False) + "\n")
     tmp.replace(out)
     return len(rows)
 

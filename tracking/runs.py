@@ -106,6 +106,7 @@ def _record(folder: Path, cfg: TrackingCfg, history: list[dict] | None) -> str:
     tags = {"llmstack.stage": stage, "llmstack.run_id": manifest.get("run_id", folder.name),
             "llmstack.artifact": os.path.relpath(folder), "mlflow.runName": manifest.get("run_id", folder.name),
             "llmstack.parent_run_id": str(parent.get("run_id", "")) if isinstance(parent, dict) else ""}
+    tags |= {str(k): str(v) for k, v in (manifest.get("tags") or {}).items()}  # what a stage adds, e.g. a decision
     run = client.create_run(experiment_id(client, cfg.experiment or f"llmstack-{stage}"), tags=tags)
     rid, now = run.info.run_id, int(time.time() * 1000)
     ps = [Param(k, v[:MAX_PARAM]) for k, v in params(manifest).items()]

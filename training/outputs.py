@@ -18,9 +18,10 @@ from core.config import config_hash, dump_yaml, validate
 from core.errors import ArtifactError, ConfigError
 from core.log import log
 from evaluation import quality as ev
-from modeling.model import BUILTIN, load_model, load_tokenizer
+from modeling.model import BUILTIN, load_model, load_tokenizer, resolve
 from training import report
 from training.config import TrainConfig
+
 
 def fingerprint(cfg: TrainConfig, prepared, base_path: str, world_size: int = 1) -> str:
     base = Path(base_path)
@@ -204,3 +205,21 @@ def finish_artifact(out: Path, manifest: dict, table_md: str) -> None:
     (out / "README.md").write_text(report.model_card(manifest, table_md))
     artifacts.write_json(out / "metrics.json", manifest["metrics"] | {"training": manifest["training"]})
     artifacts.write_json(out / artifacts.MANIFEST, manifest)
+
+
+def resolve_base(cfg: TrainConfig) -> tuple[str, dict | None]:
+    """The model folder to train and its parent artifact: a training artifact folder (or its merged/ folder, or a
+    `latest` pointer) gives its merged model and becomes the manifest's parent (preference tuning on an SFT run,
+    `llmstack retrain` continuing the served model's training); a built-in name or plain folder has no parent."""
+    given = Path(cfg.model.name_or_path)
+    folder = None
+    if (given / artifacts.MANIFEST).is_file() and (given / "merged" / "config.json").is_file():
+        folder, model_dir = given.resolve(), given.resolve() / "merged"
+    elif given.name == "merged" and (given.parent / artifacts.MANIFEST).is_file():
+        folder, model_dir = given.parent.resolve(), given.resolve()
+    if folder is None:
+        return resolve(cfg.model.name_or_path, cfg.model.models_dir), None
+    m = artifacts.read_manifest(folder)
+    parent = {"stage": m.get("stage"), "run_id": m.get("run_id"), "path": str(folder),
+              "recipe": m.get("config", {}).get("recipe", "sft"), "fingerprint": m.get("fingerprint")}
+    return str(model_dir), parent

@@ -159,8 +159,8 @@ def build(model: str, data: str, out: str, fields: list[str], *, mode: str = "an
     from evaluation import quality as ev
     from modeling.model import load_model, load_tokenizer
     from training.config import ModelCfg, TrainConfig
+    from training.outputs import resolve_base
     from training.preference.metrics import rejected_kind
-    from training.preference.recipe import resolve_model
 
     rows, locs = data_mod.load_file(data)
     if not rows:
@@ -176,7 +176,7 @@ def build(model: str, data: str, out: str, fields: list[str], *, mode: str = "an
     if mode not in MODES:
         raise DataError(f"unknown mode {mode!r} (one of: {', '.join(MODES)})", field="--mode")
     values = field_values([e.reference() for e in examples], fields, data) if mode != "answers" else {}
-    model_dir, _ = resolve_model(TrainConfig(model=ModelCfg(name_or_path=model, models_dir=models_dir)))
+    model_dir, _ = resolve_base(TrainConfig(model=ModelCfg(name_or_path=model, models_dir=models_dir)))
     tokenizer = load_tokenizer(model_dir)
     lm = load_model(model_dir)
     if mode in ("hard", "mirrored"):

@@ -24,7 +24,7 @@ from core import artifacts
 from core.config import config_hash
 from core.errors import ConfigError
 from core.log import log
-from modeling.model import load_model, load_tokenizer, resolve
+from modeling.model import load_model, load_tokenizer
 from tracking import runs as tracking_runs
 from training import methods, outputs
 from training.config import TrainConfig, warn_poor_settings
@@ -38,23 +38,6 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
 
 # ---------------------------------------------------------------- model and trainer
-def resolve_model(cfg: TrainConfig) -> tuple[str, dict | None]:
-    """The model folder to tune and its parent artifact: a training artifact folder (or its merged/ folder, or a
-    `latest` pointer) gives its merged model and becomes the manifest's parent."""
-    given = Path(cfg.model.name_or_path)
-    folder = None
-    if (given / artifacts.MANIFEST).is_file() and (given / "merged" / "config.json").is_file():
-        folder, model_dir = given.resolve(), given.resolve() / "merged"
-    elif given.name == "merged" and (given.parent / artifacts.MANIFEST).is_file():
-        folder, model_dir = given.parent.resolve(), given.resolve()
-    if folder is None:
-        return resolve(cfg.model.name_or_path, cfg.model.models_dir), None
-    m = artifacts.read_manifest(folder)
-    parent = {"stage": m.get("stage"), "run_id": m.get("run_id"), "path": str(folder),
-              "recipe": m.get("config", {}).get("recipe", "sft"), "fingerprint": m.get("fingerprint")}
-    return str(model_dir), parent
-
-
 def _trl_args(cfg: TrainConfig, work: Path, total: int):
     """The TRL config for the recipe, from our train / preference sections."""
     t, p, recipe = cfg.train, cfg.preference, cfg.recipe
@@ -179,7 +162,7 @@ def run(cfg: TrainConfig, *, force: bool = False) -> Path:
     phase, started_at = artifacts.Phases(), artifacts.now()
 
     # ---- data
-    base_path, parent = resolve_model(cfg)
+    base_path, parent = outputs.resolve_base(cfg)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     prepared = prepare(cfg, tokenizer)
     fingerprint = outputs.fingerprint(cfg, prepared, base_path)

@@ -32,7 +32,7 @@ from core.config import config_hash, dump_yaml
 from core.errors import ArtifactError
 from core.log import log
 from evaluation import quality as ev
-from modeling.model import load_model, load_tokenizer, resolve
+from modeling.model import load_model, load_tokenizer
 from tracking import runs as tracking_runs
 from training import distributed, methods, outputs
 from training.config import TrainConfig, warn_poor_settings
@@ -95,6 +95,7 @@ class _Run:
     started_at: str
     run_id: str = ""
     base_path: str = ""
+    parent: dict | None = None  # the training artifact this run continues (model.name_or_path names one)
     tokenizer: Any = None
     prepared: Any = None
     stages: list = field(default_factory=list)
@@ -145,10 +146,10 @@ def _prepare_data(r: _Run) -> None:
     """Base model folder, tokenizer, the data pipeline (every rank: deterministic for a seed), the fingerprint."""
     cfg, dist = r.cfg, r.dist
     if dist.local_rank == 0:  # provisioning a built-in model writes its folder: one process per machine, first
-        r.base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
+        r.base_path, r.parent = outputs.resolve_base(cfg)
     dist.barrier()
     if dist.local_rank != 0:
-        r.base_path = resolve(cfg.model.name_or_path, cfg.model.models_dir)
+        r.base_path, r.parent = outputs.resolve_base(cfg)
     r.tokenizer = load_tokenizer(r.base_path, cfg.model.trust_remote_code)
     r.prepared, r.stages = curriculum.prepare_data(cfg, r.tokenizer, dist.world_size)
     r.fingerprint = outputs.fingerprint(cfg, r.prepared, r.base_path, dist.world_size)
@@ -278,7 +279,7 @@ def _save(r: _Run, before: dict, after: SimpleNamespace, t: SimpleNamespace) -> 
         table_md = ev.table(before["metrics"], after.metrics)
         stage_md = curriculum.table(t.stage_rows, prepared.report["curriculum"]) if stages else None
         manifest = {
-            **outputs.manifest_header(cfg, r.run_id, r.fingerprint, r.base_path),
+            **outputs.manifest_header(cfg, r.run_id, r.fingerprint, r.base_path, r.parent),
             "datasets": prepared.report["sources"], "config": cfg.model_dump(mode="json"),
             "augmentation": augment_report.manifest_entry(prepared.report.get("augment")),
             "reweighing": prepared.report.get("reweigh"),
