@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"
@@ -30,6 +29,7 @@ KINDS = {
     "overlays/keda": {"Deployment", "Service", "ScaledObject", "PodDisruptionBudget", "ServiceMonitor",
                       "PrometheusRule"},
     "storage": {"Namespace", "PersistentVolumeClaim", "Pod"},
+    "jobs/retrain": {"Job"},
 }
 CRD_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
 LOAD_GAUGES = {"llm_requests_running", "llm_requests_waiting"}

@@ -11,7 +11,7 @@ import re
 
 import pytest
 import yaml
-
+from conftest import ROOT
 from k8s_fixtures import (CRD_GROUPS, K8S, KINDS, KUBERNETES_VERSION, NAMESPACE, OVERLAYS, RULES_DIR, SECRET_EXAMPLE,
                           container, one, render, selects, serve_config)
 
@@ -296,3 +296,28 @@ def test_gpu_overlay_requests_as_many_gpus_as_vllm_uses():
     volumes = {v["name"]: v for v in pod["volumes"]}
     (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_retrain_job_runs_a_command_the_cli_accepts_on_the_artifacts_volume():
+    """The Job's command line parses with llmstack's own parser and its config (the file the train image ships, plus
+    the overrides) validates; it writes to the volume the serving replicas read, and the image copies that config."""
+    from core.config import load
+    from llmstack.cli import build_parser
+    from llmstack.retrain.config import RetrainConfig
+
+    docs = render("jobs/retrain")
+    job = one(docs, "Job")
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"][:2] == ["llmstack", "retrain"] and pod["restartPolicy"] == "Never"
+    args = build_parser().parse_args(c["command"][1:] + c["args"])
+    assert args.config == "/app/configs/retrain.yaml" and not args.promote
+    cfg = load(RetrainConfig, ROOT / "configs" / "retrain.yaml", args.overrides)
+    assert cfg.traffic.select == "review" and cfg.output_dir.startswith("artifacts/")
+    dockerfile = (ROOT / "deploy" / "docker" / "train-gpu.Dockerfile").read_text()
+    assert c["image"].startswith("llmstack/train-gpu:") and "configs/retrain.yaml /app/configs/" in dockerfile
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["artifacts"]["mountPath"] == c["workingDir"] + "/artifacts" and not mounts["artifacts"].get("readOnly")
+    claim = {v["name"]: v for v in pod["volumes"]}["artifacts"]["persistentVolumeClaim"]["claimName"]
+    assert claim == one(render("storage"), "PersistentVolumeClaim")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]

@@ -77,7 +77,7 @@ ENV PATH=/opt/llmstack/bin:$PATH \
 COPY --from=builder /opt/llmstack /opt/llmstack
 
 WORKDIR /app
-COPY configs/train.yaml configs/compress.yaml /app/configs/
+COPY configs/train.yaml configs/compress.yaml configs/retrain.yaml /app/configs/
 COPY data/tickets /app/data/tickets
 # The accelerate configs (DDP, FSDP, DeepSpeed, multi-node): --entrypoint accelerate ... launch --config_file
 # /app/deploy/training/fsdp.yaml -m llmstack train --config /app/configs/train.yaml

@@ -82,12 +82,18 @@ def run(cfg: RetrainConfig, promote: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------- 1. what is served
+def model_kind(ref: str | Path) -> tuple[str, Path]:
+    """(how evaluation.measure loads it: onnx | openvino | pytorch, the folder) for what `llmstack serve` would serve
+    given `ref` (a compress run's recommended variant, a variant, a training artifact's merged model, a folder)."""
+    from serving.model_ref import resolve
+
+    r = resolve(ref)
+    return {"onnxruntime": "onnx", "openvino": "openvino"}.get(r.backend, "pytorch"), r.folder.resolve()
+
+
 def locate_served(ref: str) -> Served:
     """The served model's folder and the training artifact behind it (a compress variant's parent, or itself)."""
-    from evaluation.harness.run import resolve_model
-
-    kind, folder = resolve_model(ref)
-    folder = folder.resolve()
+    kind, folder = model_kind(ref)
     where = folder.parent if folder.name == "merged" else folder
     m = artifacts.read_manifest(where) if (where / artifacts.MANIFEST).is_file() else {}
     stage = m.get("stage")
@@ -97,7 +103,7 @@ def locate_served(ref: str) -> Served:
         training = artifacts.parent_folder(m, where)
     else:
         training = None
-    if training is None or not (training / "data" / "train.jsonl").is_file():
+    if training is None or not (training / artifacts.MANIFEST).is_file():
         raise ArtifactError("retraining needs the served model's training artifact (its config and data): serve a "
                             "compress variant or a training artifact made by `llmstack train`", file=folder,
                             field="served")
@@ -152,12 +158,11 @@ def train_candidate(cfg: RetrainConfig, served: Served, traffic_file: Path, out:
     base = validate(TrainConfig, m["config"], file=served.training / artifacts.MANIFEST).model_dump(mode="json")
     base.update(recipe="sft", curriculum={}, preference={})
     base["model"]["name_or_path"] = str(served.training)  # its merged weights; becomes the parent
-    base["data"].update(train=[{"path": str(traffic_file.resolve()), "weight": cfg.training.traffic_weight},
-                               {"path": str(served.training / "data" / "train.jsonl"),
-                                "weight": cfg.training.original_share}],
-                        validation=[{"path": str(served.training / "data" / "validation.jsonl")}],
-                        test=[{"path": str(served.training / "data" / "test.jsonl")}],
-                        augment={}, reweigh={})
+    own = original_data(served, base["data"])
+    for spec in own["train"]:
+        spec["weight"] = spec.get("weight", 1.0) * cfg.training.original_share
+    base["data"].update(train=[{"path": str(traffic_file.resolve()), "weight": cfg.training.traffic_weight}]
+                        + own["train"], validation=own["validation"], test=own["test"], augment={}, reweigh={})
     base["output"] = {"dir": cfg.training.output_dir}
     cfg_file = out / "train.yaml"
     cfg_file.write_text(dump_yaml(validate(TrainConfig, base)))
@@ -165,26 +170,35 @@ def train_candidate(cfg: RetrainConfig, served: Served, traffic_file: Path, out:
     return Path(sft.run(train_cfg)).resolve()
 
 
+def original_data(served: Served, data: dict) -> dict[str, list[dict]]:
+    """The served training run's splits: the rows it saved (data/<split>.jsonl: after its cleaning, mixing and
+    augmentation), or, for an artifact made before splits were saved, the files its config names."""
+    saved = served.training / "data"
+    out = {}
+    for split in ("train", "validation", "test"):
+        f = saved / f"{split}.jsonl"
+        out[split] = [{"path": str(f)}] if f.is_file() else [dict(s) for s in data.get(split) or []]
+    return out
+
+
 def compress_candidate(cfg: RetrainConfig, served: Served, trained: Path) -> SimpleNamespace:
     """The folder to serve: the fast compress path's recommended variant (when the served model is a compress
     variant, or compress.enabled is true), else the training artifact's merged model."""
-    from evaluation.harness.run import resolve_model
-
     wanted = cfg.compress.enabled == "true" or (cfg.compress.enabled == "auto" and served.stage == "compress")
     if not wanted:
-        kind, folder = resolve_model(str(trained))
-        return SimpleNamespace(folder=folder.resolve(), kind=kind, path=trained)
+        kind, folder = model_kind(trained)
+        return SimpleNamespace(folder=folder, kind=kind, path=trained)
     from compression import run as compress_run
     from compression.config import CompressConfig
 
     ccfg = load(CompressConfig, cfg.compress.config, [f"input={trained}", f"output.dir={cfg.compress.output_dir}"])
     run_dir = compress_run.run(ccfg, fast=True)
     try:
-        kind, folder = resolve_model(str(run_dir))
+        kind, folder = model_kind(run_dir)
     except ArtifactError as exc:
         raise ArtifactError(f"the candidate's compress run recommends no variant ({exc.message}): nothing passed "
                             "the gate", file=run_dir, field="compress") from None
-    return SimpleNamespace(folder=folder.resolve(), kind=kind, path=run_dir)
+    return SimpleNamespace(folder=folder, kind=kind, path=run_dir)
 
 
 # ---------------------------------------------------------------- 4. old vs new
@@ -193,23 +207,28 @@ def compare(cfg: RetrainConfig, served: Served, candidate, rows_dir: Path, out: 
     predictions in out/predictions/."""
     from chatdata.config import DataCfg, DatasetSpec
     from chatdata.pipeline import encode, read_rows
+    from compression.config import CompressConfig
     from evaluation.measure import measure_in_child, spec_rows
     from modeling.model import load_tokenizer
     from training.config import TrainConfig
 
     tcfg = validate(TrainConfig, artifacts.read_manifest(served.training)["config"])
-    sets = {"held_out": cfg.evaluate.heldout or str(served.training / "data" / "test.jsonl"),
-            "drifted": cfg.evaluate.drifted or str(rows_dir / "drifted_holdout.jsonl")}
+    held_out = [s["path"] for s in original_data(served, tcfg.data.model_dump())["test"]]
+    sets = {"held_out": [cfg.evaluate.heldout] if cfg.evaluate.heldout else held_out,
+            "drifted": [cfg.evaluate.drifted or str(rows_dir / "drifted_holdout.jsonl")]}
     tok = load_tokenizer(str(served.folder))
     data_cfg = DataCfg(max_seq_len=tcfg.data.max_seq_len)
     eval_cfg = SimpleNamespace(max_new_tokens=tcfg.eval.max_new_tokens, batch_size=tcfg.eval.batch_size,
                                json_fields=list(tcfg.eval.json_fields))
     measure_cfg = SimpleNamespace(threads=0, decode_tokens=8, runs=1, batch=0)  # scores, not timings
+    openvino = load(CompressConfig, cfg.compress.config).openvino.model_dump()  # as compression measures IR models
     scores: dict[str, dict[str, dict]] = {}
-    for name, path in sets.items():
-        if not Path(path).is_file():
-            raise DataError("no labelled rows to score on", file=path, field=f"evaluate.{name}")
-        examples = read_rows(DatasetSpec(path=path), data_cfg)
+    for name, paths in sets.items():
+        examples = []
+        for path in paths:
+            if not Path(path).is_file():
+                raise DataError("no labelled rows to score on", file=path, field=f"evaluate.{name}")
+            examples += read_rows(DatasetSpec(path=path), data_cfg)
         for e in examples:
             encode(tok, e)
         rows = spec_rows(examples, cfg.evaluate.max_rows, tok)
@@ -217,7 +236,7 @@ def compare(cfg: RetrainConfig, served: Served, candidate, rows_dir: Path, out: 
         for who, model in (("served", served), ("candidate", candidate)):
             log.info(f"retrain: scoring the {who} model on {len(rows)} {name} rows")
             measured = measure_in_child(f"{who}-{name}", model.kind, model.folder, rows, eval_cfg, measure_cfg,
-                                        out / "_measure")
+                                        out / "_measure", openvino=openvino)
             scores[name][who] = flat(measured["task"]) | {"n": len(rows)}
             preds = [{"reference": r["messages"][-1]["content"], "prediction": p}
                      for r, p in zip(rows, measured["predictions"])]
