@@ -144,6 +144,10 @@ mlflow: setup  ## browse the tracked runs (train, tune, compress, preference) in
 bench-data: setup  ## augmentation on 100 rows and bias mitigation, each trained and scored (about an hour on 2 cores); JSON + Markdown in benchmarks/results/
 	$(PY) benchmarks/bench_data.py $(ARGS)
 
+bench-retrain: setup openvino-env  ## one retraining cycle on the drift demo's German tickets through a running service (~30 min on 2 cores); JSON + Markdown in benchmarks/results/
+	test -e artifacts/compress/latest/manifest.json || $(MAKE) compress
+	$(PY) benchmarks/bench_retrain.py $(ARGS)
+
 bench-serve: setup openvino-env  ## load benchmark: our service vs the engine in-process (and bare vLLM when .venv-vllm exists); ARGS='--concurrency 1,8'
 	test -e artifacts/compress/latest/manifest.json || $(MAKE) compress
 	$(PY) benchmarks/bench_serve.py $(ARGS)

@@ -3,7 +3,9 @@
 1. `llmstack serve` on the served model (artifacts/compress/latest) with the request log on; the first 60 German
    tickets of data/drift/language.jsonl and 60 in-distribution tickets arrive through the openai client.
 2. `llmstack log export --drifted-only`: the requests outside the training traffic's profile; a reviewer (scripted
-   here: the ticket generator's reference answers, data/drift/language_labeled.jsonl) corrects each answer.
+   here: the ticket generator's reference answers, data/drift/language_labeled.jsonl) corrects each answer of the
+   German traffic and rejects the rest (the held-out tickets asked to measure "before" are in the log too: rejected,
+   so they are never trained on).
 3. `llmstack retrain --promote` with the review file, the other 60 German tickets (never sent, never trained on) as
    the drifted evaluation rows, and the served training run's test split as the held-out rows: the candidate, the
    comparison, the rule, the swap of the running service.
@@ -113,10 +115,10 @@ def main() -> None:
         export = work / "drifted.jsonl"
         cli("log", "export", "--log", str(work / "requests.sqlite"), "--model", args.served, "--drifted-only",
             "--out", str(export), env=env)
-        rows, german_rows = read_jsonl(export), 0
-        for r in rows:  # the reviewer: the reference answer for each German ticket; anything else rejected
-            prompt = r["messages"][0]["content"]
-            if prompt in answers:
+        rows, german_rows, traffic = read_jsonl(export), 0, set(sent)
+        for r in rows:  # the reviewer: the reference answer for each German ticket sent as traffic; the held-out
+            prompt = r["messages"][0]["content"]  # ones (asked above to measure "before") and the rest rejected
+            if prompt in traffic:
                 r["messages"][-1]["content"], r["review"] = answers[prompt], "corrected"
                 german_rows += 1
             else:

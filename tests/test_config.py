@@ -19,7 +19,8 @@ SHIPPED_ALL = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "config
 COMPRESS = [p for p in SHIPPED_ALL if p.stem.startswith("compress")]  # validated in test_compress_config below
 SERVE = [p for p in SHIPPED_ALL if p.stem.startswith("serve")]  # validated in test_shipped_serve_config below
 TUNE = [p for p in SHIPPED_ALL if p.stem.startswith("tune")]  # validated in tests/test_tune.py
-SHIPPED = [p for p in SHIPPED_ALL if p not in COMPRESS and p not in SERVE and p not in TUNE]
+RETRAIN = [p for p in SHIPPED_ALL if p.stem.startswith("retrain")]  # validated in test_shipped_retrain_config below
+SHIPPED = [p for p in SHIPPED_ALL if p not in COMPRESS + SERVE + TUNE + RETRAIN]
 
 
 def line_of(text: str, needle: str) -> int:
@@ -60,6 +61,21 @@ def test_shipped_config_loads_and_validates(path, monkeypatch):
         assert (ROOT / spec.path).is_file(), f"{path.name}: curriculum file {spec.path} does not exist"
     assert cfg.method.name in METHODS
     assert cfg.poor_settings() == [], f"the shipped {path.name} triggers its own poor-settings warnings"
+
+
+@pytest.mark.parametrize("path", RETRAIN, ids=lambda p: p.name)
+def test_shipped_retrain_config(path, monkeypatch):
+    """configs/retrain.yaml validates, holds what it says, and its training overrides apply to the demo's training
+    config (a typo there would only show after the traffic was selected)."""
+    from llmstack.retrain.config import RetrainConfig
+
+    monkeypatch.chdir(ROOT)
+    cfg = load(RetrainConfig, path)
+    for section, values in yaml.safe_load(path.read_text()).items():
+        _holds(getattr(cfg, section), values, section)
+    assert (ROOT / cfg.compress.config).is_file()
+    train = load(TrainConfig, ROOT / "configs" / "train.yaml", cfg.training.overrides)
+    assert train.train.max_steps == 60 and not train.data.dedup_near
 
 
 def _holds(obj, value, where: str) -> None:
@@ -104,8 +120,8 @@ def test_shipped_serve_config_loads_and_validates(path):
 
 
 def test_every_shipped_config_is_checked():
-    assert COMPRESS and SHIPPED and SERVE and TUNE
-    assert set(COMPRESS) | set(SHIPPED) | set(SERVE) | set(TUNE) == set(SHIPPED_ALL)
+    assert COMPRESS and SHIPPED and SERVE and TUNE and RETRAIN
+    assert set(COMPRESS) | set(SHIPPED) | set(SERVE) | set(TUNE) | set(RETRAIN) == set(SHIPPED_ALL)
 
 
 # ---------------------------------------------------------------- errors name file, line and field

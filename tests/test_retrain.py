@@ -193,4 +193,6 @@ def test_bad_input_is_named(served, request_log, tmp_path):
     out = _cli(["retrain", "--config", retrain_yaml(tmp_path, served, review), "traffic.select=review",
                 "traffic.review=null"])
     assert out.returncode == 2 and "traffic.review names no file" in out.stderr
+    out = _cli(["retrain", "--config", retrain_yaml(tmp_path, served, review, evaluate={"drifted": str(review)})])
+    assert out.returncode == 2 and "also selected for training" in out.stderr and "evaluate.drifted" in out.stderr
     assert not list((tmp_path / "retrain").rglob("*.json*"))  # nothing half-written

@@ -10,6 +10,7 @@ artifacts/compress/latest stay what was promoted before.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,12 +140,28 @@ def select_traffic(cfg: RetrainConfig, served: Served, out: Path) -> dict:
         raise DataError(f"{len(train_rows)} selected rows to train on, fewer than traffic.min_rows={t.min_rows} "
                         f"({source})", field="traffic.min_rows",
                         hint="send more traffic, review more rows, or lower traffic.min_rows")
+    if cfg.evaluate.drifted:
+        _refuse_leak(train_rows, cfg.evaluate.drifted)
     traffic.write_jsonl(out / "traffic_train.jsonl", [{"messages": r["messages"]} for r in train_rows])
     if held:
         traffic.write_jsonl(out / "drifted_holdout.jsonl", [{"messages": r["messages"]} for r in held])
     log.info(f"retrain: {len(train_rows)} traffic rows to train on, {len(held)} held out ({source})")
     return {"select": t.select, "source": source, "review_counts": counts, "train_rows": len(train_rows),
             "holdout_rows": len(held), "file": "traffic_train.jsonl"}
+
+
+def _refuse_leak(train_rows: list[dict], scored: str) -> None:
+    """Rows scored as the drifted evaluation must not be trained on (the score would measure memory)."""
+    from chatdata.config import DataCfg, DatasetSpec
+    from chatdata.pipeline import read_rows
+
+    prompts = {json.dumps(r["messages"][:-1], sort_keys=True) for r in train_rows}
+    both = [e for e in read_rows(DatasetSpec(path=scored), DataCfg())
+            if json.dumps(e.prompt_messages(), sort_keys=True) in prompts]
+    if both:
+        raise DataError(f"{len(both)} rows of the drifted evaluation are also selected for training (e.g. "
+                        f"{both[0].source})", file=scored, field="evaluate.drifted",
+                        hint="reject them in the review file, or score on other rows")
 
 
 # ---------------------------------------------------------------- 3. the candidate
