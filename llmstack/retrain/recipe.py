@@ -56,15 +56,7 @@ def run(cfg: RetrainConfig, promote: bool = False) -> Path:
         scores = compare(cfg, served, candidate, rows_dir, out)
         clock("evaluate")
         decision = decide(scores, cfg)
-        manifest = {"stage": "retrain", "run_id": run_id,
-                    "parent": {"stage": served.stage, "run_id": served.lineage.get("run_id"),
-                               "path": _rel(served.folder), "training": _rel(served.training)},
-                    "traffic": selected, "candidate": {"training": _rel(trained), "folder": _rel(candidate.folder),
-                                                       "kind": candidate.kind},
-                    "metrics": {s: {m: v[cfg.evaluate.metric] for m, v in d.items()} for s, d in scores.items()},
-                    "evaluation": scores, "rule": cfg.promotion.model_dump(), "metric": cfg.evaluate.metric,
-                    "decision": decision, "config": cfg.model_dump(mode="json"), "started_at": started_at,
-                    "tags": {"llmstack.decision": "promote" if decision["promote"] else "keep"}}
+        manifest = record(cfg, run_id, served, selected, trained, candidate, scores, decision, started_at)
         print("\n" + report_markdown(manifest))
         failure = None
         if promote:
@@ -291,6 +283,21 @@ def decide(scores: dict, cfg: RetrainConfig) -> dict:
                f"{rule.min_drifted_gain})"]
     return {"promote": all(checks.values()), "checks": checks, "heldout_change": round(held, 4),
             "drifted_change": round(gain, 4), "reasons": reasons}
+
+
+def record(cfg: RetrainConfig, run_id: str, served: Served, selected: dict, trained: Path, candidate, scores: dict,
+           decision: dict, started_at: str) -> dict:
+    """The retrain manifest: the lineage served → candidate, the selection, both models' scores, the rule and the
+    decision (also an MLflow tag)."""
+    return {"stage": "retrain", "run_id": run_id,
+            "parent": {"stage": served.stage, "run_id": served.lineage.get("run_id"), "path": _rel(served.folder),
+                       "training": _rel(served.training)},
+            "traffic": selected,
+            "candidate": {"training": _rel(trained), "folder": _rel(candidate.folder), "kind": candidate.kind},
+            "metrics": {s: {m: v[cfg.evaluate.metric] for m, v in d.items()} for s, d in scores.items()},
+            "evaluation": scores, "rule": cfg.promotion.model_dump(), "metric": cfg.evaluate.metric,
+            "decision": decision, "config": cfg.model_dump(mode="json"), "started_at": started_at,
+            "tags": {"llmstack.decision": "promote" if decision["promote"] else "keep"}}
 
 
 def report_markdown(manifest: dict) -> str:
