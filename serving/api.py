@@ -49,8 +49,8 @@ class State:
 
 # ---------------------------------------------------------------- auth and body size
 USAGE = "llmstack_usage"  # the ASGI scope entry where the routes leave a request's key name and tokens
-API_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/admin/reload")  # the `route` label; any
-# other path: "other"
+# the `route` label of the per-key series; any other path is "other"
+API_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/admin/reload")
 ADMIN_PREFIX = "/admin/"  # routes only admin keys may call (the default key is one)
 
 
