@@ -242,7 +242,7 @@ def run_child(role: str, args, config: str | None = None, on_top: list[str] = ()
     return result
 
 
-def machine() -> dict:
+def machine_info() -> dict:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
                platform.processor())
@@ -261,6 +261,11 @@ def describe(m: dict) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     return (f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}, CPU flags "
             f"{' '.join(m['cpu_flags']) or 'none of ' + ' '.join(CPU_FLAGS)}{gpu}")
+
+
+def machine() -> str:
+    """The machine in one line (CPU, cores, memory, CPU flags, GPU): the other benchmarks' reports quote it."""
+    return describe(machine_info())
 
 
 def correct(result: dict) -> bool:
@@ -385,7 +390,7 @@ def main() -> None:
     import torch
     import transformers
     import trl
-    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
+    report = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
               "batch_size": args.batch_size, "lora_r": args.lora_r, "repeats": args.repeats,
               "precision": med["ours"]["precision"], "configs": list(med) + list(skipped),
               "liger_on_top_of": on_top or None, "isolation_tolerance": ISOLATION_TOL,
