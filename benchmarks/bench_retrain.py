@@ -92,6 +92,22 @@ def rewrite() -> None:
     (RESULTS / "retrain.md").write_text(markdown(json.loads((RESULTS / "retrain.json").read_text())))
 
 
+def reviewed(export: Path, traffic: set[str], answers: dict[str, str]) -> tuple[Path, list[dict], int]:
+    """The scripted reviewer: the reference answer for each German ticket sent as traffic; the held-out ones (asked
+    to measure "before", so in the log too) and everything else rejected. (review file, rows, corrected rows)"""
+    rows, corrected = read_jsonl(export), 0
+    for r in rows:
+        prompt = r["messages"][0]["content"]
+        if prompt in traffic:
+            r["messages"][-1]["content"], r["review"] = answers[prompt], "corrected"
+            corrected += 1
+        else:
+            r["review"] = "rejected"
+    review = export.with_name("review.jsonl")
+    review.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return review, rows, corrected
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--served", default="artifacts/compress/latest", help="what is served (default: %(default)s)")
@@ -123,16 +139,7 @@ def main() -> None:
         export = work / "drifted.jsonl"
         cli("log", "export", "--log", str(work / "requests.sqlite"), "--model", args.served, "--drifted-only",
             "--out", str(export), env=env)
-        rows, german_rows, traffic = read_jsonl(export), 0, set(sent)
-        for r in rows:  # the reviewer: the reference answer for each German ticket sent as traffic; the held-out
-            prompt = r["messages"][0]["content"]  # ones (asked above to measure "before") and the rest rejected
-            if prompt in traffic:
-                r["messages"][-1]["content"], r["review"] = answers[prompt], "corrected"
-                german_rows += 1
-            else:
-                r["review"] = "rejected"
-        review = work / "review.jsonl"
-        review.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        review, rows, german_rows = reviewed(export, set(sent), answers)
         cli("retrain", "--config", "configs/retrain.yaml", "--promote", "traffic.select=review",
             f"traffic.review={review}", f"evaluate.drifted={held_file}", f"service.url={base}", *args.overrides,
             env=env)
