@@ -11,6 +11,7 @@ build time; LLMSTACK_SERVE_CONFIG still wins when set); the service then serves 
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import bentoml
@@ -20,6 +21,9 @@ from serving.config import ServeConfig
 from serving.runtime import CONFIG_ENV, build_state, close_state, load_config
 from serving.swap import Swapper
 
+# BentoML's handlers pass INFO, its root level does not: the service's own events (what is served, swaps, worker
+# starts) are INFO and belong in the server log
+logging.getLogger("serving").setLevel(logging.INFO)
 BENTO_ARGS = bentoml.use_arguments()  # empty unless built / served as a Bento
 BENTO_MODEL = getattr(BENTO_ARGS, "model", None)
 BENTO_CONFIG = getattr(BENTO_ARGS, "config", None)

@@ -121,7 +121,7 @@ def test_swap_under_load_on_a_real_server(tiny_model_dir, second_model_dir, tmp_
     expected = {"tiny": greedy_answers(tiny_model_dir), "tiny-b": greedy_answers(second_model_dir)}
     assert all(expected["tiny"][p] != expected["tiny-b"][p] for p in PROMPTS)
     assert len(set(expected["tiny-b"].values())) > 1
-    proc, base, _ = start_server(tiny_model_dir, ["limits.max_running=8", "registry.enabled=false"],
+    proc, base, log_path = start_server(tiny_model_dir, ["limits.max_running=8", "registry.enabled=false"],
                                         LLMSTACK_API_KEY=KEY)
     from openai import OpenAI
 
@@ -189,6 +189,8 @@ def test_swap_under_load_on_a_real_server(tiny_model_dir, second_model_dir, tmp_
     finally:
         stop.set()
         stop_server(proc)
+    server_log = open(log_path).read()
+    assert "model swapped: 'tiny' -> 'tiny-b'" in server_log  # the event is in the server log
 
 
 def _reload(model, base):
