@@ -22,8 +22,9 @@ from serving.runtime import CONFIG_ENV, build_state, close_state, load_config
 from serving.swap import Swapper
 
 # BentoML's handlers pass INFO, its root level does not: the service's own events (what is served, swaps, worker
-# starts) are INFO and belong in the server log
-logging.getLogger("serving").setLevel(logging.INFO)
+# starts) and the audit lines of named keys without auth.audit_log are INFO and belong in the server log
+for _name in ("serving", "llmstack.audit"):
+    logging.getLogger(_name).setLevel(logging.INFO)
 BENTO_ARGS = bentoml.use_arguments()  # empty unless built / served as a Bento
 BENTO_MODEL = getattr(BENTO_ARGS, "model", None)
 BENTO_CONFIG = getattr(BENTO_ARGS, "config", None)
