@@ -318,7 +318,7 @@ def markdown(report: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per trainer (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step, every trainer (default: %(default)s)")
@@ -335,18 +335,71 @@ def main() -> None:
     p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--child-config", choices=list(TRL_CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--on-top", nargs="*", choices=list(TRL_CONFIGS), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def child_main(args) -> None:
+    """One trainer in this process: its measurements as one JSON line on stdout."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from core.log import setup
+    setup()
+    result = (child_ours if args.child == "ours" else child_trl)(args)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    import torch
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(json.dumps(result))
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Per key, the median over repeated runs (text fields: the first run's)."""
+    return {k: runs[0][k] if isinstance(runs[0][k], str) else statistics.median(x[k] for x in runs) for k in runs[0]}
+
+
+def fastest_of(med: dict, names) -> str | None:
+    """The configuration with the most tokens/s among those whose sequences stayed isolated."""
+    ok = [c for c in names if c in med and correct(med[c])]
+    return max(ok, key=lambda c: med[c]["tokens_per_s"]) if ok else None
+
+
+def run_all(args, wanted: list[str], skipped: dict) -> tuple[dict, dict, list[str]]:
+    """Ours and the TRL configurations, alternating over the repeats; Liger then on top of the fastest TRL one.
+    Returns (runs, medians, what Liger ran on top of)."""
+    base = [c for c in wanted if c != "trl-liger"]
+    runs: dict[str, list[dict]] = {c: [] for c in ["ours", *base]}
+    for i in range(args.repeats):
+        for c in (["ours", *base] if i % 2 else [*base, "ours"]):
+            print(f"[{i + 1}/{args.repeats}] {c} ...", file=sys.stderr, flush=True)
+            runs[c].append(run_child("ours", args) if c == "ours" else run_child("trl", args, c))
+            print(f"    {runs[c][-1]}", file=sys.stderr)
+    med = {c: median_of(v) for c, v in runs.items()}
+    on_top: list[str] = []
+    if "trl-liger" in wanted and "trl-liger" not in skipped:
+        on_top = [c for c in [fastest_of(med, base)] if c and c != "trl-padded"]
+        runs["trl-liger"] = []
+        for i in range(args.repeats):
+            print(f"[{i + 1}/{args.repeats}] trl-liger on {on_top or 'trl-padded'} ...", file=sys.stderr, flush=True)
+            runs["trl-liger"].append(run_child("trl", args, "trl-liger", on_top))
+        med["trl-liger"] = median_of(runs["trl-liger"])
+    return runs, med, on_top
+
+
+def headline(med: dict) -> tuple[str | None, dict, dict]:
+    """(the fastest TRL configuration, ours / it for tokens/s, peak RSS and validation loss, the target verdict)."""
+    fastest = fastest_of(med, [c for c in med if c != "ours"])
+    if not fastest:
+        return None, {}, {}
+    o, b = med["ours"], med[fastest]
+    ratio = {"tokens_per_s": round(o["tokens_per_s"] / b["tokens_per_s"], 3),
+             "peak_rss": round(o["peak_rss_mb"] / b["peak_rss_mb"], 3),
+             "validation_loss": round(o["validation_loss"] / b["validation_loss"], 3)}
+    return fastest, ratio, verdict(ratio)
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from core.log import setup
-        setup()
-        result = (child_ours if args.child == "ours" else child_trl)(args)
-        result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        import torch
-        if torch.cuda.is_available():
-            result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        print(json.dumps(result))
-        return
+        return child_main(args)
     wanted = [c.strip() for c in args.trl.split(",") if c.strip()]
     unknown = [c for c in wanted if c not in TRL_CONFIGS]
     if unknown:
@@ -354,39 +407,8 @@ def main() -> None:
     skipped = {}
     if "trl-liger" in wanted and (why := liger_unusable()):
         skipped["trl-liger"] = why
-    base = [c for c in wanted if c != "trl-liger"]
-    runs: dict[str, list[dict]] = {c: [] for c in ["ours", *base]}
-    on_top: list[str] = []
-    for i in range(args.repeats):
-        order = ["ours", *base] if i % 2 else [*base, "ours"]
-        for c in order:
-            print(f"[{i + 1}/{args.repeats}] {c} ...", file=sys.stderr, flush=True)
-            runs[c].append(run_child("ours", args) if c == "ours" else run_child("trl", args, c))
-            print(f"    {runs[c][-1]}", file=sys.stderr)
-    med = {c: {k: statistics.median(x[k] for x in v) if not isinstance(v[0][k], str) else v[0][k] for k in v[0]}
-           for c, v in runs.items()}
-
-    def fastest_of(names):
-        ok = [c for c in names if c in med and correct(med[c])]
-        return max(ok, key=lambda c: med[c]["tokens_per_s"]) if ok else None
-
-    if "trl-liger" in wanted and "trl-liger" not in skipped:
-        on_top = [c for c in [fastest_of(base)] if c and c != "trl-padded"]
-        runs["trl-liger"] = []
-        for i in range(args.repeats):
-            print(f"[{i + 1}/{args.repeats}] trl-liger on {on_top or 'trl-padded'} ...", file=sys.stderr, flush=True)
-            runs["trl-liger"].append(run_child("trl", args, "trl-liger", on_top))
-        med["trl-liger"] = {k: statistics.median(x[k] for x in runs["trl-liger"])
-                            if not isinstance(runs["trl-liger"][0][k], str) else runs["trl-liger"][0][k]
-                            for k in runs["trl-liger"][0]}
-    fastest = fastest_of([c for c in med if c != "ours"])
-    ratio, met = {}, {}
-    if fastest:
-        o, b = med["ours"], med[fastest]
-        ratio = {"tokens_per_s": round(o["tokens_per_s"] / b["tokens_per_s"], 3),
-                 "peak_rss": round(o["peak_rss_mb"] / b["peak_rss_mb"], 3),
-                 "validation_loss": round(o["validation_loss"] / b["validation_loss"], 3)}
-        met = verdict(ratio)
+    runs, med, on_top = run_all(args, wanted, skipped)
+    fastest, ratio, met = headline(med)
     import torch
     import transformers
     import trl

@@ -256,20 +256,93 @@ def markdown(report: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=480, help="seconds for the whole check (default %(default)s)")
     p.add_argument("--wheelhouse", help="install offline from this folder of pre-downloaded wheels / sdists")
     p.add_argument("--python", help=f"an existing GPU environment's python (skips creating {GPU_VENV})")
     p.add_argument("--vllm-python", help=f"an existing CUDA vLLM environment's python (skips creating {VLLM_VENV})")
     p.add_argument("--dry-run", action="store_true", help="print the steps' commands and budgets, run nothing")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def print_plan(steps: dict) -> None:
+    for name, cmds in steps.items():
+        print(f"{name} ({BUDGETS.get(name.split()[0], BUDGETS['setup'])} s):")
+        for cmd in cmds:
+            print("   ", " ".join(cmd))
+
+
+def start_vllm_setup(cmds: list, env: dict, logs: Path):
+    """The vLLM environment installs in the background while the GPU steps run; None when there is nothing to do."""
+    if not cmds:
+        return None
+    script = " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in cmds)
+    logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=open(logs / "setup-vllm.log", "w"), stderr=subprocess.STDOUT)
+
+
+def vllm_ready(step: Step, proc, logs: Path) -> bool:
+    """Wait for the background vLLM install within the serve step's budget; False (the step skipped) if it is not
+    there in time or failed."""
+    if proc is None:
+        return True
+    try:
+        proc.wait(timeout=step.budget())
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        step.skip("the vLLM environment was not installed within the serve step's budget")
+        return False
+    if proc.returncode != 0:
+        step.skip(f"installing the vLLM environment failed (see {(logs / 'setup-vllm.log').relative_to(ROOT)})")
+        return False
+    return True
+
+
+def run_steps(args, steps: dict, deadline: float, env: dict, logs: Path, vllm_proc, report: dict) -> None:
+    """Each step in order within its budget and the check's, skipped with the reason when what it needs did not
+    succeed or the time is spent; its figures into the report."""
+    train_dir = WORK / "train"
+    ok = {"setup": True}
+    figures = {"train": lambda: train_figures(train_dir), "bench-train": bench_train_figures,
+               "compress": compress_figures, "serve": serve_figures}
+    needs = {"train": "setup", "bench-train": "setup", "compress": "train", "serve": "train"}
+    for name in BUDGETS:
+        step = Step(name, deadline)
+        report["steps"][name] = step.record
+        if name == "setup" and not steps["setup"]:
+            step.record.update(status="ok", reason=f"uses --python {args.python}")
+            continue
+        if name != "setup" and not ok.get(needs[name]):
+            step.skip(f"needs the {needs[name]} step, which did not succeed")
+            continue
+        if step.budget() < 5:
+            step.skip(f"the check's budget of {args.budget:.0f} s is spent")
+            continue
+        if name == "compress":
+            compress_config(WORK / "compress.yaml", train_dir / "latest")
+        if name == "serve" and not vllm_ready(step, vllm_proc, logs):
+            continue
+        log_file = (logs / f"{name}.log").relative_to(ROOT)
+        code, took = run_all(steps[name], step.budget(), logs / f"{name}.log", env)
+        step.record["seconds"] = took
+        if code is None:
+            step.skip(f"stopped at its budget of {BUDGETS[name]} s (or the check's end); see {log_file}")
+        elif code != 0:
+            step.record.update(status="failed", reason=f"exit {code}; see {log_file}")
+        else:
+            step.record["status"] = "ok"
+            ok[name] = True
+            if name in figures:
+                step.record.update(figures[name]())
+
+
+def main() -> int:
+    args = parse_args()
     steps = plan(args)
     if args.dry_run:
-        for name, cmds in steps.items():
-            print(f"{name} ({BUDGETS.get(name.split()[0], BUDGETS['setup'])} s):")
-            for cmd in cmds:
-                print("   ", " ".join(cmd))
+        print_plan(steps)
         return 0
     gpus = describe_gpus()
     if not gpus:
@@ -278,61 +351,14 @@ def main() -> int:
     if args.wheelhouse and not Path(args.wheelhouse).is_dir():
         raise Refused(f"--wheelhouse {args.wheelhouse}: no such folder")
     t_start = time.monotonic()
-    deadline = t_start + args.budget
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PIP_DISABLE_PIP_VERSION_CHECK="1", BUILD_CUDA_EXT="0")
     logs = WORK / "logs"
     report = {"date": time.strftime("%Y-%m-%d"), "gpus": gpus, "budget_s": args.budget,
               "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "steps": {}}
-    vllm_proc = None
-    if steps["setup-vllm (background)"]:  # the vLLM environment installs while the GPU steps run
-        script = " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in steps["setup-vllm (background)"])
-        logs.mkdir(parents=True, exist_ok=True)
-        vllm_proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, start_new_session=True,
-                                     stdout=open(logs / "setup-vllm.log", "w"), stderr=subprocess.STDOUT)
-    train_dir = WORK / "train"
-    ok = {"setup": True}
-    figures = {"train": lambda: train_figures(train_dir), "bench-train": bench_train_figures,
-               "compress": compress_figures, "serve": serve_figures}
-    needs = {"train": "setup", "bench-train": "setup", "compress": "train", "serve": "train"}
+    vllm_proc = start_vllm_setup(steps["setup-vllm (background)"], env, logs)
     try:
-        for name in BUDGETS:
-            step = Step(name, deadline)
-            report["steps"][name] = step.record
-            if name == "setup":
-                if not steps["setup"]:
-                    step.record.update(status="ok", reason=f"uses --python {args.python}")
-                    continue
-            elif not ok.get(needs[name]):
-                step.skip(f"needs the {needs[name]} step, which did not succeed")
-                continue
-            if step.budget() < 5:
-                step.skip(f"the check's budget of {args.budget:.0f} s is spent")
-                continue
-            if name == "compress":
-                compress_config(WORK / "compress.yaml", train_dir / "latest")
-            if name == "serve" and vllm_proc is not None:
-                try:  # the serve step needs the vLLM environment: wait for it within this step's budget
-                    vllm_proc.wait(timeout=step.budget())
-                except subprocess.TimeoutExpired:
-                    stop(vllm_proc)
-                    step.skip("the vLLM environment was not installed within the serve step's budget")
-                    continue
-                if vllm_proc.returncode != 0:
-                    step.skip(f"installing the vLLM environment failed (see {(logs / 'setup-vllm.log').relative_to(ROOT)})")
-                    continue
-            code, took = run_all(steps[name], step.budget(), logs / f"{name}.log", env)
-            step.record["seconds"] = took
-            if code is None:
-                step.skip(f"stopped at its budget of {BUDGETS[name]} s (or the check's end); "
-                          f"see {(logs / f'{name}.log').relative_to(ROOT)}")
-            elif code != 0:
-                step.record.update(status="failed", reason=f"exit {code}; see {(logs / f'{name}.log').relative_to(ROOT)}")
-            else:
-                step.record["status"] = "ok"
-                ok[name] = True
-                if name in figures:
-                    step.record.update(figures[name]())
+        run_steps(args, steps, t_start + args.budget, env, logs, vllm_proc, report)
     finally:
         if vllm_proc is not None and vllm_proc.poll() is None:
             stop(vllm_proc)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from core import artifacts
 from core.config import dump_yaml, load, validate
@@ -33,6 +35,7 @@ class Served:
     kind: str  # onnx | pytorch (for the evaluation)
     stage: str  # compress | train
     training: Path
+    config: Any = None  # the training artifact's resolved TrainConfig (read once)
     lineage: dict = field(default_factory=dict)
 
 
@@ -100,8 +103,12 @@ def locate_served(ref: str) -> Served:
         raise ArtifactError("retraining needs the served model's training artifact (its config and data): serve a "
                             "compress variant or a training artifact made by `llmstack train`", file=folder,
                             field="served")
+    from training.config import TrainConfig
+
+    training = training.resolve()
+    config = validate(TrainConfig, artifacts.read_manifest(training)["config"], file=training / artifacts.MANIFEST)
     lineage = {"stage": stage, "run_id": m.get("run_id"), "variant": m.get("variant")}
-    return Served(ref, folder, kind, stage, training.resolve(), lineage)
+    return Served(ref, folder, kind, stage, training, config, lineage)
 
 
 # ---------------------------------------------------------------- 2. which traffic
@@ -163,8 +170,7 @@ def train_candidate(cfg: RetrainConfig, served: Served, traffic_file: Path, out:
     from training.config import TrainConfig
     from training.sft import recipe as sft
 
-    m = artifacts.read_manifest(served.training)
-    base = validate(TrainConfig, m["config"], file=served.training / artifacts.MANIFEST).model_dump(mode="json")
+    base = served.config.model_dump(mode="json")
     base.update(recipe="sft", curriculum={}, preference={})
     base["model"]["name_or_path"] = str(served.training)  # its merged weights; becomes the parent
     own = original_data(served, base["data"])
@@ -219,9 +225,8 @@ def compare(cfg: RetrainConfig, served: Served, candidate, rows_dir: Path, out: 
     from compression.config import CompressConfig
     from evaluation.measure import measure_in_child, spec_rows
     from modeling.model import load_tokenizer
-    from training.config import TrainConfig
 
-    tcfg = validate(TrainConfig, artifacts.read_manifest(served.training)["config"])
+    tcfg = served.config
     held_out = [s["path"] for s in original_data(served, tcfg.data.model_dump())["test"]]
     sets = {"held_out": [cfg.evaluate.heldout] if cfg.evaluate.heldout else held_out,
             "drifted": [cfg.evaluate.drifted or str(rows_dir / "drifted_holdout.jsonl")]}
@@ -250,7 +255,7 @@ def compare(cfg: RetrainConfig, served: Served, candidate, rows_dir: Path, out: 
             preds = [{"reference": r["messages"][-1]["content"], "prediction": p}
                      for r, p in zip(rows, measured["predictions"])]
             traffic.write_jsonl(out / "predictions" / f"{who}-{name}.jsonl", preds)
-    _drop(out / "_measure")
+    shutil.rmtree(out / "_measure", ignore_errors=True)
     if cfg.evaluate.metric not in scores["held_out"]["served"]:
         raise ConfigError(f"no metric '{cfg.evaluate.metric}' (there are: "
                           f"{', '.join(k for k in scores['held_out']['served'] if k != 'n')})", field="evaluate.metric")
@@ -261,11 +266,6 @@ def flat(task: dict) -> dict:
     out = {k: v for k, v in task.items() if isinstance(v, (int, float))}
     out.update({f"{f}_accuracy": v for f, v in (task.get("field_accuracy") or {}).items()})
     return out
-
-
-def _drop(folder: Path) -> None:
-    import shutil
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- 5. the rule
